@@ -1,0 +1,77 @@
+"""Model registry (timm-style), feed-forward nets, generative classifiers and safe checkpoint I/O.
+
+Example:
+    >>> from trustvision import models
+    >>> net = models.create("small-cnn", num_classes=10, in_chans=1, image_size=8)
+    >>> import torch
+    >>> tuple(net(torch.rand(2, 1, 8, 8)).shape)
+    (2, 10)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+from trustvision._registry import Registry
+from trustvision.models._base import ImageClassifier
+
+__all__ = ["ImageClassifier", "create", "list_models", "register_model", "save", "load"]
+
+# name -> factory(num_classes, in_chans, image_size, **kw) -> ImageClassifier
+_MODELS: Registry[Callable[..., ImageClassifier]] = Registry("model", "`trustvision zoo --models`")
+# prefix (e.g. "torchvision", "timm") -> factory(arg, num_classes, in_chans, image_size, **kw)
+_PREFIXED: dict[str, Callable[..., ImageClassifier]] = {}
+
+
+def register_model(name: str | None = None, *, prefix: bool = False):
+    """Register ``factory(num_classes, in_chans, image_size, **kw) -> ImageClassifier``.
+
+    With ``prefix=True`` the factory serves every ``"<name>:<arg>"`` and gets ``arg`` first.
+    """
+
+    def deco(fn):
+        key = name or fn.__name__.replace("_", "-")
+        if prefix:
+            _PREFIXED[key] = fn
+        else:
+            _MODELS.add(key, fn)
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create` (prefixed entries shown as ``prefix:NAME``)."""
+    return _MODELS.names() + [f"{p}:NAME" for p in sorted(_PREFIXED)]
+
+
+def create(
+    name: str,
+    num_classes: int,
+    in_chans: int = 3,
+    image_size: int | Sequence[int] = 32,
+    **kwargs,
+) -> ImageClassifier:
+    """Build an untrained model by registry name; it records its config in ``model.tv_config``."""
+    if ":" in name and name.split(":", 1)[0] in _PREFIXED:
+        prefix, arg = name.split(":", 1)
+        model = _PREFIXED[prefix](arg, num_classes=num_classes, in_chans=in_chans,
+                                  image_size=image_size, **kwargs)
+    else:
+        model = _MODELS.get(name)(num_classes=num_classes, in_chans=in_chans,
+                                  image_size=image_size, **kwargs)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    model.tv_config = {
+        "architecture": name,
+        "num_classes": int(num_classes),
+        "in_chans": int(in_chans),
+        "image_size": [int(s) for s in size],
+        "kwargs": copy.deepcopy(kwargs),
+    }
+    return model
+
+
+# Importing the modules registers their models.
+from trustvision.models import feedforward as _feedforward  # noqa: E402,F401
+from trustvision.models.checkpoint import load, save  # noqa: E402
