@@ -35,6 +35,224 @@ def data_cmd() -> None:
         typer.echo(name)
 
 
+# --- zoo --------------------------------------------------------------------------------------
+
+
+@app.command("zoo")
+def zoo_cmd(
+    models: bool = typer.Option(False, "--models", help="List the registered architectures instead."),
+    zoo_dir: str = typer.Option(None, "--zoo-dir", help="Zoo folder (default: $TRUSTVISION_ZOO or the shipped zoo)."),
+) -> None:
+    """List the pretrained zoo models (load them with `zoo:<name>`), or architectures with --models."""
+    from trustvision import models as tv_models
+
+    if models:
+        for name in tv_models.list_models():
+            typer.echo(name)
+        return
+    entries = tv_models.list_zoo(zoo_dir)
+    if not entries:
+        typer.echo("no zoo models found; build them with `python scripts/build_zoo.py`")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="trustvision zoo (load with models.load('zoo:<name>'))")
+    for col in ("name", "architecture", "dataset", "test accuracy", "size"):
+        table.add_column(col, justify="right" if col in ("test accuracy", "size") else "left")
+    for e in entries:
+        acc = e["metrics"].get("test_accuracy")
+        table.add_row(
+            e["name"], e["architecture"], str(e["dataset"] or "-"),
+            f"{100 * acc:.1f}%" if isinstance(acc, (int, float)) else "-",
+            f"{e['size_bytes'] / 1e6:.2f} MB",
+        )
+    Console(width=max(100, Console().width)).print(table)
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+def _parse_model_kw(items: list[str] | None) -> dict:
+    """``["widths=16,32", "dropout=0.1"]`` -> ``{"widths": [16, 32], "dropout": 0.1}``."""
+    import json
+
+    def value(text: str):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    out: dict = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise TrustVisionError(f"--model-kw expects KEY=VALUE, got {item!r}; e.g. --model-kw dropout=0.1")
+        raw = raw.strip()
+        if "," in raw and not raw.startswith(("[", "{", '"')):
+            out[key.strip()] = [value(v.strip()) for v in raw.split(",")]
+        else:
+            out[key.strip()] = value(raw)
+    return out
+
+
+@app.command("train")
+def train_cmd(
+    data: str = typer.Option(..., "--data", "-d", help="Dataset name (see `trustvision data`)."),
+    model: str = typer.Option("small-cnn", "--model", "-m", help="Architecture (see `trustvision zoo --models`)."),
+    epochs: int = typer.Option(10, "--epochs", help="Number of epochs."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Mini-batch size."),
+    out: str = typer.Option(None, "--out", "--output", "-o", help="Run folder (default runs/<model>-<data>)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (initialisation, shuffling, augmentation)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last finished epoch."),
+    opt: str = typer.Option("adam", "--opt", help="Optimizer: adam, adamw or sgd (momentum 0.9)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", "--wd", help="Weight decay."),
+    sched: str = typer.Option("cosine", "--sched", help="Learning-rate schedule: cosine or constant."),
+    input_dropout: float = typer.Option(None, "--input-dropout", help="Keep probability of whole pixels at training time, in (0, 1] (e.g. 0.8)."),
+    ensemble: int = typer.Option(None, "--ensemble", help="Train N members with seeds seed..seed+N-1 and save their averaged ensemble."),
+    augment: str = typer.Option(None, "--augment", help="Augmentations, e.g. shift:2,flip."),
+    clip_grad: float = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value."),
+    model_kw: list[str] = typer.Option(None, "--model-kw", help="Extra model argument KEY=VALUE (repeatable)."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
+    download: bool = typer.Option(False, "--download", help="Allow downloading the dataset."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+) -> None:
+    """Train a model on a dataset; writes a resumable state, the final checkpoint and results.json."""
+    from pathlib import Path
+
+    from trustvision.train import train_by_name
+
+    out_dir = Path(out) if out else Path("runs") / f"{model.replace(':', '-')}-{data.replace(':', '-').replace('/', '-')}"
+    _, result = train_by_name(
+        data, model, epochs=epochs, lr=lr, batch_size=batch_size, out=out_dir, seed=seed,
+        device=device, resume=resume, opt=opt, weight_decay=weight_decay, sched=sched,
+        input_dropout=input_dropout, ensemble=ensemble, augment=augment, grad_clip=clip_grad,
+        model_kwargs=_parse_model_kw(model_kw), data_root=data_dir, download=download,
+        progress=not no_progress,
+    )
+    val = "-" if result.val_accuracy is None else f"{result.val_accuracy:.4f}"
+    test = "-" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+    typer.echo(f"test accuracy {test} (val {val})")
+    typer.echo(f"model saved to {out_dir} (load it with trustvision.models.load({str(out_dir)!r}));"
+               f" results in {out_dir / 'results.json'}")
+
+
+# --- audit ------------------------------------------------------------------------------------
+
+
+def _split_names(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+def _audit_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise TrustVisionError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrustVisionError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return str(dev)
+
+
+@app.command("audit")
+def audit_cmd(
+    model: list[str] = typer.Option(None, "--model", "-m", help="Checkpoint path or zoo:NAME (repeatable or comma separated; default: the zoo models of the dataset)."),
+    data: str = typer.Option(None, "--data", "-d", help="Dataset name (default: the dataset the models were trained on, else digits)."),
+    out: str = typer.Option("trustvision-report", "--out", "--output", "-o", help="Output folder for report.html, results.json and per-check results."),
+    checks: str = typer.Option(None, "--checks", help="Comma-separated checks to run (default: all default checks; see --list-checks)."),
+    compare: str = typer.Option(None, "--compare", help="A second model (checkpoint or zoo:NAME) given to the checks for comparison."),
+    n_max: int = typer.Option(None, "--n-max", min=1, help="Use at most N images of each split (a seeded random subset)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available)."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", min=1, help="Inference batch size."),
+    n_bins: int = typer.Option(15, "--n-bins", min=1, help="Equal-width confidence bins for ECE/MCE."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the checks and of --n-max subsets."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
+    list_checks_: bool = typer.Option(False, "--list-checks", help="List the available checks and exit."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+) -> None:
+    """Audit models on a dataset: writes OUT/report.html (self-contained) and OUT/results.json.
+
+    Rerunning the same command reuses every finished check, so an interrupted audit resumes.
+    Exit status: 0 all checks done, 1 some checks failed (see the report), 2 bad input.
+    """
+    import shlex
+
+    from trustvision import audit, models as tv_models
+
+    if list_checks_:
+        for name in audit.list_checks():
+            cls = audit.get_check(name)
+            typer.echo(f"{name:<16} {cls.title}{'' if cls.default else '  (not run by default)'}")
+        return
+    check_names = [c.name for c in audit.resolve_checks(checks)]
+    names = _split_names(model)
+    if not names:
+        dataset = data or "digits"
+        names = [e["name"] for e in tv_models.list_zoo() if e.get("dataset") == dataset]
+        if not names:
+            raise TrustVisionError(f"no zoo model was trained on {dataset!r}; pass --model PATH or zoo:NAME "
+                                   "(`trustvision zoo` lists them)")
+    loaded = [audit.AuditModel(n, tv_models.load(n), n) for n in dict.fromkeys(names)]
+    if data is None:
+        trained_on = {(am.model.tv_config or {}).get("dataset") for am in loaded}
+        if len(trained_on) != 1 or None in trained_on:
+            raise TrustVisionError("cannot tell which dataset to audit on (the models name none or different "
+                                   "ones); pass --data NAME")
+        data = trained_on.pop()
+    cmp = audit.AuditModel(compare, tv_models.load(compare), compare) if compare else None
+    dev = _audit_device(device)
+
+    from trustvision import data as tv_data
+
+    def load_split(split: str):
+        return tv_data.load(data, split=split, root=data_dir)
+
+    splits = audit.LazySplits(load_split)
+    argv = ["trustvision", "audit"] + [a for n in dict.fromkeys(names) for a in ("--model", n)]
+    argv += ["--data", data, "--out", out]
+    if checks:
+        argv += ["--checks", ",".join(check_names)]
+    if compare:
+        argv += ["--compare", compare]
+    if n_max:
+        argv += ["--n-max", str(n_max)]
+    result = audit.run_audit(
+        loaded, splits, out, checks=check_names, device=dev, seed=seed, compare=cmp,
+        options={"n_max": n_max, "batch_size": batch_size, "n_bins": n_bins},
+        progress=not no_progress, command=shlex.join(argv), dataset_name=data,
+    )
+    for m in result.results["models"]:
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m["metrics"].items())
+        typer.echo(f"{m['name']}: {shown or 'no metrics'}")
+    typer.echo(f"ran {result.n_computed} checks, reused {result.n_cached}, {result.n_errors} failed")
+    typer.echo(f"report: {result.report_path}")
+    typer.echo(f"results: {result.results_path}")
+    if result.n_errors:
+        typer.echo(f"error: {result.n_errors} check(s) failed; details in the report", err=True)
+        raise typer.Exit(code=1)
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+@app.command("report")
+def report_cmd(
+    results_dir: str = typer.Argument(..., help="Output folder of `trustvision audit` (holds results.json)."),
+    out: str = typer.Option(None, "--out", "-o", help="HTML file to write (default RESULTS_DIR/report.html)."),
+) -> None:
+    """Re-render the self-contained HTML report from an audit's results folder."""
+    from trustvision.report import render_report
+
+    path = render_report(results_dir, out)
+    typer.echo(f"report: {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     try:

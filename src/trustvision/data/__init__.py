@@ -78,3 +78,5 @@ def load(
 
 # Importing the modules registers their datasets.
 from trustvision.data import embedded as _embedded  # noqa: E402,F401
+from trustvision.data import shortcut  # noqa: E402,F401
+from trustvision.data import torchvision_sets as _torchvision_sets  # noqa: E402,F401

@@ -16,7 +16,10 @@ from typing import Callable, Sequence
 from trustvision._registry import Registry
 from trustvision.models._base import ImageClassifier
 
-__all__ = ["ImageClassifier", "create", "list_models", "register_model", "save", "load"]
+__all__ = [
+    "ImageClassifier", "create", "list_models", "register_model", "save", "load",
+    "check_compatible", "Ensemble", "list_zoo",
+]
 
 # name -> factory(num_classes, in_chans, image_size, **kw) -> ImageClassifier
 _MODELS: Registry[Callable[..., ImageClassifier]] = Registry("model", "`trustvision zoo --models`")
@@ -74,4 +77,7 @@ def create(
 
 # Importing the modules registers their models.
 from trustvision.models import feedforward as _feedforward  # noqa: E402,F401
-from trustvision.models.checkpoint import load, save  # noqa: E402
+from trustvision.models import generative as _generative  # noqa: E402,F401
+from trustvision.models.checkpoint import list_zoo, load, save  # noqa: E402
+from trustvision.models.ensemble import Ensemble  # noqa: E402
+from trustvision.models.validate import check_compatible  # noqa: E402

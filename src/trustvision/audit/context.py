@@ -1,0 +1,167 @@
+"""What a check sees: the model, the dataset splits, options, device, seed and cached predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from trustvision.data._base import ImageDataset, TensorImageDataset
+
+__all__ = ["AuditContext", "LazySplits", "SPLITS"]
+
+SPLITS = ("train", "val", "test")
+T = TypeVar("T")
+
+
+class LazySplits(Mapping):
+    """``{"train", "val", "test"} -> ImageDataset`` that loads a split on first access.
+
+    Built from a loader ``fn(split) -> ImageDataset`` (e.g. ``lambda s: data.load("digits", s)``) or
+    from a ready dict. Missing splits raise the loader's error (a one-line TrustVisionError).
+    """
+
+    def __init__(self, source: Callable[[str], ImageDataset] | Mapping[str, ImageDataset]):
+        self._cache: dict[str, ImageDataset] = {}
+        if isinstance(source, Mapping):
+            self._cache.update(source)
+            self._loader = None
+        else:
+            self._loader = source
+
+    def __getitem__(self, split: str) -> ImageDataset:
+        if split not in self._cache:
+            if self._loader is None or split not in SPLITS:
+                from trustvision.errors import TrustVisionError
+
+                raise TrustVisionError(f"the dataset has no {split!r} split; give a dataset with {split} data")
+            self._cache[split] = self._loader(split)
+        return self._cache[split]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SPLITS if self._loader is not None else list(self._cache))
+
+    def __len__(self) -> int:
+        return len(SPLITS) if self._loader is not None else len(self._cache)
+
+    def loaded(self) -> dict[str, ImageDataset]:
+        """The splits loaded so far."""
+        return dict(self._cache)
+
+
+@dataclass
+class AuditContext:
+    """Everything a check needs; one context per audited model (shared by all its checks).
+
+    Attributes:
+        model: the audited classifier (eval mode, on ``device``).
+        model_name: its display name.
+        datasets: split name -> :class:`ImageDataset` (loaded lazily).
+        options: audit options (``n_max``, ``batch_size``, ``n_bins``, ...; see :meth:`option`).
+        device: torch device string.
+        seed: seed for anything random a check does (use :meth:`generator`).
+        compare: an optional second model (e.g. the feed-forward twin of a generative classifier).
+        compare_name: its display name.
+        track: ``track(iterable, total, description)`` wraps long loops in a progress bar.
+    """
+
+    model: torch.nn.Module
+    model_name: str
+    datasets: Mapping[str, ImageDataset]
+    options: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    seed: int = 0
+    compare: torch.nn.Module | None = None
+    compare_name: str | None = None
+    track: Callable[..., Iterable] = field(default=lambda it, total=None, description="": it, repr=False)
+    _logits: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _subsets: dict[str, ImageDataset] = field(default_factory=dict, repr=False)
+
+    def option(self, key: str, default: Any = None) -> Any:
+        """``options[key]`` if set (and not None), else ``default``."""
+        value = self.options.get(key)
+        return default if value is None else value
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU ``torch.Generator`` seeded with ``seed + offset``."""
+        return torch.Generator().manual_seed(int(self.seed) + offset)
+
+    def dataset(self, split: str) -> ImageDataset:
+        """Split ``split`` limited to ``options["n_max"]`` samples (a seeded random subset)."""
+        if split not in self._subsets:
+            full = self.datasets[split]
+            n_max = self.option("n_max")
+            if n_max is None or len(full) <= int(n_max):
+                self._subsets[split] = full
+            else:
+                # Seed depends on the split only, so every model sees the same subset.
+                offset = SPLITS.index(split) if split in SPLITS else len(SPLITS)
+                g = torch.Generator().manual_seed(int(self.seed) + offset)
+                idx = torch.randperm(len(full), generator=g)[: int(n_max)].sort().values
+                self._subsets[split] = _subset(full, idx)
+        return self._subsets[split]
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names of the dataset (from the test split)."""
+        return list(self.datasets["test"].classes)
+
+    def logits(self, split: str, *, compare: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, K) float32 and labels (N,) of ``model`` (or ``compare``) on ``dataset(split)``.
+
+        Computed once per split and model (batched, no gradients), kept on the CPU.
+        """
+        key = (split, compare)
+        if key not in self._logits:
+            model = self.compare if compare else self.model
+            if model is None:
+                raise ValueError("this audit has no comparison model (use --compare)")
+            self._logits[key] = _predict_logits(
+                model, self.dataset(split), batch_size=int(self.option("batch_size", 256)), device=self.device,
+                track=self.track, description=f"predict {split}",
+            )
+        return self._logits[key]
+
+    def predict(self, split: str, *, compare: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax probabilities (N, K) and labels (N,) on ``dataset(split)`` (cached)."""
+        z, y = self.logits(split, compare=compare)
+        return torch.softmax(z.double(), dim=1).float(), y
+
+
+def _subset(ds: ImageDataset, idx: torch.Tensor) -> ImageDataset:
+    if isinstance(ds, TensorImageDataset):
+        images, labels = ds.tensors()
+        return TensorImageDataset(images[idx], labels[idx], ds.classes, ds.name, ds.split)
+    sub = Subset(ds, idx.tolist())
+    for attr in ("name", "split", "classes", "image_size", "num_channels"):
+        setattr(sub, attr, getattr(ds, attr))
+    return sub  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def _predict_logits(model, ds, *, batch_size: int, device: str, track, description: str):
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    try:
+        if isinstance(ds, TensorImageDataset):
+            images, ys = ds.tensors()
+            starts = range(0, len(ds), batch_size)
+            batches = ((images[s : s + batch_size], ys[s : s + batch_size]) for s in starts)
+            total = len(starts)
+        else:
+            loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+            batches, total = iter(loader), len(loader)
+        for x, y in track(batches, total=total, description=description):
+            out = model(x.to(device, non_blocking=True))
+            outs.append(out.float().cpu())
+            labels.append(torch.as_tensor(y, dtype=torch.long).cpu())
+            del out
+    finally:
+        model.train(was_training)
+    if not outs:
+        raise ValueError("the dataset split is empty")
+    return torch.cat(outs), torch.cat(labels)

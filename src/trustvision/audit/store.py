@@ -1,0 +1,171 @@
+"""The results store: one JSON file (plus PNG figures) per finished check, written atomically.
+
+Layout under the audit's output directory::
+
+    checks/<model-key>/<check>.json              # record: fingerprint, status, data, figure paths
+    checks/<model-key>/<check>-<fp12>/<fig>.png  # that record's figures
+
+Every file is written to a temporary file in the same directory and moved into place with
+``os.replace``, and the record JSON is written last, so an interrupted audit leaves either a
+complete record or none. A record is reused only when its ``fingerprint`` (model weights and
+config, dataset, options, check version) equals the current one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ResultStore",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "to_jsonable",
+    "fingerprint",
+    "model_fingerprint",
+    "safe_key",
+]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file in the same directory + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh hidden name in the same directory (same file system, so os.replace is atomic);
+    # opened with "xb" so the file gets the usual umask-based permissions.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert tensors, numpy values, tuples, paths and dataclass-like objects to plain JSON types.
+
+    Non-finite floats become ``None`` (JSON has no NaN).
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "to_dict"):
+        return to_jsonable(obj.to_dict())
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return to_jsonable(asdict(obj))
+    raise TypeError(f"cannot store a {type(obj).__name__} in results.json; convert it to numbers/lists")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` (made JSON-safe with :func:`to_jsonable`) as indented JSON, atomically."""
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False, ensure_ascii=False)
+    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def fingerprint(obj: Any) -> str:
+    """SHA-256 hex digest of the canonical JSON form of ``obj``."""
+    text = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over the model's class, ``tv_config`` and every parameter/buffer (name, dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    cfg = getattr(model, "tv_config", None) or {}
+    h.update(fingerprint({k: v for k, v in cfg.items() if k != "metrics"}).encode())
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_key(name: str) -> str:
+    """A file-name-safe key for a model or figure name (``zoo:small-cnn`` -> ``zoo-small-cnn``)."""
+    key = _UNSAFE.sub("-", str(name)).strip("-.")
+    return key[:80] or "item"
+
+
+class ResultStore:
+    """Per-check records under ``root/checks`` (see the module docstring for the layout)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.checks_dir = self.root / "checks"
+
+    def record_path(self, model_key: str, check: str) -> Path:
+        return self.checks_dir / safe_key(model_key) / f"{safe_key(check)}.json"
+
+    def load(self, model_key: str, check: str, fp: str) -> dict | None:
+        """The stored record if it exists, is readable, finished, has fingerprint ``fp`` and all its figures."""
+        path = self.record_path(model_key, check)
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, OSError):
+            return None
+        if not isinstance(record, dict) or record.get("fingerprint") != fp or record.get("status") != "ok":
+            return None
+        if not all((self.root / p).is_file() for p in record.get("figures", {}).values()):
+            return None
+        return record
+
+    def save(self, model_key: str, check: str, fp: str, record: dict, figures: dict[str, bytes]) -> dict:
+        """Store ``record`` (plus ``fingerprint`` and figure paths) and its PNG ``figures``; returns the record.
+
+        Figures go to a directory named after the fingerprint and are written before the record,
+        so a crash never leaves a record pointing at missing or stale figures. Figure directories
+        of older fingerprints are removed afterwards.
+        """
+        model_dir = self.checks_dir / safe_key(model_key)
+        fig_dir_name = f"{safe_key(check)}-{fp[:12]}"
+        rel_figs: dict[str, str] = {}
+        for name, png in figures.items():
+            fname = f"{safe_key(name)}.png"
+            atomic_write_bytes(model_dir / fig_dir_name / fname, png)
+            rel_figs[name] = (Path("checks") / safe_key(model_key) / fig_dir_name / fname).as_posix()
+        record = {**record, "fingerprint": fp, "figures": rel_figs}
+        atomic_write_json(self.record_path(model_key, check), record)
+        for old in model_dir.glob(f"{safe_key(check)}-*"):
+            stale = old.name != fig_dir_name and re.fullmatch(re.escape(safe_key(check)) + r"-[0-9a-f]{12}", old.name)
+            if old.is_dir() and stale:
+                shutil.rmtree(old, ignore_errors=True)
+        return record

@@ -1,0 +1,498 @@
+"""Datasets stored on disk in torchvision's layouts: MNIST, Fashion-MNIST, CIFAR, SVHN, folders.
+
+The files are read directly (IDX, CIFAR pickle batches, SVHN ``.mat``, image folders), so files
+placed by hand work as well as files fetched by torchvision. Nothing is downloaded unless
+``download=True``; then torchvision's own downloader fetches and checks them.
+
+* Root: the ``root`` argument, else ``$TRUSTVISION_DATA``, else ``~/.cache/trustvision/data``.
+  Layout (as torchvision writes it): ``<root>/MNIST/raw/train-images-idx3-ubyte[.gz]`` ...,
+  ``<root>/FashionMNIST/raw/...``, ``<root>/cifar-10-batches-py/data_batch_1..5, test_batch,
+  batches.meta``, ``<root>/cifar-100-python/train, test, meta``,
+  ``<root>/train_32x32.mat, test_32x32.mat`` (SVHN).
+* Splits: ``test`` is the official test split; the official training split is cut into
+  ``train`` and ``val`` (10% of each class, fixed seed, same every call).
+* ``imagefolder:PATH``: ``PATH/<class>/<image>`` or ``PATH/{train,val,test}/<class>/<image>``.
+  With split folders, a missing ``val`` is cut from ``train`` (10%); without them all images are
+  split 60/15/25 per class. All images are resized to the first image's size (or
+  ``image_size=(H, W)``) and converted to its channel count (or ``channels=1|3``).
+
+Images are uint8 in memory and become float32 (C, H, W) in [0, 1] when indexed.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import pickle
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from trustvision.data import register_dataset
+from trustvision.data._base import ImageDataset
+from trustvision.data.embedded import SPLIT_FRACTIONS, SPLITS, stratified_split
+from trustvision.errors import TrustVisionError
+
+__all__ = [
+    "ArrayImageDataset",
+    "ImageFolderDataset",
+    "VAL_FRACTION",
+    "default_root",
+    "read_idx",
+]
+
+#: Fraction of each class of the official training split kept apart as ``val``.
+VAL_FRACTION = 0.1
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+
+def default_root(root: str | os.PathLike | None = None) -> Path:
+    """``root`` if given, else ``$TRUSTVISION_DATA``, else ``~/.cache/trustvision/data``."""
+    if root is None:
+        root = os.environ.get("TRUSTVISION_DATA") or Path.home() / ".cache" / "trustvision" / "data"
+    return Path(root).expanduser()
+
+
+def _not_found(name: str, root: Path) -> TrustVisionError:
+    return TrustVisionError(
+        f"{name} not found under {root}; pass download=True (CLI: --download) "
+        "or --root pointing at it"
+    )
+
+
+def _corrupt(path: Path, what: str, detail: str = "") -> TrustVisionError:
+    detail = f" ({detail})" if detail else ""
+    return TrustVisionError(
+        f"{path} is not a valid {what} file{detail}; delete it and pass download=True "
+        "(CLI: --download) or replace it"
+    )
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_mtime_ns, st.st_size
+
+
+class ArrayImageDataset(ImageDataset):
+    """uint8 images (N, C, H, W) held in memory, a subset ``indices`` of them exposed as a split.
+
+    ``labels`` (len(self),) int64 are the labels of the exposed items.
+    """
+
+    def __init__(self, data, labels, indices, classes: Sequence[str], name: str, split: str):
+        self.data = torch.as_tensor(data)
+        self.indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        self.labels = torch.as_tensor(np.asarray(labels))[self.indices].long()
+        self.classes = list(classes)
+        self.name = name
+        self.split = split
+        self.num_channels = int(self.data.shape[1])
+        self.image_size = (int(self.data.shape[2]), int(self.data.shape[3]))
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def __getitem__(self, idx: int):
+        image = self.data[self.indices[idx]].to(torch.float32).div_(255.0)
+        return image, int(self.labels[idx])
+
+
+def _split_official(
+    name: str, split: str, train, test, classes, val_fraction: float
+) -> ArrayImageDataset:
+    """train/val from the official training arrays (stratified cut), test from the test arrays."""
+    if split == "test":
+        data, labels = test
+        return ArrayImageDataset(data, labels, np.arange(len(labels)), classes, name, split)
+    data, labels = train
+    parts = stratified_split(labels, (1.0 - val_fraction, val_fraction))
+    return ArrayImageDataset(data, labels, parts[0 if split == "train" else 1], classes, name, split)
+
+
+def _check_val_fraction(val_fraction: float) -> float:
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise TrustVisionError(f"val_fraction must be between 0 and 1, got {val_fraction}; e.g. 0.1")
+    return float(val_fraction)
+
+
+def _download(name: str, root: Path, fetch) -> None:
+    try:
+        fetch()
+    except TrustVisionError:
+        raise
+    except Exception as err:  # network, checksum or disk errors from torchvision
+        msg = " ".join(str(err).split())[:200]
+        raise TrustVisionError(
+            f"could not download {name} to {root} ({msg}); check the network or place the files "
+            "there by hand and pass --root"
+        ) from None
+
+
+# ---------------------------------------------------------------------------- MNIST family
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) of unsigned bytes; the MNIST storage format."""
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise _corrupt(path, "IDX", str(err)) from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise _corrupt(path, "IDX", "bad magic number")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise _corrupt(path, "IDX", "truncated header")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    if len(raw) - header != int(np.prod(dims)):
+        raise _corrupt(path, "IDX", f"expected {int(np.prod(dims))} bytes of data for shape {dims}")
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=header).reshape(dims)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(key: tuple[str, int, int]) -> np.ndarray:
+    return read_idx(Path(key[0]))
+
+
+def _find_idx(raw: Path, stem: str) -> Path | None:
+    for candidate in (raw / stem, raw / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _mnist_part(raw: Path, prefix: str) -> tuple[np.ndarray, np.ndarray] | None:
+    img_path = _find_idx(raw, f"{prefix}-images-idx3-ubyte")
+    lab_path = _find_idx(raw, f"{prefix}-labels-idx1-ubyte")
+    if img_path is None or lab_path is None:
+        return None
+    images = _read_idx_cached(_file_key(img_path))
+    labels = _read_idx_cached(_file_key(lab_path))
+    if images.ndim != 3:
+        raise _corrupt(img_path, "IDX image", f"expected 3 dimensions, got {images.ndim}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise _corrupt(lab_path, "IDX label", f"{len(labels)} labels for {len(images)} images")
+    if labels.size and labels.max() > 9:
+        raise _corrupt(lab_path, "IDX label", f"label {int(labels.max())} out of range 0..9")
+    return images[:, None], labels.astype(np.int64)
+
+
+def _load_mnist_like(
+    name: str, folder: str, tv_cls: str, classes, split, root, download, val_fraction
+) -> ArrayImageDataset:
+    val_fraction = _check_val_fraction(val_fraction)
+    root = default_root(root)
+    raw = root / folder / "raw"
+    if download and not all(_mnist_part(raw, p) is not None for p in ("train", "t10k")):
+        import torchvision.datasets as tvd
+
+        _download(name, root, lambda: getattr(tvd, tv_cls)(str(root), train=True, download=True))
+    parts = [_mnist_part(raw, p) for p in ("train", "t10k")]
+    if any(p is None for p in parts):
+        raise _not_found(name, root)
+    return _split_official(name, split, parts[0], parts[1], classes, val_fraction)
+
+
+@register_dataset("mnist")
+def load_mnist(split="train", root=None, download=False, *, val_fraction=VAL_FRACTION):
+    """MNIST, 1x28x28, classes "0".."9"; val = 10% of the official training set."""
+    classes = [str(i) for i in range(10)]
+    return _load_mnist_like("mnist", "MNIST", "MNIST", classes, split, root, download, val_fraction)
+
+
+@register_dataset("fashion-mnist")
+def load_fashion_mnist(split="train", root=None, download=False, *, val_fraction=VAL_FRACTION):
+    """Fashion-MNIST, 1x28x28, 10 clothing classes; val = 10% of the official training set."""
+    return _load_mnist_like(
+        "fashion-mnist", "FashionMNIST", "FashionMNIST", FASHION_CLASSES,
+        split, root, download, val_fraction,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------- CIFAR
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays (CIFAR batches), never arbitrary code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_cifar_pickle(key: tuple[str, int, int]) -> dict:
+    path = Path(key[0])
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="latin1").load()
+    except Exception as err:
+        raise _corrupt(path, "CIFAR pickle", " ".join(str(err).split())[:120]) from None
+    if not isinstance(obj, dict):
+        raise _corrupt(path, "CIFAR pickle", "expected a dict")
+    return obj
+
+
+def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    obj = _read_cifar_pickle(_file_key(path))
+    if "data" not in obj or label_key not in obj:
+        raise _corrupt(path, "CIFAR batch", f"missing 'data' or '{label_key}'")
+    data = np.asarray(obj["data"])
+    labels = np.asarray(obj[label_key], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise _corrupt(path, "CIFAR batch", f"data has shape {data.shape}, expected (N, 3072)")
+    if len(labels) != len(data):
+        raise _corrupt(path, "CIFAR batch", f"{len(labels)} labels for {len(data)} images")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _load_cifar(name, folder, train_files, test_files, meta_file, label_key, names_key,
+                tv_cls, split, root, download, val_fraction) -> ArrayImageDataset:  # fmt: skip
+    val_fraction = _check_val_fraction(val_fraction)
+    root = default_root(root)
+    base = root / folder
+    files = [base / f for f in (*train_files, *test_files, meta_file)]
+    if download and not all(f.is_file() for f in files):
+        import torchvision.datasets as tvd
+
+        _download(name, root, lambda: getattr(tvd, tv_cls)(str(root), train=True, download=True))
+    if not all(f.is_file() for f in files):
+        raise _not_found(name, root)
+    meta = _read_cifar_pickle(_file_key(base / meta_file))
+    if names_key not in meta:
+        raise _corrupt(base / meta_file, "CIFAR meta", f"missing '{names_key}'")
+    classes = [str(c) for c in meta[names_key]]
+
+    def read(names):
+        batches = [_cifar_batch(base / f, label_key) for f in names]
+        data = np.concatenate([b[0] for b in batches])
+        labels = np.concatenate([b[1] for b in batches])
+        if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise _corrupt(base / names[0], "CIFAR batch", "labels out of range of the meta classes")
+        return data, labels
+
+    train = read(train_files) if split != "test" else None
+    test = read(test_files) if split == "test" else None
+    return _split_official(name, split, train, test, classes, val_fraction)
+
+
+@register_dataset("cifar10")
+def load_cifar10(split="train", root=None, download=False, *, val_fraction=VAL_FRACTION):
+    """CIFAR-10, 3x32x32, 10 classes; val = 10% of the official training set."""
+    return _load_cifar(
+        "cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+        "batches.meta", "labels", "label_names", "CIFAR10", split, root, download, val_fraction,
+    )  # fmt: skip
+
+
+@register_dataset("cifar100")
+def load_cifar100(split="train", root=None, download=False, *, val_fraction=VAL_FRACTION):
+    """CIFAR-100 (fine labels), 3x32x32, 100 classes; val = 10% of the official training set."""
+    return _load_cifar(
+        "cifar100", "cifar-100-python", ["train"], ["test"], "meta", "fine_labels",
+        "fine_label_names", "CIFAR100", split, root, download, val_fraction,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ SVHN
+@functools.lru_cache(maxsize=4)
+def _read_svhn(key: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    import scipy.io
+
+    path = Path(key[0])
+    try:
+        mat = scipy.io.loadmat(str(path))
+        x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1).astype(np.int64)
+    except Exception as err:
+        raise _corrupt(path, "SVHN .mat", " ".join(str(err).split())[:120]) from None
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
+        raise _corrupt(path, "SVHN .mat", f"X has shape {x.shape}, expected (32, 32, 3, N)")
+    if y.size and (y.min() < 0 or y.max() > 10):
+        raise _corrupt(path, "SVHN .mat", "labels out of range 0..10")
+    y[y == 10] = 0  # SVHN stores digit 0 as label 10
+    data = np.ascontiguousarray(x.transpose(3, 2, 0, 1).astype(np.uint8))
+    return data, y
+
+
+@register_dataset("svhn")
+def load_svhn(split="train", root=None, download=False, *, val_fraction=VAL_FRACTION):
+    """SVHN cropped digits, 3x32x32, classes "0".."9"; val = 10% of the official train split."""
+    val_fraction = _check_val_fraction(val_fraction)
+    root = default_root(root)
+    official = "test" if split == "test" else "train"
+    path = root / f"{official}_32x32.mat"
+    if download and not path.is_file():
+        import torchvision.datasets as tvd
+
+        _download("svhn", root, lambda: tvd.SVHN(str(root), split=official, download=True))
+    if not path.is_file():
+        raise _not_found("svhn", root)
+    arrays = _read_svhn(_file_key(path))
+    classes = [str(i) for i in range(10)]
+    if split == "test":
+        return _split_official("svhn", split, None, arrays, classes, val_fraction)
+    return _split_official("svhn", split, arrays, None, classes, val_fraction)
+
+
+# ----------------------------------------------------------------------------- imagefolder
+def _class_dirs(folder: Path) -> dict[str, list[Path]]:
+    out = {}
+    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(
+            f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if files:
+            out[d.name] = files
+    return out
+
+
+class ImageFolderDataset(ImageDataset):
+    """Images read from files on access, resized to ``image_size`` and converted to ``num_channels``.
+
+    ``files`` lists the image paths; ``labels`` (N,) int64 their class indices.
+    """
+
+    def __init__(self, files, labels, classes, name, split, image_size, num_channels):
+        self.files = list(files)
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.classes = list(classes)
+        self.name = name
+        self.split = split
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.num_channels = int(num_channels)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, idx: int):
+        return _read_image(self.files[idx], self.image_size, self.num_channels), int(self.labels[idx])
+
+
+def _read_image(path: Path, size: tuple[int, int], channels: int) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            if img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except Exception as err:
+        raise TrustVisionError(
+            f"cannot read image {path} ({' '.join(str(err).split())[:120]}); fix or remove it"
+        ) from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy()).float().div_(255.0)
+
+
+def _probe(path: Path) -> tuple[tuple[int, int], int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return (img.height, img.width), (1 if img.mode in ("1", "L", "I", "I;16", "F") else 3)
+    except Exception as err:
+        raise TrustVisionError(
+            f"cannot read image {path} ({' '.join(str(err).split())[:120]}); fix or remove it"
+        ) from None
+
+
+@register_dataset("imagefolder", prefix=True)
+def load_imagefolder(
+    path: str,
+    split: str = "train",
+    root=None,
+    download: bool = False,
+    *,
+    image_size: tuple[int, int] | int | None = None,
+    channels: int | None = None,
+    val_fraction: float = VAL_FRACTION,
+) -> ImageFolderDataset:
+    """Images in class folders: ``PATH/<class>/*`` or ``PATH/<split>/<class>/*``."""
+    val_fraction = _check_val_fraction(val_fraction)
+    folder = Path(path).expanduser()
+    if not folder.is_absolute() and not folder.exists() and root is not None:
+        folder = Path(root).expanduser() / folder
+    if not folder.is_dir():
+        raise TrustVisionError(
+            f"image folder {folder} does not exist; pass imagefolder:PATH with PATH/<class>/<images>"
+        )
+    name = f"imagefolder:{path}"
+    if (folder / "train").is_dir():
+        by_split = {s: _class_dirs(folder / s) for s in SPLITS if (folder / s).is_dir()}
+        if not by_split["train"]:
+            raise TrustVisionError(
+                f"no class folders with images in {folder / 'train'}; "
+                "expected PATH/train/<class>/<images>"
+            )
+        classes = sorted(by_split["train"])
+        for s, dirs in by_split.items():
+            extra = sorted(set(dirs) - set(classes))
+            if extra:
+                raise TrustVisionError(
+                    f"{folder / s} has classes not in {folder / 'train'}: {', '.join(extra[:5])}; "
+                    "every class needs training images"
+                )
+        if split in by_split:
+            files, labels = _flatten(by_split[split], classes)
+            if split == "train" and "val" not in by_split:
+                files, labels = _cut(files, labels, (1 - val_fraction, val_fraction), 0)
+        elif split == "val":
+            files, labels = _flatten(by_split["train"], classes)
+            files, labels = _cut(files, labels, (1 - val_fraction, val_fraction), 1)
+        else:
+            raise TrustVisionError(f"{folder} has no {split}/ folder; add {folder / split}/<class>/")
+    else:
+        dirs = _class_dirs(folder)
+        if not dirs:
+            raise TrustVisionError(
+                f"no class folders with images in {folder}; expected PATH/<class>/<images> "
+                f"({', '.join(IMAGE_EXTENSIONS[:4])}, ...)"
+            )
+        classes = sorted(dirs)
+        files, labels = _flatten(dirs, classes)
+        files, labels = _cut(files, labels, SPLIT_FRACTIONS, SPLITS.index(split))
+    if not files:
+        raise TrustVisionError(f"the {split} split of {folder} is empty; add more images per class")
+    probe_size, probe_channels = _probe(files[0])
+    if image_size is None:
+        size = probe_size
+    elif isinstance(image_size, int):
+        size = (image_size, image_size)
+    else:
+        size = tuple(image_size)
+    num_channels = channels if channels is not None else probe_channels
+    if num_channels not in (1, 3):
+        raise TrustVisionError(f"channels must be 1 or 3, got {channels}")
+    return ImageFolderDataset(files, labels, classes, name, split, size, num_channels)
+
+
+def _flatten(dirs: dict[str, list[Path]], classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    files, labels = [], []
+    for cls, paths in dirs.items():
+        files += paths
+        labels += [classes.index(cls)] * len(paths)
+    return files, np.asarray(labels, dtype=np.int64)
+
+
+def _cut(files, labels, fractions, part):
+    idx = stratified_split(labels, fractions)[part]
+    return [files[i] for i in idx], labels[idx]

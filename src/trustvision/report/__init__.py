@@ -1,0 +1,6 @@
+"""Self-contained HTML reports of audit results, and figure helpers."""
+
+from trustvision.report.figures import figure_to_png, png_data_uri, save_figure
+from trustvision.report.html import load_results, render_html, render_report
+
+__all__ = ["render_report", "render_html", "load_results", "figure_to_png", "png_data_uri", "save_figure"]

@@ -1,0 +1,528 @@
+"""The training loop: seeded, resumable, device-agnostic supervised training of an ImageClassifier.
+
+:func:`fit` trains with Adam, AdamW or SGD (momentum 0.9) under a per-epoch cosine (or constant)
+learning-rate schedule, evaluates validation accuracy after every epoch, and -- when ``out`` is
+given -- writes a resumable training state after every epoch (``out/train_state.pt``: model,
+optimizer, epoch, RNG state and history), the final model as a trustvision checkpoint
+(``out/model.safetensors`` + ``out/config.json``, loadable with :func:`trustvision.models.load`)
+and ``out/results.json``.
+
+Reproducibility: the shuffling order, augmentation and input-dropout masks of epoch ``e`` come from
+a generator seeded with ``(seed, e)``; randomness inside the model (dropout layers) comes from the
+global torch RNG, which is seeded once, saved with every epoch and restored on resume (inside
+``torch.random.fork_rng``, so the caller's RNG state is left untouched). Hence an interrupted run
+resumed with ``resume=True`` ends with exactly the weights of an uninterrupted run.
+
+Model hooks used when present (the generative classifiers rely on them):
+``training_loss(x, y) -> (loss, logits)``, ``param_groups(lr) -> list[dict]`` (per-group learning
+rates / weight decay) and ``after_training(loader)`` (called once after the last epoch with an
+iterable of un-augmented training batches ``(x, y)`` on the training device).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from trustvision.errors import TrustVisionError
+from trustvision.train.augment import Augment
+from trustvision.train.input_dropout import check_keep_prob, drop_pixels
+
+__all__ = [
+    "EpochStats",
+    "TrainResult",
+    "fit",
+    "evaluate_accuracy",
+    "resolve_device",
+    "iter_batches",
+    "check_train_args",
+    "STATE_FILE",
+    "RESULTS_FILE",
+]
+
+STATE_FILE = "train_state.pt"
+RESULTS_FILE = "results.json"
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class EpochStats:
+    """What one epoch did (``epoch`` counts from 1)."""
+
+    epoch: int
+    lr: float
+    train_loss: float
+    train_accuracy: float
+    val_accuracy: float | None
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`fit`; ``to_dict()`` is JSON-serialisable (written to ``out/results.json``)."""
+
+    epochs: int
+    seed: int
+    history: list[EpochStats] = field(default_factory=list)
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None
+    checkpoint: str | None = None
+    resumed_from_epoch: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def metrics(self) -> dict[str, float]:
+        """The metrics stored in the checkpoint's config.json."""
+        out = {}
+        if self.test_accuracy is not None:
+            out["test_accuracy"] = self.test_accuracy
+        if self.val_accuracy is not None:
+            out["val_accuracy"] = self.val_accuracy
+        return out
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` -> torch.device, or a one-line error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TrustVisionError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrustVisionError("CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TrustVisionError(
+                f"device {device} does not exist ({torch.cuda.device_count()} CUDA devices); "
+                "use cuda:0"
+            )
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise TrustVisionError("MPS is not available on this machine; use --device cpu")
+    return dev
+
+
+def iter_batches(
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    order: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(images (B,C,H,W), labels (B,))`` on ``device``, in ``order`` (indices) if given.
+
+    Datasets with a ``tensors()`` method (in-memory sets) are sliced directly; others go through a
+    single-process DataLoader.
+    """
+    if hasattr(dataset, "tensors"):
+        images, labels = dataset.tensors()
+        n = int(labels.shape[0])
+        idx_all = torch.arange(n) if order is None else order
+        for start in range(0, len(idx_all), batch_size):
+            idx = idx_all[start:start + batch_size]
+            yield images[idx].to(device), labels[idx].to(device)
+        return
+    sampler = None if order is None else order.tolist()
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=0)
+    for x, y in loader:
+        yield x.to(device).float(), torch.as_tensor(y).to(device).long()
+
+
+class _Batches:
+    """A re-iterable view of a dataset as batches on a device (given to ``after_training``)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device):
+        self.dataset, self.batch_size, self.device = dataset, batch_size, device
+
+    def __iter__(self):
+        return iter_batches(self.dataset, self.batch_size, self.device)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Top-1 accuracy of ``model`` (argmax of its logits) on ``dataset``, in [0, 1].
+
+    The model is put in evaluation mode (no dropout, BatchNorm running statistics) and restored
+    to its previous mode afterwards. The model is moved to ``device``.
+    """
+    if len(dataset) == 0:
+        raise TrustVisionError("cannot evaluate on an empty dataset; check the split")
+    dev = resolve_device(device)
+    was_training = model.training
+    model.to(dev).eval()
+    correct = total = 0
+    try:
+        for x, y in iter_batches(dataset, batch_size, dev):
+            correct += int((model(x).argmax(dim=1) == y).sum())
+            total += int(y.shape[0])
+    finally:
+        model.train(was_training)
+    return correct / total
+
+
+def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """Learning-rate multiplier of epoch ``epoch`` (0-based); epoch 0 always gets the full rate."""
+    if schedule == "constant" or epochs <= 1:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+
+
+def _make_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    hook = getattr(model, "param_groups", None)
+    if callable(hook):
+        groups = [dict(g) for g in hook(lr)]
+        for g in groups:
+            g["params"] = list(g["params"])
+            g.setdefault("lr", lr)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    if opt == "adam":
+        optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    elif opt == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    for g in optimizer.param_groups:
+        g["base_lr"] = g["lr"]
+    return optimizer
+
+
+def check_train_args(epochs, lr, batch_size, opt, weight_decay, sched, grad_clip) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise TrustVisionError(f"epochs must be a whole number >= 1, got {epochs!r} (--epochs)")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise TrustVisionError(f"batch size must be a whole number >= 1, got {batch_size!r} (--batch-size)")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise TrustVisionError(f"learning rate must be a positive number, got {lr!r} (--lr)")
+    if opt not in OPTIMIZERS:
+        raise TrustVisionError(f"unknown optimizer {opt!r}; use one of {', '.join(OPTIMIZERS)} (--opt)")
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise TrustVisionError(f"weight decay must be >= 0, got {weight_decay!r} (--weight-decay)")
+    if sched not in SCHEDULES:
+        raise TrustVisionError(f"unknown schedule {sched!r}; use one of {', '.join(SCHEDULES)} (--sched)")
+    if grad_clip is not None and not grad_clip > 0:
+        raise TrustVisionError(f"gradient clipping norm must be > 0, got {grad_clip!r} (--clip-grad)")
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _can_save_checkpoint(model: nn.Module) -> bool:
+    return bool(getattr(model, "tv_config", {}).get("architecture"))
+
+
+class _Progress:
+    """A rich progress bar on stderr, or nothing."""
+
+    def __init__(self, enabled: bool, label: str):
+        self.enabled = enabled
+        self.label = label
+        self._progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def start(self, epoch: int, epochs: int, steps: int):
+        if self._progress is None:
+            return None
+        return self._progress.add_task(f"{self.label}epoch {epoch}/{epochs}", total=steps, info="")
+
+    def advance(self, task, info: str) -> None:
+        if self._progress is not None and task is not None:
+            self._progress.update(task, advance=1, info=info)
+
+    def log(self, msg: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(msg, highlight=False)
+
+
+# --- fit ----------------------------------------------------------------------------------------
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset | None = None,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    opt: str = "adam",
+    weight_decay: float = 0.0,
+    input_dropout: float | None = None,
+    progress: bool = True,
+    test_set: Dataset | None = None,
+    augment: Augment | None = None,
+    sched: str = "cosine",
+    grad_clip: float | None = None,
+    eval_batch_size: int = 256,
+    on_epoch_end: Callable[[EpochStats], None] | None = None,
+    progress_label: str = "",
+) -> TrainResult:
+    """Train ``model`` on ``train_set`` for ``epochs`` epochs; returns a :class:`TrainResult`.
+
+    Args:
+        model: an :class:`~trustvision.models.ImageClassifier` (trained in place, left on
+            ``device`` in evaluation mode).
+        train_set, val_set, test_set: datasets of ``(image (C,H,W) in [0,1], label)``; validation
+            accuracy is measured after every epoch, test accuracy once at the end.
+        epochs, lr, batch_size: as usual; ``lr`` is the peak rate of the ``sched`` schedule
+            (``"cosine"``: per-epoch cosine decay from ``lr`` towards 0; ``"constant"``).
+        seed: seeds shuffling, augmentation, input dropout and the model's own randomness.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``...
+        out: directory for the training state, final checkpoint and ``results.json``.
+        resume: continue from ``out/train_state.pt`` (after the last finished epoch).
+        opt: ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9); ``weight_decay`` as in torch.
+        input_dropout: keep probability in (0, 1] of whole pixels at training time
+            (:mod:`trustvision.train.input_dropout`); ``None`` disables it.
+        augment: ``aug(x, generator) -> x`` applied to each training batch
+            (:mod:`trustvision.train.augment`).
+        grad_clip: clip the global gradient norm to this value.
+        on_epoch_end: called with each epoch's :class:`EpochStats` after its state is saved.
+        progress: show a rich progress bar on stderr.
+    """
+    check_train_args(epochs, lr, batch_size, opt, weight_decay, sched, grad_clip)
+    keep_prob = None if input_dropout is None else check_keep_prob(input_dropout)
+    if len(train_set) == 0:
+        raise TrustVisionError("the training set is empty; check the dataset and split")
+    dev = resolve_device(device)
+    out_dir = None if out is None else Path(out)
+    config = {
+        "epochs": epochs, "lr": float(lr), "batch_size": batch_size, "seed": int(seed), "opt": opt,
+        "weight_decay": float(weight_decay), "input_dropout": keep_prob, "sched": sched,
+        "grad_clip": grad_clip, "augment": None if augment is None else repr(augment),
+    }
+
+    state = None
+    if out_dir is not None:
+        state_path = out_dir / STATE_FILE
+        if state_path.exists() and not resume:
+            raise TrustVisionError(
+                f"{out_dir} already holds a training run; pass --resume to continue it or choose "
+                "another --out"
+            )
+        if resume and state_path.exists():
+            state = _load_state(state_path, dev, config)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    elif resume:
+        raise TrustVisionError("resume needs the run's output directory; pass --out")
+
+    model.to(dev)
+    optimizer = _make_optimizer(model, opt, lr, weight_decay)
+    fill = getattr(model, "norm_mean", None)
+    fill = fill.detach().clone() if isinstance(fill, torch.Tensor) else 0.0
+    history: list[EpochStats] = []
+    start_epoch = 0
+    n = len(train_set)
+
+    fork_devices = [] if dev.type != "cuda" else [dev.index if dev.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        if state is not None:
+            try:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise TrustVisionError(
+                    f"the training state in {out_dir} belongs to a different model "
+                    f"({str(exc).splitlines()[0][:80]}); choose another --out"
+                ) from None
+            torch.set_rng_state(state["rng_torch"].cpu())
+            if fork_devices and state.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(state["rng_cuda"].cpu(), fork_devices[0])
+            start_epoch = int(state["epoch"])
+            history = [EpochStats(**h) for h in state["history"]]
+
+        with _Progress(progress, progress_label) as bar:
+            if start_epoch:
+                bar.log(f"{progress_label}resuming after epoch {start_epoch}/{epochs} from {out_dir}")
+            for epoch in range(start_epoch, epochs):
+                t0 = time.perf_counter()
+                factor = _lr_factor(sched, epoch, epochs)
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                gen = _epoch_generator(seed, epoch)
+                order = torch.randperm(n, generator=gen)
+                if n % batch_size == 1 and n > 1:
+                    order = order[:-1]  # a batch of one breaks BatchNorm in training mode
+                steps = math.ceil(len(order) / batch_size)
+                task = bar.start(epoch + 1, epochs, steps)
+                model.train()
+                loss_sum = torch.zeros((), device=dev)
+                correct = torch.zeros((), device=dev, dtype=torch.long)
+                seen = 0
+                for x, y in iter_batches(train_set, batch_size, dev, order):
+                    if augment is not None:
+                        x = augment(x, gen)
+                    if keep_prob is not None:
+                        x = drop_pixels(x, keep_prob, fill, gen)
+                    hook = getattr(model, "training_loss", None)
+                    if callable(hook):
+                        loss, logits = hook(x, y)
+                    else:
+                        logits = model(x)
+                        loss = F.cross_entropy(logits, y)
+                    if not torch.isfinite(loss):
+                        raise TrustVisionError(
+                            f"training diverged: the loss became {float(loss.detach())} in epoch {epoch + 1}; "
+                            f"lower --lr (now {lr}) or clip gradients (--clip-grad)"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if grad_clip is not None:
+                        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                    optimizer.step()
+                    b = int(y.shape[0])
+                    loss_sum += loss.detach() * b
+                    correct += (logits.detach().argmax(1) == y).sum()
+                    seen += b
+                    if progress:
+                        bar.advance(task, f"loss {float(loss.detach()):.4f}")
+                val_acc = None
+                if val_set is not None and len(val_set) > 0:
+                    val_acc = evaluate_accuracy(model, val_set, eval_batch_size, dev)
+                stats = EpochStats(
+                    epoch=epoch + 1,
+                    lr=float(lr * factor),
+                    train_loss=float(loss_sum) / max(seen, 1),
+                    train_accuracy=float(correct) / max(seen, 1),
+                    val_accuracy=val_acc,
+                    seconds=time.perf_counter() - t0,
+                )
+                history.append(stats)
+                if out_dir is not None:
+                    _save_atomic(
+                        {
+                            "format": "trustvision-train-state",
+                            "format_version": 1,
+                            "epoch": epoch + 1,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "rng_torch": torch.get_rng_state(),
+                            "rng_cuda": torch.cuda.get_rng_state(fork_devices[0]) if fork_devices else None,
+                            "history": [asdict(h) for h in history],
+                            "config": config,
+                        },
+                        out_dir / STATE_FILE,
+                    )
+                val_txt = "" if val_acc is None else f"  val acc {val_acc:.4f}"
+                bar.log(
+                    f"{progress_label}epoch {epoch + 1}/{epochs}  loss {stats.train_loss:.4f}  "
+                    f"train acc {stats.train_accuracy:.4f}{val_txt}  lr {stats.lr:.2e}  "
+                    f"{stats.seconds:.1f}s"
+                )
+                if on_epoch_end is not None:
+                    on_epoch_end(stats)
+
+        hook = getattr(model, "after_training", None)
+        if callable(hook):
+            hook(_Batches(train_set, eval_batch_size, dev))
+    model.eval()
+
+    result = TrainResult(epochs=epochs, seed=int(seed), history=history, resumed_from_epoch=start_epoch,
+                         config=config)
+    if val_set is not None and len(val_set) > 0:
+        result.val_accuracy = evaluate_accuracy(model, val_set, eval_batch_size, dev)
+    if test_set is not None and len(test_set) > 0:
+        result.test_accuracy = evaluate_accuracy(model, test_set, eval_batch_size, dev)
+    if out_dir is not None:
+        if _can_save_checkpoint(model):
+            from trustvision import models
+
+            models.save(
+                model,
+                out_dir,
+                classes=list(getattr(train_set, "classes", []) or []) or None,
+                dataset=getattr(train_set, "name", None),
+                metrics=result.metrics(),
+                training=config,
+            )
+            result.checkpoint = str(out_dir)
+        _write_json(result.to_dict(), out_dir / RESULTS_FILE)
+    return result
+
+
+def _load_state(path: Path, dev: torch.device, config: dict) -> dict:
+    try:
+        state = torch.load(path, map_location=dev, weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise TrustVisionError(
+            f"cannot read the training state {path} ({type(exc).__name__}); delete it or choose "
+            "another --out"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != "trustvision-train-state":
+        raise TrustVisionError(f"{path} is not a trustvision training state; choose another --out")
+    old = state.get("config", {})
+    for key, flag in (("seed", "--seed"), ("batch_size", "--batch-size"), ("lr", "--lr"),
+                      ("opt", "--opt"), ("weight_decay", "--weight-decay"),
+                      ("input_dropout", "--input-dropout"), ("sched", "--sched")):
+        if key in old and old[key] != config[key]:
+            raise TrustVisionError(
+                f"cannot resume {path.parent}: it was trained with {flag} {old[key]}, not "
+                f"{config[key]}; resume with the same settings or choose another --out"
+            )
+    if int(state["epoch"]) > config["epochs"]:
+        raise TrustVisionError(
+            f"cannot resume {path.parent}: it already ran {state['epoch']} epochs, more than "
+            f"--epochs {config['epochs']}; pass --epochs {state['epoch']} or more"
+        )
+    return state
