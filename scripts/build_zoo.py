@@ -34,7 +34,7 @@ RECIPES: dict[str, dict] = {
                              augment="shift:1", target=0.97),
     "small-cnn-faces": dict(model="small-cnn", data="faces", epochs=30, lr=3e-3, batch_size=16,
                             augment="shift:2,flip", target=0.90),
-    "small-cnn-textures": dict(model="small-cnn", data="textures", epochs=15, lr=3e-3, batch_size=64,
+    "small-cnn-textures": dict(model="small-cnn", data="textures", epochs=10, lr=3e-3, batch_size=64,
                                augment="shift:4,flip", target=0.85),
     "small-cnn-shortcut-digits": dict(model="small-cnn", data="shortcut-digits", epochs=15, lr=3e-3,
                                       batch_size=64, augment=None, target=None),

@@ -253,10 +253,52 @@ def report_cmd(
     typer.echo(f"report: {path}")
 
 
+# --- explain --------------------------------------------------------------------------------
+
+
+@app.command("explain")
+def explain_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint path or zoo:NAME."),
+    data: str = typer.Option(..., "--data", "-d", help="Dataset name (see `trustvision data`)."),
+    method: str = typer.Option("igos++", "--method", help="igos, igos++, saliency, integrated-gradients, gradcam, occlusion or sag."),
+    n: int = typer.Option(16, "--n", help="Number of (seeded, random) images to explain."),
+    out: str = typer.Option("explanations", "--out", "--output", "-o", help="Output folder."),
+    split: str = typer.Option("test", "--split", help="Dataset split: train, val or test."),
+    target: str = typer.Option("predicted", "--target", help="Explain the 'predicted' class or the true 'label'."),
+    iterations: int = typer.Option(None, "--iterations", help="I-GOS/iGOS++ iterations (default 15)."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Most images per forward/backward pass (I-GOS/iGOS++)."),
+    grid: int = typer.Option(None, "--grid", help="SAG patches per side (default 7, fewer for small images)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image sample and of the I-GOS noise."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
+) -> None:
+    """Explain N test images: PNG overlays + heatmaps.npy + scores.json (deletion/insertion AUCs);
+    --method sag writes structured attention graphs (PNG, SVG, JSON)."""
+    from trustvision.explain.run import run_explain
+
+    res = run_explain(model, data, method, n, out, split=split, target=target, device=device, seed=seed,
+                      iterations=iterations, internal_batch_size=batch_size, grid=grid, data_root=data_dir)
+    if "summary" in res:
+        s = res["summary"]
+        typer.echo(f"{method} on {res['n']} images: deletion AUC {s['deletion_mean']:.4f} +- {s['deletion_std']:.4f} "
+                   f"(lower is better), insertion AUC {s['insertion_mean']:.4f} +- {s['insertion_std']:.4f} "
+                   f"(higher is better)")
+    else:
+        found = sum(bool(r.get("roots")) for r in res["images"])
+        typer.echo(f"sag on {res['n']} images (grid {res['grid']}): roots found for {found}")
+    flagged = sum(r["low_confidence"] or r["wrong_prediction"] for r in res["images"])
+    if flagged:
+        typer.echo(f"warning: {flagged} images have low confidence or a wrong prediction; their explanations are unreliable")
+    typer.echo(f"written to {out} ({res['seconds']:.1f}s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     try:
-        app(args=argv, standalone_mode=False)
+        status = app(args=argv, standalone_mode=False)
+        # click returns typer.Exit(code)'s code instead of raising when standalone_mode=False
+        if isinstance(status, int) and not isinstance(status, bool) and status:
+            return status
     except TrustVisionError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2

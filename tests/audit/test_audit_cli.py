@@ -27,7 +27,8 @@ def _one_error_line(capsys) -> str:
 
 def test_audit_end_to_end_matches_direct_accuracy(tmp_path, ckpt, capsys):
     out = tmp_path / "rep"
-    args = ["audit", "--model", str(ckpt), "--data", "digits", "--out", str(out), "--no-progress", "--device", "cpu"]
+    args = ["audit", "--model", str(ckpt), "--data", "digits", "--out", str(out), "--no-progress", "--device", "cpu",
+            "--checks", "accuracy,calibration"]
     assert main(args) == 0
     stdout = capsys.readouterr().out
     assert f"report: {out / 'report.html'}" in stdout and "ran 2 checks, reused 0, 0 failed" in stdout
@@ -48,7 +49,7 @@ def test_audit_end_to_end_matches_direct_accuracy(tmp_path, ckpt, capsys):
 def test_default_audit_uses_digits_zoo_models(tmp_path, ckpt, monkeypatch, capsys):
     monkeypatch.setenv("TRUSTVISION_ZOO", str(ckpt.parent))
     monkeypatch.chdir(tmp_path)
-    assert main(["audit", "--no-progress", "--n-max", "100"]) == 0
+    assert main(["audit", "--no-progress", "--n-max", "100", "--checks", "accuracy"]) == 0
     assert "report: trustvision-report/report.html" in capsys.readouterr().out
     r = json.loads((tmp_path / "trustvision-report" / "results.json").read_text())
     assert [m["name"] for m in r["models"]] == ["zoo:small-cnn-digits"]
@@ -80,7 +81,8 @@ def test_failing_check_exit_code_1(tmp_path, ckpt, monkeypatch, capsys):
 
     monkeypatch.setattr(CalibrationCheck, "run", boom)
     out = tmp_path / "rep"
-    assert main(["audit", "--model", str(ckpt), "--data", "digits", "--out", str(out), "--no-progress"]) == 1
+    assert main(["audit", "--model", str(ckpt), "--data", "digits", "--out", str(out), "--no-progress",
+                 "--checks", "accuracy,calibration"]) == 1
     assert "1 check(s) failed" in capsys.readouterr().err
     r = json.loads((out / "results.json").read_text())
     assert r["status"] == "errors" and r["models"][0]["checks"]["accuracy"]["status"] == "ok"

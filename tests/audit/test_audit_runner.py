@@ -18,6 +18,7 @@ from trustvision.audit import (
 from trustvision.errors import TrustVisionError
 from trustvision.evaluate import expected_calibration_error, top1_accuracy
 
+BUILTIN = ["accuracy", "calibration"]
 CALLS: dict[str, int] = {}
 STATE = {"interrupt": True}
 
@@ -101,7 +102,7 @@ def test_registry_lists_builtin_checks_in_order():
 
 
 def test_builtin_results_equal_direct_computation(tmp_path, tiny_model, toy_splits):
-    res = run_audit({"tiny": tiny_model}, toy_splits, tmp_path, progress=False)
+    res = run_audit({"tiny": tiny_model}, toy_splits, tmp_path, checks=BUILTIN, progress=False)
     assert res.ok and res.n_computed == 2
     x, y = toy_splits["test"].tensors()
     with torch.no_grad():
@@ -122,7 +123,8 @@ def test_builtin_results_equal_direct_computation(tmp_path, tiny_model, toy_spli
 
 
 def test_results_json_schema(tmp_path, tiny_model, toy_splits):
-    run_audit({"tiny": tiny_model}, toy_splits, tmp_path, progress=False, command="trustvision audit x")
+    run_audit({"tiny": tiny_model}, toy_splits, tmp_path, checks=BUILTIN, progress=False,
+              command="trustvision audit x")
     text = (tmp_path / "results.json").read_text()
     r = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert r["schema_version"] == SCHEMA_VERSION == 1
@@ -227,4 +229,42 @@ def test_unknown_check_and_incompatible_data(tmp_path, tiny_model, toy_splits, t
     with pytest.raises(TrustVisionError, match="did you mean 'calibration'"):
         run_audit({"tiny": tiny_model}, toy_splits, tmp_path, checks="calibraton", progress=False)
     with pytest.raises(TrustVisionError, match="labels"):
-        run_audit({"two": tiny_cls(num_classes=2)}, toy_splits, tmp_path, progress=False)  # labels 0..2
+        run_audit({"two": tiny_cls(num_classes=2)}, toy_splits, tmp_path, checks=BUILTIN, progress=False)  # labels 0..2
+
+
+def test_generic_dataset_path_matches_tensor_path(tmp_path, tiny_model, toy_splits):
+    from trustvision.data._base import ImageDataset
+
+    class Plain(ImageDataset):  # no tensors(): goes through a DataLoader
+        def __init__(self, base):
+            self.base, self.name, self.split = base, base.name, base.split
+            self.classes, self.image_size, self.num_channels = base.classes, base.image_size, base.num_channels
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            return self.base[i]
+
+    plain = {s: Plain(d) for s, d in toy_splits.items()}
+    opts = {"n_max": 40, "batch_size": 16}
+    a = run_audit({"t": tiny_model}, toy_splits, tmp_path / "a", checks=BUILTIN, options=opts, progress=False,
+                  render=False)
+    b = run_audit({"t": tiny_model}, plain, tmp_path / "b", checks=BUILTIN, options=opts, progress=False,
+                  render=False)
+    da = a.results["models"][0]["checks"]["accuracy"]["data"]
+    db = b.results["models"][0]["checks"]["accuracy"]["data"]
+    assert da["n"] == db["n"] == 40 and da == db
+    ca = a.results["models"][0]["checks"]["calibration"]["data"]
+    cb = b.results["models"][0]["checks"]["calibration"]["data"]
+    assert ca["temperature"] == pytest.approx(cb["temperature"]) and ca["n_fit"] == 40
+
+
+def test_calibration_without_validation_split_fits_on_half_of_test(tmp_path, tiny_model, toy_splits):
+    res = run_audit({"t": tiny_model}, {"test": toy_splits["test"]}, tmp_path, checks=BUILTIN, progress=False,
+                    render=False)
+    assert res.ok
+    cal = res.results["models"][0]["checks"]["calibration"]["data"]
+    assert cal["temperature_fit_split"].startswith("first half of test")
+    assert cal["n_fit"] == 30 and cal["n"] == 30
+    assert res.results["datasets"][0]["splits"] == {"test": 60}

@@ -124,6 +124,17 @@ def test_textures_patches_are_cut_from_the_photos_and_cached():
 
 @pytest.mark.slow
 def test_textures_are_learnable_by_a_small_cnn():
+    # one thread: deterministic and ~10 s of CPU (measured test accuracy 0.89)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        acc = _train_small_cnn_on_textures()
+    finally:
+        torch.set_num_threads(threads)
+    assert acc >= 0.85, acc
+
+
+def _train_small_cnn_on_textures() -> float:
     torch.manual_seed(0)
     tr, te = data.load("textures", "train"), data.load("textures", "test")
     net = torch.nn.Sequential(
@@ -146,5 +157,4 @@ def test_textures_are_learnable_by_a_small_cnn():
             opt.step()
             sched.step()
     with torch.no_grad():
-        acc = (net(te.images).argmax(1) == te.labels).float().mean().item()
-    assert acc >= 0.85, acc
+        return (net(te.images).argmax(1) == te.labels).float().mean().item()

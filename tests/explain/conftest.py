@@ -44,3 +44,12 @@ def one_pixel():
 def tiny_cnn():
     torch.manual_seed(0)
     return TinyCNN().eval()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (many threads thrash on a shared CI machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -43,6 +43,7 @@ def test_batched_equals_one_at_a_time(cls, tiny_cnn):
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     kw = dict(iterations=4, ig_steps=5, noise=0.0, baselines="blur")
     batched = cls(tiny_cnn).attribute(x, **kw)
+    assert float(batched.amax()) > 0.01  # the masks really moved
     single = torch.cat([cls(tiny_cnn).attribute(x[i : i + 1], **kw) for i in range(4)])
     torch.testing.assert_close(batched, single, atol=1e-4, rtol=0)
     chunked = cls(tiny_cnn).attribute(x, internal_batch_size=3, **kw)

@@ -71,12 +71,14 @@ def test_foreign_state_dict(tmp_path):
     x = torch.rand(2, 1, 8, 8)
     assert torch.equal(m2(x), m(x))
     # {"state_dict": ...} wrappers and a bare torchvision state dict for the wrapped model
-    tv = torchvision_resnet = __import__("torchvision").models.resnet18(num_classes=4).eval()
+    import torchvision
+
+    tv = torchvision.models.resnet18(num_classes=4).eval()
     torch.save({"state_dict": tv.state_dict()}, tmp_path / "tv.pt")
     m3 = models.load(tmp_path / "tv.pt", architecture="torchvision:resnet18", num_classes=4,
                      in_chans=3, image_size=32)
     xi = torch.rand(2, 3, 32, 32)
-    assert torch.allclose(m3(xi), torchvision_resnet(m3.normalize(xi)), atol=1e-5)
+    assert torch.allclose(m3(xi), tv(m3.normalize(xi)), atol=1e-5)
     _one_line_error(lambda: models.load(tmp_path / "w.pth"), "lacks architecture")
 
 

@@ -91,8 +91,10 @@ def test_logdet_matches_autograd_slogdet(name, f64):
 def test_every_parameter_gets_a_gradient(name):
     block, shape = _make(name)
     block.train()
-    y, ld = block(torch.randn(4, *shape))
+    x = torch.randn(4, *shape, requires_grad=True)
+    y, ld = block(x)
     (y.pow(2).sum() - ld.sum()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
     for n, p in block.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
         assert p.grad.abs().sum() > 0, n

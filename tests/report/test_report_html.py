@@ -16,7 +16,8 @@ XSS = "<script>alert(1)</script>"
 @pytest.fixture
 def audited(tmp_path, tiny_model, splits_factory):
     splits = splits_factory(classes=("a", XSS, "c"), name=f"toy{XSS}")
-    run_audit({f"tiny{XSS}": tiny_model}, splits, tmp_path, progress=False, command=f"trustvision audit {XSS}")
+    run_audit({f"tiny{XSS}": tiny_model}, splits, tmp_path, checks=["accuracy", "calibration"], progress=False,
+              command=f"trustvision audit {XSS}")
     return tmp_path
 
 

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from trustvision._registry import Registry
@@ -69,11 +70,22 @@ def load(
     """
     if split not in SPLITS:
         raise TrustVisionError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    args: tuple = ()
+    loader = None
     if ":" in name:
         prefix, arg = name.split(":", 1)
         if prefix in _PREFIXED:
-            return _PREFIXED[prefix](arg, split=split, root=root, download=download, **kwargs)
-    return _DATASETS.get(name)(split=split, root=root, download=download, **kwargs)
+            loader, args = _PREFIXED[prefix], (arg,)
+    if loader is None:
+        loader = _DATASETS.get(name)
+    try:
+        inspect.signature(loader).bind(*args, split=split, root=root, download=download, **kwargs)
+    except TypeError as exc:
+        raise TrustVisionError(
+            f"dataset {name!r} does not take these options ({exc}); "
+            "see its docstring for the options it accepts"
+        ) from None
+    return loader(*args, split=split, root=root, download=download, **kwargs)
 
 
 # Importing the modules registers their datasets.

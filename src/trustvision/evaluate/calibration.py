@@ -151,22 +151,23 @@ def fit_temperature(
     *,
     t_min: float = 0.01,
     t_max: float = 100.0,
-    tol: float = 1e-6,
-    max_iter: int = 200,
+    tol: float = 1e-8,
+    max_iter: int = 100,
 ) -> float:
     """Fit the temperature ``T`` of temperature scaling by minimising the NLL (Guo et al. 2017).
 
-    The NLL of ``softmax(z / T)`` is convex in ``1/T`` (a log-sum-exp of linear functions), hence
-    unimodal in ``log T``; a golden-section search on ``log T`` over ``[log t_min, log t_max]``
-    therefore finds the global minimum without tuning a learning rate. If the minimum lies on a
-    bound (e.g. perfectly separable validation logits, where NLL keeps falling as ``T -> 0``), the
-    bound is returned.
+    With ``beta = 1/T`` the NLL ``mean(logsumexp(beta * z) - beta * z_y)`` is convex in ``beta``
+    (its second derivative is the mean variance of the logits under ``softmax(beta * z)``), so the
+    minimum is the unique root of the first derivative ``mean(E_p[z] - z_y)``. We find it with
+    Newton's method safeguarded by bisection on ``[1/t_max, 1/t_min]``: no learning rate, a handful
+    of passes over the logits. If the root lies outside the interval (e.g. perfectly separable
+    validation logits, where the NLL keeps falling as ``T -> 0``) the nearest bound is returned.
 
     Args:
         logits: (N, K) logits on a held-out (validation) split.
         labels: (N,) integer labels.
         t_min, t_max: search interval for ``T``.
-        tol: stop when the bracket on ``log T`` is narrower than this.
+        tol: relative tolerance on ``beta``.
 
     Returns:
         The fitted temperature (a float > 0); calibrated probabilities are ``softmax(logits / T)``.
@@ -177,27 +178,33 @@ def fit_temperature(
         raise ValueError(f"logits must be (N, K) with N > 0 and labels (N,); got {tuple(z.shape)}, {tuple(y.shape)}")
     z_true = z.gather(1, y[:, None]).squeeze(1)
 
-    def nll(log_t: float) -> float:
-        beta = math.exp(-log_t)
-        return float((torch.logsumexp(beta * z, dim=1) - beta * z_true).mean())
+    def derivatives(beta: float) -> tuple[float, float]:
+        p = torch.softmax(beta * z, dim=1)
+        mean_z = (p * z).sum(1)
+        grad = float((mean_z - z_true).mean())
+        hess = float(((p * z * z).sum(1) - mean_z**2).mean())
+        return grad, hess
 
-    a, b = math.log(t_min), math.log(t_max)
-    invphi = (math.sqrt(5) - 1) / 2
-    c, d = b - invphi * (b - a), a + invphi * (b - a)
-    fc, fd = nll(c), nll(d)
+    lo, hi = 1.0 / t_max, 1.0 / t_min
+    if derivatives(lo)[0] >= 0:  # NLL increasing on the whole interval
+        return float(t_max)
+    if derivatives(hi)[0] <= 0:  # NLL decreasing on the whole interval
+        return float(t_min)
+    beta = min(max(1.0, lo), hi)
     for _ in range(max_iter):
-        if b - a < tol:
-            break
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - invphi * (b - a)
-            fc = nll(c)
+        grad, hess = derivatives(beta)
+        if grad > 0:
+            hi = beta
         else:
-            a, c, fc = c, d, fd
-            d = a + invphi * (b - a)
-            fd = nll(d)
-    candidates = (math.log(t_min), (a + b) / 2, math.log(t_max))
-    return float(math.exp(min(candidates, key=nll)))
+            lo = beta
+        step = beta - grad / hess if hess > 0 else math.nan
+        if not lo < step < hi:
+            step = math.sqrt(lo * hi)  # bisection in log space
+        if abs(step - beta) <= tol * beta or hi - lo <= tol * lo:
+            beta = step
+            break
+        beta = step
+    return float(1.0 / beta)
 
 
 def reliability_diagram(

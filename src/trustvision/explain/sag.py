@@ -164,11 +164,14 @@ class SAGResult:
             for a, b, d in g.edges(data=True):
                 (x0, y0), (x1, y1) = pos[a], pos[b]
                 ax.plot([x0, x1], [y0, y1], color="0.6", lw=0.5 + 3 * max(d["drop"], 0), zorder=1)
-            zoom = 0.9 / max(len(v) for v in levels.values()) ** 0.5 * 48 / max(self.image.shape[-2:])
+            side = max(self.image.shape[-2:])
+            zoom = min(110.0, 600.0 / max(len(v) for v in levels.values())) / side
             for node, (px, py) in pos.items():
                 thumb = OffsetImage(self._to_numpy(self._show_only(node)), cmap=cmap, zoom=zoom)
                 ax.add_artist(AnnotationBbox(thumb, (px, py), frameon=True, pad=0.1))
-                ax.text(px, py - 0.42, f"{g.nodes[node]['relative']:.0%}", ha="center", fontsize=7)
+                ax.annotate(f"{g.nodes[node]['relative']:.0%}", (px, py), ha="center", va="top",
+                            xytext=(0, -(zoom * side * 0.5 + 4)), textcoords="offset points",
+                            fontsize=8)
             ax.set_xlim(0, 1)
             ax.set_ylim(-max(levels) - 0.7, 0.6)
         ax.set_title("SAG: minimal sufficient patch sets (top) and what removing a patch costs",

@@ -171,7 +171,7 @@ def list_zoo(root: str | os.PathLike | None = None) -> list[dict]:
             "name": f"zoo:{cfg_path.parent.name}",
             "architecture": cfg["architecture"],
             "dataset": cfg.get("dataset"),
-            "metrics": cfg.get("metrics") or {},
+            "metrics": cfg["metrics"] if isinstance(cfg.get("metrics"), dict) else {},
             "num_classes": cfg.get("num_classes"),
             "in_chans": cfg.get("in_chans"),
             "image_size": cfg.get("image_size"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from matplotlib.figure import Figure
 
@@ -65,7 +67,10 @@ class CalibrationCheck(Check):
                             ax=ax1)
         reliability_diagram(torch.softmax(z_test.double() / temperature, 1), y_test, n_bins,
                             title=f"After temperature scaling (T = {temperature:.3g})", ax=ax2)
-        direction = "overconfident" if temperature > 1 else "underconfident"
+        if abs(math.log(temperature)) < 0.05:
+            direction = "close to calibrated"
+        else:
+            direction = "overconfident" if temperature > 1 else "underconfident"
         summary = (
             f"ECE {before['ece']:.4f} ({n_bins} equal-width bins) on {len(y_test)} test images; the model is "
             f"{direction} (fitted T = {temperature:.3g} on {fit_split}); after temperature scaling the test "

@@ -1,0 +1,65 @@
+"""Drawing heatmaps: overlays on the image and a side-by-side grid of methods.
+
+Every function returns a matplotlib Figure (``Figure`` objects, no pyplot state), so callers can
+save PNG or SVG or embed them in a report.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from matplotlib.figure import Figure
+
+__all__ = ["image_to_numpy", "normalise_heatmap", "overlay_figure", "heatmap_grid"]
+
+
+def image_to_numpy(img: torch.Tensor):
+    """(C, H, W) in [0, 1] -> (H, W) or (H, W, 3) numpy for imshow."""
+    a = img.detach().float().cpu().clamp(0, 1)
+    return a[0].numpy() if a.shape[0] == 1 else a[:3].permute(1, 2, 0).numpy()
+
+
+def normalise_heatmap(h: torch.Tensor) -> torch.Tensor:
+    """(1, H, W) or (H, W) heatmap -> (H, W) in [0, 1]; negative values count as 0."""
+    h = h.detach().float().cpu().reshape(h.shape[-2:]).clamp_min(0)
+    top = float(h.max())
+    return h / top if top > 0 else h
+
+
+def _draw(ax, image: torch.Tensor, heat: torch.Tensor | None, title: str) -> None:
+    gray = image.shape[0] == 1
+    ax.imshow(image_to_numpy(image), cmap="gray" if gray else None, vmin=0, vmax=1,
+              interpolation="nearest")
+    if heat is not None:
+        ax.imshow(normalise_heatmap(heat).numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1,
+                  interpolation="nearest" if max(heat.shape[-2:]) <= 32 else "bilinear")
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def overlay_figure(image: torch.Tensor, heatmap: torch.Tensor, title: str = "") -> Figure:
+    """The image and the image with the heatmap overlaid (jet, alpha 0.5), side by side."""
+    fig = Figure(figsize=(4.4, 2.3), dpi=100, layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    _draw(ax1, image, None, "image")
+    _draw(ax2, image, heatmap, title or "heatmap")
+    return fig
+
+
+def heatmap_grid(
+    images: torch.Tensor,
+    heatmaps: Mapping[str, torch.Tensor],
+    titles: Sequence[str] | None = None,
+) -> Figure:
+    """Rows = images (N, C, H, W), columns = the image then one heatmap (N, 1, H, W) per method."""
+    n = images.shape[0]
+    cols = 1 + len(heatmaps)
+    fig = Figure(figsize=(1.6 * cols, 1.6 * n + 0.3), dpi=100, layout="constrained")
+    axes = fig.subplots(n, cols, squeeze=False)
+    for i in range(n):
+        _draw(axes[i][0], images[i], None, titles[i] if titles else "")
+        for j, (name, h) in enumerate(heatmaps.items()):
+            _draw(axes[i][j + 1], images[i], h[i], name if i == 0 else "")
+    return fig
