@@ -115,6 +115,7 @@ def train_cmd(
     augment: str = typer.Option(None, "--augment", help="Augmentations, e.g. shift:2,flip."),
     clip_grad: float = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value."),
     model_kw: list[str] = typer.Option(None, "--model-kw", help="Extra model argument KEY=VALUE (repeatable)."),
+    beta: float = typer.Option(None, "--beta", help="IB-INN trade-off of the Information Bottleneck loss (generative ibinn-* models; inf = cross-entropy only, 0 = likelihood only; default 1)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
     download: bool = typer.Option(False, "--download", help="Allow downloading the dataset."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
@@ -125,11 +126,19 @@ def train_cmd(
     from trustvision.train import train_by_name
 
     out_dir = Path(out) if out else Path("runs") / f"{model.replace(':', '-')}-{data.replace(':', '-').replace('/', '-')}"
+    model_kwargs = _parse_model_kw(model_kw)
+    if beta is not None:
+        if not model.startswith("ibinn-") or model.endswith("-ff"):
+            raise TrustVisionError(f"--beta applies to generative classifiers (ibinn-small, ibinn-cifar, "
+                                   f"ibinn-imagenet), not {model!r}; drop --beta")
+        if not beta >= 0:
+            raise TrustVisionError(f"--beta must be >= 0 (or inf), got {beta}")
+        model_kwargs["beta"] = float(beta)
     _, result = train_by_name(
         data, model, epochs=epochs, lr=lr, batch_size=batch_size, out=out_dir, seed=seed,
         device=device, resume=resume, opt=opt, weight_decay=weight_decay, sched=sched,
         input_dropout=input_dropout, ensemble=ensemble, augment=augment, grad_clip=clip_grad,
-        model_kwargs=_parse_model_kw(model_kw), data_root=data_dir, download=download,
+        model_kwargs=model_kwargs, data_root=data_dir, download=download,
         progress=not no_progress,
     )
     val = "-" if result.val_accuracy is None else f"{result.val_accuracy:.4f}"

@@ -9,7 +9,7 @@ import torch
 from trustvision import models
 from trustvision.train import fit_ensemble
 
-from _toy import halves
+from _train_toy import halves
 
 
 def test_ensemble_output_is_mean_of_member_probabilities():

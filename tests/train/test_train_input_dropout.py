@@ -8,7 +8,7 @@ import torch
 from trustvision.errors import TrustVisionError
 from trustvision.train import InputDropout, drop_pixels, fit
 
-from _toy import TinyNet, halves
+from _train_toy import TinyNet, halves
 
 FILL = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
 

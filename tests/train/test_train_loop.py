@@ -13,7 +13,7 @@ from trustvision.errors import TrustVisionError
 from trustvision.train import RandomShift, evaluate_accuracy, fit
 from trustvision.train.loop import STATE_FILE
 
-from _toy import TinyNet, halves
+from _train_toy import TinyNet, halves
 
 
 def test_fit_learns_separable_task_and_loss_decreases():

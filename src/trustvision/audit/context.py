@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -14,7 +14,6 @@ from trustvision.data._base import ImageDataset, TensorImageDataset
 __all__ = ["AuditContext", "LazySplits", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
-T = TypeVar("T")
 
 
 class LazySplits(Mapping):

@@ -23,7 +23,14 @@ from rich.markup import escape
 import trustvision
 from trustvision.audit.context import AuditContext, LazySplits
 from trustvision.audit.registry import Check, CheckResult, default_checks, get_check, list_checks
-from trustvision.audit.store import ResultStore, atomic_write_json, fingerprint, model_fingerprint, safe_key, to_jsonable
+from trustvision.audit.store import (
+    ResultStore,
+    atomic_write_json,
+    fingerprint,
+    model_fingerprint,
+    safe_key,
+    to_jsonable,
+)
 from trustvision.data._base import ImageDataset
 from trustvision.errors import TrustVisionError
 

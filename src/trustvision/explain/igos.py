@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -163,9 +162,10 @@ class _MaskExplainer:
                 least 16, full resolution for images of 16 px or less.
             iterations, ig_steps: descent iterations and integrated-gradient points (15, 20).
             l1: weight of the area term mean|1-M| (1).
-            l2: weight of the (bilateral) TV term; ``None`` = 20 at the paper's 28x28 mask,
-                scaled with the mask side (20 * side / 28) so that a hole covering the same
-                fraction of the image costs the same at every mask size.
+            l2: weight of the (bilateral) TV term; ``None`` = 20 at the paper's 28x28 mask and
+                20 * cells / 784 otherwise, so one cell's edge costs the same at every mask
+                size (TV is a mean over neighbour pairs; on an 8x8 mask an unscaled 20 makes
+                every hole cost more than the class score can gain).
             internal_batch_size: most images per forward/backward; ``None`` = all
                 ``ig_steps`` points of all images at once (Captum's convention).
             noise: std of the Gaussian noise added to every integrated-gradient point, in
@@ -186,7 +186,7 @@ class _MaskExplainer:
         if mh < 1 or mw < 1:
             raise TrustVisionError(f"mask_size must be positive, got {mask_size!r}")
         if l2 is None:
-            l2 = 20.0 * math.sqrt(mh * mw) / 28.0
+            l2 = 20.0 * (mh * mw) / (28.0 * 28.0)
         device = x.device
         x = x.detach()
         gen = torch.Generator(device=device)
@@ -312,7 +312,10 @@ class _MaskExplainer:
         n = z.shape[0]
         gmax = g.flatten(1).abs().amax(1).clamp_min(1e-12)
         gnorm2 = g.flatten(1).pow(2).sum(1)
-        step = (1.0 / gmax) if initial_step is None else torch.full_like(gmax, float(initial_step))
+        if initial_step is None:
+            step = 1.0 / gmax
+        else:
+            step = torch.full_like(gmax, float(initial_step))
         new_z, new_loss = z.clone(), loss.clone()
         failed = torch.zeros(n, dtype=torch.bool, device=z.device)
         active = gnorm2 > 0

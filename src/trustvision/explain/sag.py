@@ -128,17 +128,14 @@ class SAGResult:
 
     def figure(self):
         """A matplotlib Figure: the image and each shown root on top, the graph below."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
         from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
         if self.image is None:
             raise TrustVisionError("this SAG result has no image attached; cannot draw it")
         cmap = "gray" if self.image.shape[0] == 1 else None
         ncols = 1 + max(1, len(self.shown))
-        fig = plt.figure(figsize=(3 * ncols, 8))
+        fig = Figure(figsize=(3 * ncols, 8), dpi=100)
         gs = fig.add_gridspec(2, ncols, height_ratios=[1, 1.6])
         ax = fig.add_subplot(gs[0, 0])
         ax.imshow(self._to_numpy(self.image), cmap=cmap, vmin=0, vmax=1)
@@ -181,8 +178,6 @@ class SAGResult:
 
     def render(self, path: str | Path) -> list[Path]:
         """Write the figure as ``<path>.png`` and ``<path>.svg``; returns both paths."""
-        import matplotlib.pyplot as plt
-
         path = Path(path)
         stem = path.with_suffix("") if path.suffix.lower() in (".png", ".svg") else path
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +187,6 @@ class SAGResult:
             p = stem.with_name(stem.name + ext)
             fig.savefig(p, dpi=120)
             out.append(p)
-        plt.close(fig)
         return out
 
 

@@ -51,7 +51,14 @@ def _sum_dims(t: torch.Tensor) -> tuple[int, ...]:
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     """A uniformly random (Haar-measure) orthogonal n x n matrix, computed in float64."""
     a = torch.randn(n, n, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(a)
+    # Multi-threaded LAPACK QR of small matrices can be ~50x slower on a busy machine than
+    # single-threaded; these matrices are at most a few hundred wide.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q, r = torch.linalg.qr(a)
+    finally:
+        torch.set_num_threads(threads)
     q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
     return q.to(torch.get_default_dtype())
 

@@ -43,9 +43,10 @@ def ib_weights(beta: float) -> tuple[float, float]:
     return 2.0 / (1.0 + beta), 2.0 * beta / (1.0 + beta)
 
 
-def smooth_labels(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+def smooth_labels(y: torch.Tensor, num_classes: int, smoothing: float,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One-hot (N, K) targets with ``smoothing`` mass spread uniformly over all K classes."""
-    onehot = torch.nn.functional.one_hot(y, num_classes).to(torch.get_default_dtype())
+    onehot = torch.nn.functional.one_hot(y, num_classes).to(dtype)
     return onehot * (1.0 - smoothing) + smoothing / num_classes
 
 
@@ -66,7 +67,7 @@ def ib_loss(scores: torch.Tensor, log_w: torch.Tensor, logdet: torch.Tensor, y: 
         raise ValueError("scores must be (N, K) and logdet (N,)")
     a, b = ib_weights(beta)
     l_x = (-torch.logsumexp(scores, dim=1) - logdet) / dim
-    target = smooth_labels(y, scores.shape[1], label_smoothing).to(scores.dtype)
+    target = smooth_labels(y, scores.shape[1], label_smoothing, scores.dtype)
     l_y = (target * (torch.log_softmax(scores, dim=1) - log_w)).sum(dim=1)
     total = torch.zeros((), dtype=scores.dtype, device=scores.device)
     if a:

@@ -1,0 +1,336 @@
+"""Out-of-distribution detection: scores, metrics and OOD test sets built from embedded data.
+
+Convention (stated in every report): **higher score = more in-distribution**, and the
+in-distribution samples are the **positive** class for AUROC, AUPR (= AUPR-In) and FPR at 95% TPR.
+(OpenOOD uses the opposite convention.)
+
+Scores:
+    - ``log_px``: the generative classifier's log-likelihood log p(x) (a poor detector alone:
+      Nalisnick et al. 2019).
+    - :class:`TypicalityTest`: the two-tailed typicality test on ``L_X = -log p(x) / D``; x is
+      flagged when ``|L_X(x) - mean_train|`` exceeds the training distribution's
+      ``1 - alpha`` quantile (Mackowiak et al. CVPR 2021). Score = ``-|L_X - mean_train| / std``.
+    - ``complexity_corrected``: ``-(S(x))`` with ``S(x) = -log2 p(x) - L(x)``, L = PNG length in
+      bits of the 8-bit image (Serra et al. ICLR 2020).
+    - ``max_softmax``: the maximum class probability (Hendrycks & Gimpel 2017), for any classifier.
+
+Example:
+    >>> import torch
+    >>> m = ood_metrics(torch.tensor([3.0, 2.0, 1.5]), torch.tensor([1.0, 0.0]))
+    >>> m.auroc, m.fpr_at_95_tpr
+    (1.0, 0.0)
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "OODMetrics",
+    "OODResult",
+    "ood_metrics",
+    "auroc",
+    "aupr",
+    "fpr_at_tpr",
+    "TypicalityTest",
+    "log_px_score",
+    "max_softmax_score",
+    "png_bits",
+    "complexity_corrected_score",
+    "build_ood_sets",
+    "evaluate_ood",
+    "OOD_SETS",
+]
+
+OOD_SETS = ("faces", "textures", "uniform", "gaussian", "rotated", "inverted")
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy().ravel()
+    return np.asarray(x, dtype=np.float64).ravel()
+
+
+def _check(s_in: np.ndarray, s_out: np.ndarray) -> None:
+    if s_in.size == 0 or s_out.size == 0:
+        raise ValueError("need at least one in-distribution and one OOD score")
+    if not (np.isfinite(s_in).all() and np.isfinite(s_out).all()):
+        raise ValueError("OOD scores must be finite")
+
+
+def auroc(scores_in, scores_out) -> float:
+    """Area under the ROC curve, ID positive: P(s_in > s_out) + 0.5 P(s_in == s_out)."""
+    s_in, s_out = _np(scores_in), _np(scores_out)
+    _check(s_in, s_out)
+    allv = np.concatenate([s_in, s_out])
+    # average ranks (1-based) handle ties
+    order = np.argsort(allv, kind="mergesort")
+    ranks = np.empty(len(allv))
+    sorted_v = allv[order]
+    i = 0
+    while i < len(allv):
+        j = i
+        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i: j + 1]] = 0.5 * (i + j) + 1
+        i = j + 1
+    n_in, n_out = len(s_in), len(s_out)
+    u = ranks[:n_in].sum() - n_in * (n_in + 1) / 2
+    return float(u / (n_in * n_out))
+
+
+def aupr(scores_in, scores_out) -> float:
+    """Average precision with ID as positive (AUPR-In): sum_k (R_k - R_{k-1}) P_k over thresholds."""
+    s_in, s_out = _np(scores_in), _np(scores_out)
+    _check(s_in, s_out)
+    scores = np.concatenate([s_in, s_out])
+    pos = np.concatenate([np.ones(len(s_in)), np.zeros(len(s_out))])
+    order = np.argsort(-scores, kind="mergesort")
+    scores, pos = scores[order], pos[order]
+    last = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]  # end index of each tie group
+    tp = np.cumsum(pos)[last]
+    fp = (last + 1) - tp
+    precision = tp / (tp + fp)
+    recall = tp / len(s_in)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def fpr_at_tpr(scores_in, scores_out, tpr: float = 0.95) -> float:
+    """Fraction of OOD samples accepted at the highest threshold that accepts >= ``tpr`` of ID."""
+    s_in, s_out = _np(scores_in), _np(scores_out)
+    _check(s_in, s_out)
+    k = int(math.ceil(tpr * len(s_in)))
+    threshold = np.sort(s_in)[::-1][k - 1]
+    return float(np.mean(s_out >= threshold))
+
+
+@dataclass
+class OODMetrics:
+    """AUROC, AUPR-In and FPR at 95% TPR (ID positive, higher score = more ID)."""
+
+    auroc: float
+    aupr_in: float
+    fpr_at_95_tpr: float
+    n_in: int
+    n_out: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def ood_metrics(scores_in, scores_out) -> OODMetrics:
+    """All three metrics for one detector and one OOD set."""
+    return OODMetrics(auroc(scores_in, scores_out), aupr(scores_in, scores_out),
+                      fpr_at_tpr(scores_in, scores_out, 0.95), len(_np(scores_in)),
+                      len(_np(scores_out)))
+
+
+# -- scores -------------------------------------------------------------------------------------
+
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int,
+             device) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out.append(fn(x[i: i + batch_size].to(device)).detach().cpu().double())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def log_px_score(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """log p(x) in nats (N,) from a generative classifier (higher = more ID)."""
+    return _batched(model.log_px, x, batch_size, _device(model))
+
+
+def max_softmax_score(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Maximum softmax probability (N,) of any classifier returning logits."""
+    return _batched(lambda t: model(t).softmax(1).amax(1), x, batch_size, _device(model))
+
+
+class TypicalityTest:
+    """Two-tailed typicality test on ``L_X = -log p(x) / D`` (nats per dimension).
+
+    ``fit`` records the mean, std and the ``1 - alpha`` quantile of ``|L_X - mean|`` on
+    in-distribution (training) images; ``score`` is ``-|L_X - mean| / std`` (higher = more
+    typical) and ``is_ood`` flags deviations beyond the quantile, in either direction.
+    """
+
+    def __init__(self, model, alpha: float = 0.05, batch_size: int = 256):
+        self.model = model
+        self.alpha = float(alpha)
+        self.batch_size = batch_size
+        self.mean: float | None = None
+        self.std: float | None = None
+        self.threshold: float | None = None
+
+    def l_x(self, x: torch.Tensor) -> torch.Tensor:
+        dim = x[0].numel()
+        return -log_px_score(self.model, x, self.batch_size) / dim
+
+    def fit(self, x_train: torch.Tensor) -> "TypicalityTest":
+        lx = self.l_x(x_train)
+        self.mean = float(lx.mean())
+        self.std = float(lx.std()) if len(lx) > 1 else 1.0
+        self.std = self.std or 1.0
+        self.threshold = float(torch.quantile((lx - self.mean).abs(), 1.0 - self.alpha))
+        return self
+
+    def _require_fit(self) -> None:
+        if self.mean is None:
+            raise RuntimeError("call TypicalityTest.fit(training images) first")
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        self._require_fit()
+        return -(self.l_x(x) - self.mean).abs() / self.std
+
+    def is_ood(self, x: torch.Tensor) -> torch.Tensor:
+        """Boolean (N,): True where the test rejects x at level ``alpha``."""
+        self._require_fit()
+        return (self.l_x(x) - self.mean).abs() > self.threshold
+
+
+def png_bits(x: torch.Tensor) -> torch.Tensor:
+    """PNG-compressed length in bits (N,) of images (N, C, H, W) in [0, 1] quantised to 8 bits."""
+    from PIL import Image
+
+    arr = (x.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    out = []
+    for img in arr:
+        img = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG", compress_level=9)
+        out.append(8.0 * len(buf.getvalue()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def complexity_corrected_score(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """``L(x) + log2 p(x)`` in bits: minus Serra et al.'s S(x) (higher = more ID).
+
+    ``-log2 p(x)`` is the model's code length of the 8-bit image (bits/dim times D).
+    """
+    dim = x[0].numel()
+    nll_bits = _batched(model.bits_per_dim, x, batch_size, _device(model)) * dim
+    return png_bits(x) - nll_bits
+
+
+# -- OOD test sets ------------------------------------------------------------------------------
+
+def _convert(x: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    if x.shape[1] != channels:
+        x = x.mean(1, keepdim=True)
+        if channels != 1:
+            x = x.expand(-1, channels, -1, -1)
+    if tuple(x.shape[2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x.clamp(0, 1).contiguous()
+
+
+def _tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(ds, "tensors"):
+        return ds.tensors()
+    xs, ys = zip(*[ds[i] for i in range(len(ds))])
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+def build_ood_sets(id_test, names: Sequence[str] = OOD_SETS, n: int | None = None,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """OOD images (M, C, H, W) in [0, 1] shaped like the in-distribution set ``id_test``.
+
+    ``faces`` / ``textures``: the embedded test sets converted to the ID channels (grey = channel
+    mean, RGB = repeated grey) and resized (antialiased bilinear); ``uniform``: U(0, 1) pixels;
+    ``gaussian``: N(ID mean, ID std) per pixel, clipped; ``rotated``: ID test rotated by 90
+    degrees (180 for non-square images); ``inverted``: ``1 - x``. A set equal to the ID set's own
+    name is skipped. ``n`` caps each set's size (default: the ID test size).
+    """
+    from trustvision import data
+    from trustvision.errors import TrustVisionError
+
+    x_id, _ = _tensors(id_test)
+    c, size = x_id.shape[1], tuple(x_id.shape[2:])
+    n = len(x_id) if n is None else int(n)
+    g = torch.Generator().manual_seed(int(seed))
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        if name == getattr(id_test, "name", None):
+            continue
+        if name in ("faces", "textures"):
+            x, _ = _tensors(data.load(name, split="test"))
+            x = _convert(x, c, size)
+        elif name == "uniform":
+            x = torch.rand(n, c, *size, generator=g)
+        elif name == "gaussian":
+            x = (x_id.mean() + x_id.std() * torch.randn(n, c, *size, generator=g)).clamp(0, 1)
+        elif name == "rotated":
+            x = torch.rot90(x_id, 1, dims=(2, 3)) if size[0] == size[1] else x_id.flip(2, 3)
+        elif name == "inverted":
+            x = 1.0 - x_id
+        else:
+            raise TrustVisionError(f"unknown OOD set {name!r}; use some of {', '.join(OOD_SETS)}")
+        if len(x) > n:
+            x = x[torch.randperm(len(x), generator=g)[:n]]
+        out[name] = x.float().contiguous()
+    return out
+
+
+# -- the whole evaluation -----------------------------------------------------------------------
+
+@dataclass
+class OODResult:
+    """One row per (detector, OOD set); ``convention`` states the score/positive convention."""
+
+    rows: list[dict] = field(default_factory=list)
+    convention: str = ("higher score = more in-distribution; in-distribution is the positive "
+                       "class for AUROC, AUPR-In and FPR@95%TPR")
+    typicality: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def get(self, detector: str, ood_set: str) -> dict:
+        for r in self.rows:
+            if r["detector"] == detector and r["ood_set"] == ood_set:
+                return r
+        raise KeyError((detector, ood_set))
+
+
+def evaluate_ood(model, x_train: torch.Tensor, x_test: torch.Tensor,
+                 ood_sets: dict[str, torch.Tensor], *, compare=None, alpha: float = 0.05,
+                 batch_size: int = 256) -> OODResult:
+    """Score ID test and every OOD set with each applicable detector and compute the metrics.
+
+    Generative models (with ``log_px``) get ``log_px``, ``typicality`` (threshold from
+    ``x_train``) and ``complexity``; every model gets ``max_softmax``; ``compare`` (e.g. the
+    feed-forward twin) adds ``max_softmax (compare)``.
+    """
+    detectors: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    result = OODResult()
+    if hasattr(model, "log_px"):
+        test = TypicalityTest(model, alpha, batch_size).fit(x_train)
+        result.typicality = {"mean_l_x": test.mean, "std_l_x": test.std,
+                             "threshold": test.threshold, "alpha": alpha}
+        detectors["log_px"] = lambda x: log_px_score(model, x, batch_size)
+        detectors["typicality"] = test.score
+        detectors["complexity"] = lambda x: complexity_corrected_score(model, x, batch_size)
+        flagged = {"id_test": float(test.is_ood(x_test).float().mean())}
+        for name, x in ood_sets.items():
+            flagged[name] = float(test.is_ood(x).float().mean())
+        result.typicality["rejected_fraction"] = flagged
+    detectors["max_softmax"] = lambda x: max_softmax_score(model, x, batch_size)
+    if compare is not None:
+        detectors["max_softmax (compare)"] = lambda x: max_softmax_score(compare, x, batch_size)
+    for det, fn in detectors.items():
+        s_in = fn(x_test)
+        for name, x in ood_sets.items():
+            m = ood_metrics(s_in, fn(x))
+            result.rows.append({"detector": det, "ood_set": name, **m.to_dict()})
+    return result
