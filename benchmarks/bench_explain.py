@@ -176,6 +176,8 @@ def igos_report(name: str, method: str, net, x: torch.Tensor, device: torch.devi
             singles.append(expl.attribute(x[i : i + 1], **settings))
         _sync(device)
         t_single = (time.perf_counter() - t0) / n_single
+        # the same batch with another noise seed: how much the scores move from noise alone
+        heat_seed1 = expl.attribute(x, **{**settings, "seed": 1})
     single = torch.cat(singles)
     fb, fw = info.forward_backward_passes / n, info.forward_passes / n
     rows_per_chunk = settings.get("internal_batch_size") or n * settings.get("ig_steps", 20) * (
@@ -184,7 +186,8 @@ def igos_report(name: str, method: str, net, x: torch.Tensor, device: torch.devi
     limit = fb * t_fb + fw * t_fw  # seconds per image if only the model's own passes cost time
     di_b = deletion_insertion(net, x[:n_single], heat[:n_single])
     di_s = deletion_insertion(net, x[:n_single], single)
-    sb, ss = di_b.summary(), di_s.summary()
+    di_1 = deletion_insertion(net, x[:n_single], heat_seed1[:n_single])
+    sb, ss, s1 = di_b.summary(), di_s.summary(), di_1.summary()
     return {
         "benchmark": f"{method}:{name}", "method": method, "model": name, "device": str(device),
         "batch": n, "settings": {k: v for k, v in settings.items()},
@@ -196,6 +199,7 @@ def igos_report(name: str, method: str, net, x: torch.Tensor, device: torch.devi
         "ratio_to_model_limit": (t_batch / n) / limit,
         "deletion_batched": sb["deletion_mean"], "deletion_one_at_a_time": ss["deletion_mean"],
         "insertion_batched": sb["insertion_mean"], "insertion_one_at_a_time": ss["insertion_mean"],
+        "deletion_batched_seed1": s1["deletion_mean"], "insertion_batched_seed1": s1["insertion_mean"],
         "heatmap_max_abs_diff": float((heat[:n_single] - single).abs().max()),
     }
 

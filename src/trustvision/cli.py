@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo("aborted", err=True)
         return 130
     except KeyboardInterrupt:
-        typer.echo("interrupted; rerun the same command to resume", err=True)
+        typer.echo("interrupted; rerun the same command to resume (add --resume for `trustvision train`)", err=True)
         return 130
     except Exception as exc:  # click usage errors
         import click

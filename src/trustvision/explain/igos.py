@@ -126,7 +126,8 @@ class _MaskExplainer:
         """Map the gradients w.r.t. each term's mask back to the state ``z``."""
         raise NotImplementedError
 
-    def _regulariser(self, z: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def _regulariser(self, z: torch.Tensor, images: torch.Tensor, l1: float, l2: float) -> torch.Tensor:
+        """Area and smoothness penalties per image (N,)."""
         raise NotImplementedError
 
     def _heat(self, z: torch.Tensor) -> torch.Tensor:

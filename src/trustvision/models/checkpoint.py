@@ -131,6 +131,7 @@ def save(
     # clone() breaks storage sharing (tied weights), which safetensors refuses.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+    os.chmod(out / WEIGHTS_FILE, 0o644)  # safetensors writes 0600; checkpoints are meant to be shared
     (out / CONFIG_FILE).write_text(text + "\n")
     return out
 
