@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -48,7 +49,7 @@ from trustvision.explain._utils import (
     patch_masks,
     resolve_target,
 )
-from trustvision.explain.igos import IGOS
+from trustvision.explain.igos import IGOS, ExplanationWarning
 
 __all__ = ["SAG", "SAGResult"]
 
@@ -68,6 +69,7 @@ class SAGResult:
 
     target: int
     probability: float
+    predicted: int
     grid: tuple[int, int]
     threshold: float
     baseline: str
@@ -88,6 +90,7 @@ class SAGResult:
         return {
             "target": self.target,
             "probability": self.probability,
+            "predicted": self.predicted,
             "grid": list(self.grid),
             "threshold": self.threshold,
             "baseline": self.baseline,
@@ -277,14 +280,17 @@ class SAG:
         with eval_mode(self.model):
             t = int(resolve_target(self.model, x, target)[0])
             b = make_baseline(x, self.baseline)
-            igos = IGOS(self.model, low_confidence=0.0)
-            imp = igos.attribute(
-                x, target=t, baselines=b, mask_size=self.grid, iterations=2, return_mask=True
-            ).flatten().cpu()
+            igos = IGOS(self.model)
+            with warnings.catch_warnings():  # the reliability of the target is reported below
+                warnings.simplefilter("ignore", ExplanationWarning)
+                imp = igos.attribute(
+                    x, target=t, baselines=b, mask_size=self.grid, iterations=2, return_mask=True
+                ).flatten().cpu()
             heat_passes = igos.last_info.forward_backward_passes + igos.last_info.forward_passes
             self._ctx = dict(x=x, b=b, t=t, n_patches=gh * gw, passes=0)
             with torch.no_grad():
-                p_full = float(torch.softmax(self.model(x), dim=1)[0, t])
+                probs = torch.softmax(self.model(x), dim=1)[0]
+            p_full, predicted = float(probs[t]), int(probs.argmax())
             self._ctx["passes"] += 1
             thr = self.threshold * p_full
             order = sorted(range(gh * gw), key=lambda p: (-float(imp[p]), p))
@@ -297,7 +303,7 @@ class SAG:
         self._ctx = {}
         baseline_name = self.baseline if isinstance(self.baseline, str) else "tensor"
         return SAGResult(
-            target=t, probability=p_full, grid=self.grid, threshold=self.threshold,
+            target=t, probability=p_full, predicted=predicted, grid=self.grid, threshold=self.threshold,
             baseline=str(baseline_name), roots=roots, root_confidence=rel, diverse=diverse,
             shown=shown, graph=graph, importance=imp.tolist(), forward_passes=passes,
             heatmap_passes=heat_passes, seconds=time.perf_counter() - start,
