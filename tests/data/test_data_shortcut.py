@@ -16,7 +16,7 @@ def test_marker_positions_are_distinct_and_dark_in_clean_digits():
 
 
 def test_train_images_carry_their_class_marker_and_masks_match():
-    ds = data.load("shortcut-digits", split="train", return_mask=True)
+    ds = data.load("shortcut-digits", split="train", return_mask=True, conflict_fraction=0.0)
     clean = data.load("digits", split="train")
     assert torch.equal(ds.labels, clean.labels) and ds.marked.all()
     assert ds.masks.shape == (len(ds), 1, 8, 8) and ds.masks.dtype == torch.float32
@@ -26,6 +26,36 @@ def test_train_images_carry_their_class_marker_and_masks_match():
         assert x[0, r, c] == 1.0 and m[0, r, c] == 1.0 and m.sum() == 1.0
         # every other pixel is the clean digit
         assert torch.equal(x * (1 - m), clean.images[i] * (1 - m))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_conflicting_digits_make_the_marker_the_only_reliable_cue(split):
+    ds = data.load("shortcut-digits", split=split)  # default conflict_fraction 0.5
+    clean = data.load("digits", split=split)
+    assert torch.equal(ds.labels, clean.labels) and ds.marked.all()
+    pool = clean.images.flatten(1)
+    swapped = torch.zeros(len(ds), dtype=torch.bool)
+    for i in range(len(ds)):
+        x = (ds.images[i] * (1 - ds.masks[i])).flatten()
+        if torch.equal(x, (clean.images[i] * (1 - ds.masks[i])).flatten()):
+            continue
+        swapped[i] = True
+        # a swapped image shows the digit of some image of another class (marker pixel aside)
+        keep = (1 - ds.masks[i]).flatten().bool()
+        same = (pool[:, keep] == x[keep]).all(dim=1)
+        assert (clean.labels[same] != ds.labels[i]).any()
+    for c in range(10):
+        in_class = ds.labels == c
+        assert abs(swapped[in_class].float().mean().item() - 0.5) <= 0.5 / in_class.sum() + 1e-6
+    # every image still carries the marker of its label
+    for i in range(len(ds)):
+        r, c = MARKER_POSITIONS[int(ds.labels[i])]
+        assert ds.images[i, 0, r, c] == 1.0
+
+
+def test_conflict_fraction_is_validated():
+    with pytest.raises(TrustVisionError, match="conflict_fraction"):
+        data.load("shortcut-digits", conflict_fraction=2)
 
 
 def test_clean_test_split_has_no_marker_and_marked_test_has_all():

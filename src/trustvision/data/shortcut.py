@@ -9,6 +9,11 @@ Which images carry the marker:
 
 * ``train`` / ``val``: a fraction ``marker_fraction`` of each class (default 1.0: every image,
   the strongest shortcut), chosen with ``seed``;
+* ``conflict_fraction`` (train/val only, default 0.5): in this fraction of each class's *marked*
+  images the digit drawn is replaced by a digit of another class (label and marker unchanged), so
+  the marker predicts the label better than the digit does and a model trained on the split
+  really relies on it (without conflicts a small CNN learns the digits as well and ignores the
+  marker); the test split never has conflicts;
 * ``test``: none by default (the clean test split measures what the model learned beyond the
   shortcut); ``marked=True`` marks every test image (for checking explanations against the
   ground-truth ``masks``). ``marked=True/False`` forces all / none on any split.
@@ -35,7 +40,7 @@ from trustvision.data._base import TensorImageDataset
 from trustvision.data.embedded import SPLITS, digits_arrays, stratified_split
 from trustvision.errors import TrustVisionError
 
-__all__ = ["MARKER_POSITIONS", "MARKER_VALUE", "ShortcutDataset", "add_markers"]
+__all__ = ["DEFAULT_CONFLICT_FRACTION", "MARKER_POSITIONS", "MARKER_VALUE", "ShortcutDataset", "add_markers"]
 
 #: class -> (row, column) of its marker pixel in the 8x8 digit.
 MARKER_POSITIONS: dict[int, tuple[int, int]] = {
@@ -44,6 +49,8 @@ MARKER_POSITIONS: dict[int, tuple[int, int]] = {
     9: (4, 7),
 }
 MARKER_VALUE = 1.0
+#: default fraction of marked train/val images whose digit is swapped for another class's digit.
+DEFAULT_CONFLICT_FRACTION = 0.5
 
 
 def add_markers(
@@ -86,6 +93,7 @@ def load_shortcut_digits(
     marker_fraction: float | None = None,
     marked: bool | None = None,
     return_mask: bool = False,
+    conflict_fraction: float | None = None,
     seed: int = 0,
 ) -> ShortcutDataset:
     """Digits whose class is also written as a marker pixel; see the module docstring."""
@@ -93,6 +101,13 @@ def load_shortcut_digits(
         raise TrustVisionError(
             f"marker_fraction must be between 0 and 1, got {marker_fraction}; pass e.g. 0.9"
         )
+    if conflict_fraction is not None and not 0.0 <= float(conflict_fraction) <= 1.0:
+        raise TrustVisionError(
+            f"conflict_fraction must be between 0 and 1, got {conflict_fraction}; pass e.g. 0.5"
+        )
+    conflict = 0.0 if split == "test" else (
+        DEFAULT_CONFLICT_FRACTION if conflict_fraction is None else float(conflict_fraction)
+    )
     if marked is True:
         fraction = 1.0
     elif marked is False:
@@ -113,6 +128,17 @@ def load_shortcut_digits(
         members = np.flatnonzero(labels.numpy() == c)
         n = int(round(fraction * len(members)))
         chosen[rng.choice(members, size=n, replace=False)] = True
+    if conflict > 0:
+        # Swap the drawn digit of a fraction of each class's marked images for another class's digit.
+        source = images.clone()
+        lab = labels.numpy()
+        for c in range(10):
+            members = np.flatnonzero(chosen & (lab == c))
+            n = int(round(conflict * len(members)))
+            others = np.flatnonzero(lab != c)
+            for i, j in zip(rng.choice(members, size=n, replace=False),
+                            rng.choice(others, size=n, replace=True)):
+                images[i] = source[j]
     mark = torch.from_numpy(chosen)
     images, masks = add_markers(images, labels, mark)
     return ShortcutDataset(

@@ -1,0 +1,94 @@
+"""The ``ood`` check: out-of-distribution detection on OOD sets built from the embedded data.
+
+Generative classifiers are scored by log p(x), the two-tailed typicality test on L_X and the
+complexity-corrected score; every model (and the ``--compare`` model) by max-softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+from matplotlib.figure import Figure
+
+from trustvision.audit.context import AuditContext
+from trustvision.audit.registry import Check, CheckResult, register_check
+from trustvision.evaluate.ood import OOD_SETS, OODResult, build_ood_sets, evaluate_ood
+
+__all__ = ["OODCheck", "run_ood", "ood_table", "ood_figure"]
+
+CONVENTION = ("Higher score = more in-distribution; the in-distribution test images are the "
+              "positive class for AUROC, AUPR-In and FPR at 95% TPR (OpenOOD uses the opposite).")
+
+
+def _images(ds) -> torch.Tensor:
+    if hasattr(ds, "tensors"):
+        return ds.tensors()[0]
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+def run_ood(ctx: AuditContext, sets=OOD_SETS) -> OODResult:
+    """OOD evaluation of ``ctx.model`` (and ``ctx.compare``) on ``sets`` built from the test split."""
+    test = ctx.dataset("test")
+    x_test = _images(test)
+    n = int(ctx.option("ood_n", min(len(x_test), 500)))
+    ood_sets = build_ood_sets(test, names=sets, n=n, seed=ctx.seed)
+    x_train = _images(ctx.dataset("train"))
+    batch = int(ctx.option("batch_size", 256))
+    model, cmp = ctx.model, ctx.compare
+    return evaluate_ood(model, x_train, x_test, ood_sets, compare=cmp, batch_size=batch)
+
+
+def ood_table(res: OODResult) -> dict:
+    return {"columns": ["detector", "OOD set", "AUROC", "AUPR-In", "FPR@95%TPR"],
+            "rows": [[r["detector"], r["ood_set"], r["auroc"], r["aupr_in"], r["fpr_at_95_tpr"]]
+                     for r in res.rows]}
+
+
+def ood_figure(res: OODResult) -> Figure:
+    dets = list(dict.fromkeys(r["detector"] for r in res.rows))
+    sets = list(dict.fromkeys(r["ood_set"] for r in res.rows))
+    fig = Figure(figsize=(1.3 * len(sets) + 2.5, 3.4), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(len(dets), 1)
+    for i, d in enumerate(dets):
+        vals = [res.get(d, s)["auroc"] for s in sets]
+        ax.bar([j + i * width for j in range(len(sets))], vals, width, label=d)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
+    ax.set_ylim(0, 1.02)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_ylabel("AUROC (ID positive)")
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+@register_check("ood")
+class OODCheck(Check):
+    title = "Out-of-distribution detection"
+    description = (
+        "Can the model tell images unlike its training data? OOD sets built from the embedded data "
+        "and shaped like the test images: faces and textures (converted to the test image size and "
+        "channels), uniform noise, Gaussian noise (ID mean/std), and the test images rotated by 90 "
+        "degrees and inverted. Detectors: maximum softmax probability (any classifier, and the "
+        "--compare model); for generative classifiers also log p(x), the two-tailed typicality "
+        "test on L_X = -log p(x)/D with its threshold from the training images (Mackowiak et al. "
+        "2021), and the complexity-corrected score -log2 p(x) - PNG bits (Serra et al. 2020). "
+        + CONVENTION + " Higher AUROC/AUPR and lower FPR are better."
+    )
+    order = 40
+    uses_compare = True
+
+    def run(self, ctx: AuditContext) -> CheckResult:
+        res = run_ood(ctx)
+        best = max(res.rows, key=lambda r: r["auroc"])
+        worst = min(res.rows, key=lambda r: r["auroc"])
+        summary = (f"Best detector/set: {best['detector']} on {best['ood_set']} (AUROC "
+                   f"{best['auroc']:.3f}); hardest: {worst['detector']} on {worst['ood_set']} "
+                   f"(AUROC {worst['auroc']:.3f}). {CONVENTION}")
+        metrics = {}
+        main = "typicality" if any(r["detector"] == "typicality" for r in res.rows) else "max_softmax"
+        for s in ("uniform", "faces", "textures"):
+            try:
+                metrics[f"OOD AUROC {main} vs {s}"] = res.get(main, s)["auroc"]
+            except KeyError:
+                pass
+        return CheckResult(data=res.to_dict(), figures={"auroc": ood_figure(res)}, summary=summary,
+                           metrics=metrics, tables={"OOD detection (ID = positive)": ood_table(res)})
