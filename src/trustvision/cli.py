@@ -26,13 +26,37 @@ app = typer.Typer(
 # --- data -------------------------------------------------------------------------------------
 
 
+EMBEDDED_DATASETS = ("digits", "faces", "textures", "shortcut-digits")
+
+
 @app.command("data")
-def data_cmd() -> None:
-    """List the registered datasets."""
+def data_cmd(
+    data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
+) -> None:
+    """List the datasets: shape, classes and split sizes of those available here."""
+    from rich.console import Console
+    from rich.table import Table
+
     from trustvision import data
 
+    table = Table(title="trustvision datasets")
+    for col in ("name", "image", "classes", "train / val / test", "source"):
+        table.add_column(col)
     for name in data.list_datasets():
-        typer.echo(name)
+        source = "embedded" if name in EMBEDDED_DATASETS else "torchvision files"
+        if name.endswith(":PATH"):
+            table.add_row(name, "", "", "", "a folder of class sub-folders")
+            continue
+        try:
+            splits = [data.load(name, split=s, root=data_dir) for s in data.SPLITS]
+        except TrustVisionError:
+            table.add_row(name, "", "", "not on disk", "torchvision format (`train --download`)")
+            continue
+        ds = splits[0]
+        shape = f"{ds.num_channels}x{ds.image_size[0]}x{ds.image_size[1]}"
+        sizes = " / ".join(str(len(d)) for d in splits)
+        table.add_row(name, shape, str(ds.num_classes), sizes, source)
+    Console().print(table)
 
 
 # --- zoo --------------------------------------------------------------------------------------

@@ -81,8 +81,7 @@ class LatentCounterfactual:
             src = resolve_target(m, inputs, source)
             tgt = resolve_target(m, inputs, target)
             z, _ = m.latent(inputs)
-            mu = m.gmm.means()
-            shift = mu[tgt] - mu[src]
+            shift = m.gmm.means(tgt) - m.gmm.means(src)
             ts = torch.linspace(0.0, 1.0, steps + 1, device=z.device, dtype=z.dtype)
             imgs, probs = [], []
             for t in ts:

@@ -158,11 +158,14 @@ class GaussianMixtureHead(nn.Module):
         """log w_y, shape (K,)."""
         return torch.log_softmax(self.phi, dim=0)
 
-    def means(self) -> torch.Tensor:
-        """The full class means mu, shape (K, D)."""
+    def means(self, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The class means mu, shape (K, D), or only the rows of ``labels`` (M,) -> (M, D)
+        (with low-rank means this avoids materialising all K x D entries)."""
+        mu = self.mu if labels is None else self.mu[labels]
         if self.mu_basis is None:
-            return self.mu
-        return torch.cat([self.mu, self.mu_coef @ self.mu_basis.t()], dim=1)
+            return mu
+        coef = self.mu_coef if labels is None else self.mu_coef[labels]
+        return torch.cat([mu, coef @ self.mu_basis.t()], dim=1)
 
     def scores(self, z: torch.Tensor) -> torch.Tensor:
         """``-0.5 * ||z - mu_y||^2 + log w_y`` for every class, shape (N, K).
@@ -319,7 +322,7 @@ class IBINN(_FlowClassifier):
         labels = labels.to(device)
         eps = torch.randn(len(labels), self.dim, generator=generator,
                           device="cpu" if generator is not None else device)
-        z = self.gmm.means()[labels] + temperature * eps.to(device=device, dtype=self.gmm.mu.dtype)
+        z = self.gmm.means(labels) + temperature * eps.to(device=device, dtype=self.gmm.mu.dtype)
         return self.invert(z).clamp(0.0, 1.0)
 
     # -- training hooks (used by trustvision.train.fit) --------------------------------------------
