@@ -124,7 +124,8 @@ register("sag:resnet18-224:grid7")(_sag_workload(resnet18_model, 7, 2, cuda_only
 # -- the full report -------------------------------------------------------------------------
 
 
-def time_per_pass(net, x: torch.Tensor, chunk: int, device: torch.device, reps: int = 3) -> tuple[float, float]:
+def time_per_pass(net, x: torch.Tensor, chunk: int, device: torch.device,
+                  reps: int = 3) -> tuple[float, float]:
     """Seconds per image of the model's forward+backward (w.r.t. the input) and of its forward,
     at batch size ``chunk`` (the chunk size the explainer used)."""
     chunk = max(1, chunk)

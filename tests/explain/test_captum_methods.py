@@ -67,3 +67,15 @@ def test_registry_names_and_errors():
     assert explain.get("igos++") is explain.IGOSPlusPlus
     with pytest.raises(TrustVisionError, match="did you mean 'igos\\+\\+'"):
         explain.get("igos+")
+
+
+def test_sources_are_device_agnostic():
+    """No hard-coded devices: everything follows the inputs' device (CPU here, GPU alike)."""
+    from pathlib import Path
+
+    import trustvision.evaluate.faithfulness as fa
+
+    files = list(Path(explain.__file__).parent.glob("*.py")) + [Path(fa.__file__)]
+    for f in files:
+        text = f.read_text()
+        assert ".cuda(" not in text and 'device="cuda' not in text, f
