@@ -71,3 +71,19 @@ def test_generative_check_skips_feed_forward(tmp_path, trained):
               progress=False)
     out = json.loads((tmp_path / "results.json").read_text())
     assert out["models"][0]["checks"]["generative"]["status"] == "skipped"
+
+
+def test_cli_audit_zoo_gc_against_its_twin(tmp_path, capsys):
+    from trustvision.cli import main
+
+    names = {e["name"] for e in models.list_zoo()}
+    if not {"zoo:ibinn-small-digits", "zoo:ibinn-small-ff-digits"} <= names:
+        pytest.skip("generative zoo not built (python scripts/build_zoo_generative.py)")
+    code = main(["audit", "--model", "zoo:ibinn-small-digits", "--compare", "zoo:ibinn-small-ff-digits",
+                 "--checks", "generative", "--n-max", "150", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    out = json.loads((tmp_path / "results.json").read_text())
+    d = out["models"][0]["checks"]["generative"]["data"]
+    assert d["model"]["accuracy"] >= 0.95 and d["compare"]["accuracy"] >= 0.95
+    typ = {r["ood_set"]: r["auroc"] for r in d["ood"]["rows"] if r["detector"] == "typicality"}
+    assert typ["uniform"] >= 0.95 and typ["faces"] >= 0.95

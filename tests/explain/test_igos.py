@@ -116,3 +116,18 @@ def test_total_variation_by_hand():
     m[0, 0, 1, 1] = 0
     # 6 vertical and 6 horizontal pairs, 2 of each touch the hole: 2/6 + 2/6
     assert float(total_variation(m)) == pytest.approx(4 / 6)
+
+
+@pytest.mark.parametrize("cls", METHODS)
+def test_grouped_line_search_equals_sequential(cls, tiny_cnn):
+    calls = []
+    hook = tiny_cnn.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    kw = dict(iterations=4, ig_steps=3, seed=0)
+    seq = cls(tiny_cnn, line_search_group=1).attribute(x, **kw)
+    n_seq = len(calls)
+    calls.clear()
+    grouped = cls(tiny_cnn, line_search_group=4).attribute(x, **kw)
+    hook.remove()
+    torch.testing.assert_close(seq, grouped, atol=1e-4, rtol=0)
+    assert len(calls) <= n_seq

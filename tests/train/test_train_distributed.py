@@ -74,3 +74,21 @@ def test_two_gloo_ranks_end_identical(tmp_path):
 
     back = models.load(tmp_path / "ckpt")
     assert torch.equal(back.state_dict()["gmm.mu"], a["gmm.mu"])
+
+
+@pytest.mark.slow
+def test_torchrun_module_entry_point(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "trustvision.train.distributed",
+           "--model", "ibinn-small", "--data", "digits", "--epochs", "2", "--lr", "3e-3",
+           "--beta", "2", "--clip-grad", "8", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("test accuracy"))
+    assert float(line.split()[2].rstrip(";")) > 0.5 and "2 processes" in line
+    from trustvision import models
+
+    net = models.load(tmp_path / "run")
+    assert net.beta == 2.0 and net.tv_config["metrics"]["test_accuracy"] > 0.5

@@ -41,3 +41,27 @@ def test_beta_on_feed_forward_model_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("error: --beta applies to generative classifiers") and "\n" not in err
     code = main(BASE + ["--beta", "-1", "--epochs", "1", "--out", str(tmp_path / "y")])
     assert code == 2 and "--beta must be >= 0" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_last_good_state(tmp_path, capsys, monkeypatch):
+    from trustvision.models.generative import IBINN
+    from trustvision.train.loop import STATE_FILE
+
+    calls = {"n": 0}
+    original = IBINN.training_loss
+
+    def flaky(self, x, y):
+        loss, logits = original(self, x, y)
+        calls["n"] += 1
+        if calls["n"] > 20:  # digits: 17 steps per epoch -> diverges in epoch 2
+            loss = loss * float("nan")
+        return loss, logits
+
+    monkeypatch.setattr(IBINN, "training_loss", flaky)
+    out = tmp_path / "nan"
+    assert main(BASE + ["--epochs", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: training diverged") and "epoch 2" in err and "\n" not in err
+    state = torch.load(out / STATE_FILE, weights_only=False)
+    assert state["epoch"] == 1  # the last good epoch is kept
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

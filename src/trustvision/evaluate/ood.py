@@ -26,7 +26,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -84,6 +84,9 @@ class SAGResult:
     seconds: float
     image: torch.Tensor | None = field(default=None, repr=False)
     baseline_image: torch.Tensor | None = field(default=None, repr=False)
+    #: drawing limits of :meth:`figure` (the graph itself keeps every node)
+    draw_levels: int = field(default=4, repr=False)
+    draw_per_level: int = field(default=8, repr=False)
 
     def to_json(self) -> dict:
         """A JSON-serialisable dict (the image itself is left out)."""
@@ -152,20 +155,28 @@ class SAGResult:
         ax = fig.add_subplot(gs[1, :])
         ax.axis("off")
         g = self.graph
+        pos: dict = {}
         if g.number_of_nodes():
             levels: dict[int, list] = {}
             for node, d in g.nodes(data=True):
                 levels.setdefault(d["depth"], []).append(node)
-            pos = {}
+            # Draw a readable part: the first few levels, the most confident nodes of each.
+            first = min(levels)
+            levels = {
+                d: sorted(sorted(v, key=lambda q: (-g.nodes[q]["relative"], q))[:self.draw_per_level])
+                for d, v in levels.items() if d < first + self.draw_levels
+            }
+            kept = {q for v in levels.values() for q in v}
             for depth, nodes in levels.items():
-                nodes.sort()
                 for i, node in enumerate(nodes):
                     pos[node] = ((i + 1) / (len(nodes) + 1), -depth)
             for a, b, d in g.edges(data=True):
+                if a not in kept or b not in kept:
+                    continue
                 (x0, y0), (x1, y1) = pos[a], pos[b]
                 ax.plot([x0, x1], [y0, y1], color="0.6", lw=0.5 + 3 * max(d["drop"], 0), zorder=1)
             side = max(self.image.shape[-2:])
-            zoom = min(110.0, 600.0 / max(len(v) for v in levels.values())) / side
+            zoom = min(110.0, 170.0 * ncols / max(len(v) + 1 for v in levels.values())) / side
             for node, (px, py) in pos.items():
                 thumb = OffsetImage(self._to_numpy(self._show_only(node)), cmap=cmap, zoom=zoom)
                 ax.add_artist(AnnotationBbox(thumb, (px, py), frameon=True, pad=0.1))
@@ -173,9 +184,11 @@ class SAGResult:
                             xytext=(0, -(zoom * side * 0.5 + 4)), textcoords="offset points",
                             fontsize=8)
             ax.set_xlim(0, 1)
-            ax.set_ylim(-max(levels) - 0.7, 0.6)
-        ax.set_title("SAG: minimal sufficient patch sets (top) and what removing a patch costs",
-                     fontsize=9)
+            ax.set_ylim(-max(levels) - 0.7, -first + 0.6)
+        shown_note = (f" ({len(pos)} of {g.number_of_nodes()} nodes drawn)"
+                      if g.number_of_nodes() > len(pos) else "")
+        ax.set_title("SAG: minimal sufficient patch sets (top) and what removing a patch costs"
+                     + ("\n" + shown_note.strip() if shown_note else ""), fontsize=9)
         fig.tight_layout()
         return fig
 

@@ -33,7 +33,6 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from trustvision.models import register_model
 from trustvision.models._base import ImageClassifier

@@ -9,7 +9,8 @@ Every rank sees the same seeded permutation of the training set each epoch and t
 own shard (``order[rank::world_size]``, truncated so all ranks take the same number of steps);
 ``batch_size`` is the global batch, split evenly over the ranks. A model's own
 ``training_loss(x, y)`` runs inside the DDP wrapper, so its gradients are all-reduced too.
-After the last epoch every rank re-estimates BatchNorm statistics on the full training set
+During training BatchNorm normalises with each rank's own batch statistics (as plain DDP does);
+after the last epoch every rank re-estimates BatchNorm statistics on the full training set
 (``after_training``), and rank 0's parameters and buffers are broadcast so every rank ends with
 identical weights. Rank 0 saves a checkpoint after every epoch; a non-finite loss on any rank
 stops all ranks with a one-line error naming the last good checkpoint.

@@ -4,6 +4,7 @@ faithfulness (mean +- std per method) and structured attention graphs for a few 
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -51,7 +52,10 @@ class ExplanationsCheck(Check):
         from trustvision.explain.plot import heatmap_grid
 
         n = int(ctx.option("explain_n", 8))
-        methods = list(ctx.option("explain_methods", DEFAULT_METHODS))
+        methods = ctx.option("explain_methods", DEFAULT_METHODS)
+        if isinstance(methods, str):
+            methods = [m.strip() for m in methods.split(",") if m.strip()]
+        methods = list(methods)
         iterations = int(ctx.option("explain_iterations", 15))
         sag_n = int(ctx.option("sag_n", 2))
         model = ctx.model
@@ -74,8 +78,6 @@ class ExplanationsCheck(Check):
                 continue
             kw = {"iterations": iterations, "seed": ctx.seed} if name in ("igos", "igos++") else {}
             t0 = time.perf_counter()
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 h = explainer.attribute(x, target=pred, **kw)
