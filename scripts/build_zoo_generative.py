@@ -38,10 +38,10 @@ RECIPES: dict[str, dict] = {
     "ibinn-small-ff-digits": dict(model="ibinn-small-ff", data="digits", epochs=40, lr=2e-3,
                                   batch_size=64, augment=None, target=0.97),
     "ibinn-small-textures": dict(model="ibinn-small", data="textures", epochs=25, lr=2e-3,
-                                 batch_size=64, augment="flip", target=0.80,
+                                 batch_size=64, augment="shift:4,flip", target=0.85,
                                  model_kwargs=dict(widths=[32, 48, 48])),
     "ibinn-small-ff-textures": dict(model="ibinn-small-ff", data="textures", epochs=25, lr=2e-3,
-                                    batch_size=64, augment="flip", target=0.80,
+                                    batch_size=64, augment="shift:4,flip", target=0.85,
                                     model_kwargs=dict(widths=[32, 48, 48])),
 }
 GRAD_CLIP = 8.0  # reference IB-INN value
