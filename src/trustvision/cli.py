@@ -139,12 +139,16 @@ def train_cmd(
     augment: str = typer.Option(None, "--augment", help="Augmentations, e.g. shift:2,flip."),
     clip_grad: float = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value."),
     model_kw: list[str] = typer.Option(None, "--model-kw", help="Extra model argument KEY=VALUE (repeatable)."),
-    beta: float = typer.Option(None, "--beta", help="IB-INN trade-off of the Information Bottleneck loss (generative ibinn-* models; inf = cross-entropy only, 0 = likelihood only; default 1)."),
+    beta: float = typer.Option(None, "--beta", help="IB-INN trade-off of the Information Bottleneck loss (generative ibinn-* models; default 1). inf = cross-entropy only; 1/D with D = C*H*W (e.g. 0.015625 for 8x8 digits) = exact class-conditional likelihood p(x|y); 0 = label-free mixture likelihood p(x), which cannot classify."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
     download: bool = typer.Option(False, "--download", help="Allow downloading the dataset."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ) -> None:
-    """Train a model on a dataset; writes a resumable state, the final checkpoint and results.json."""
+    """Train a model on a dataset; writes a resumable state, the final checkpoint and results.json.
+
+    Multi-GPU / multi-process: torchrun --nproc_per_node N -m trustvision.cli train ... (or
+    torchrun's --no-python with the trustvision script); --batch-size is then the global batch.
+    """
     from pathlib import Path
 
     from trustvision.train import train_by_name
@@ -158,13 +162,24 @@ def train_cmd(
         if not beta >= 0:
             raise TrustVisionError(f"--beta must be >= 0 (or inf), got {beta}")
         model_kwargs["beta"] = float(beta)
-    _, result = train_by_name(
-        data, model, epochs=epochs, lr=lr, batch_size=batch_size, out=out_dir, seed=seed,
-        device=device, resume=resume, opt=opt, weight_decay=weight_decay, sched=sched,
-        input_dropout=input_dropout, ensemble=ensemble, augment=augment, grad_clip=clip_grad,
-        model_kwargs=model_kwargs, data_root=data_dir, download=download,
-        progress=not no_progress,
-    )
+    from trustvision.train import distributed
+
+    try:
+        _, result = train_by_name(
+            data, model, epochs=epochs, lr=lr, batch_size=batch_size, out=out_dir, seed=seed,
+            device=device, resume=resume, opt=opt, weight_decay=weight_decay, sched=sched,
+            input_dropout=input_dropout, ensemble=ensemble, augment=augment, grad_clip=clip_grad,
+            model_kwargs=model_kwargs, data_root=data_dir, download=download,
+            progress=not no_progress,
+        )
+    except TrustVisionError:
+        if distributed.rank() != 0:  # under torchrun every rank fails alike; rank 0 says why
+            raise typer.Exit(2) from None
+        raise
+    finally:
+        distributed.shutdown()
+    if distributed.rank() != 0:
+        return
     val = "-" if result.val_accuracy is None else f"{result.val_accuracy:.4f}"
     test = "-" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
     typer.echo(f"test accuracy {test} (val {val})")
@@ -180,17 +195,9 @@ def _split_names(values: list[str] | None) -> list[str]:
 
 
 def _audit_device(device: str) -> str:
-    import torch
+    from trustvision._device import resolve_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise TrustVisionError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrustVisionError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return str(dev)
+    return str(resolve_device(device))
 
 
 @app.command("audit")

@@ -84,3 +84,22 @@ def test_feed_forward_model_is_refused():
     ff = models.create("small-cnn", num_classes=3, in_chans=1, image_size=8)
     with pytest.raises(TrustVisionError, match="generative classifier"):
         LatentCounterfactual(ff)
+
+
+def test_likelihood_ratio_is_registered_with_the_common_signature(net):
+    from trustvision import explain
+
+    assert explain.get("likelihood-ratio") is LikelihoodRatioGradient
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    heat = explain.attribute(net, x, method="likelihood-ratio", target=1, other=2)
+    mu = net.gmm.means()
+    expected = 2 * _q_transpose(net, (mu[1] - mu[2]).unsqueeze(0)).sum(1, keepdim=True)
+    assert heat.shape == (3, 1, 8, 8)
+    assert torch.allclose(heat, expected.expand(3, -1, -1, -1).detach(), atol=1e-9)
+    same = explain.get("likelihood-ratio")(net).attribute(x, target=None)
+    assert same.shape == (3, 1, 8, 8) and torch.isfinite(same).all()
+    ff = models.create("ibinn-small-ff", num_classes=3, in_chans=1, image_size=8,
+                       widths=(8, 8, 8), fc_width=16)
+    with pytest.raises(TrustVisionError, match="needs a generative classifier") as err:
+        explain.attribute(ff, torch.rand(2, 1, 8, 8), method="likelihood-ratio")
+    assert "\n" not in str(err.value)

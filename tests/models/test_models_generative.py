@@ -125,6 +125,30 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(back.invert(back.latent(x)[0]), net.invert(net.latent(x)[0]))
 
 
+def test_non_finite_beta_is_stored_as_strict_json(tmp_path):
+    import json
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    torch.manual_seed(0)
+    net = _small(beta=float("inf"))
+    x = torch.rand(2, 1, 8, 8)
+    models.save(net.eval(), tmp_path / "ck", metrics={"nll": float("nan"), "acc": 0.5},
+                training={"beta": float("-inf")})
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text(), parse_constant=refuse)
+    assert cfg["kwargs"]["beta"] == "inf" and cfg["metrics"]["nll"] == "nan"
+    assert cfg["training"]["beta"] == "-inf"
+    back = models.load(tmp_path / "ck")
+    assert back.beta == float("inf") and isinstance(back.tv_config["kwargs"]["beta"], float)
+    assert math.isnan(back.tv_config["metrics"]["nll"]) and back.tv_config["metrics"]["acc"] == 0.5
+    assert torch.equal(back(x), net(x))
+    # a checkpoint written by an older version (bare Infinity) still loads
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({**cfg, "kwargs": {**cfg["kwargs"],
+                                                                               "beta": math.inf}}))
+    assert models.load(tmp_path / "ck").beta == float("inf")
+
+
 def test_sample_temperature_zero_is_the_mean_image():
     torch.manual_seed(0)
     net = _small().eval()

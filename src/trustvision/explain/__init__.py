@@ -3,6 +3,9 @@
 Every heatmap method is a class built on the model with one verb, Captum-style:
 ``get(name)(model).attribute(inputs, target=None, **kw) -> (N, 1, H, W)``, higher = more
 important. SAG (structured attention graphs) returns patch-set graphs instead of heatmaps.
+``likelihood-ratio`` (the gradient of ``log p(x|y1) - log p(x|y2)``, y1 = target, y2 = the most
+likely other class) needs a generative classifier such as ``ibinn-small``; other models get a
+one-line :class:`~trustvision.errors.TrustVisionError`.
 
 Example:
     >>> import torch
@@ -26,6 +29,7 @@ from torch import nn
 from trustvision._registry import Registry
 from trustvision.explain._utils import TargetType
 from trustvision.explain.captum_methods import GradCAM, IntegratedGradients, Occlusion, Saliency
+from trustvision.explain.generative import LikelihoodRatioGradient
 from trustvision.explain.igos import IGOS, ExplanationInfo, ExplanationWarning, IGOSPlusPlus
 from trustvision.explain.sag import SAG, SAGResult
 
@@ -38,6 +42,7 @@ __all__ = [
     "IntegratedGradients",
     "GradCAM",
     "Occlusion",
+    "LikelihoodRatioGradient",
     "ExplanationInfo",
     "ExplanationWarning",
     "get",
@@ -56,6 +61,7 @@ for _name, _cls in [
     ("integrated-gradients", IntegratedGradients),
     ("gradcam", GradCAM),
     ("occlusion", Occlusion),
+    ("likelihood-ratio", LikelihoodRatioGradient),  # generative classifiers (IB-INN) only
 ]:
     _METHODS.add(_name, _cls)
 

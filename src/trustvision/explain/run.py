@@ -14,21 +14,14 @@ from pathlib import Path
 
 import torch
 
+from trustvision._device import resolve_device
 from trustvision.errors import TrustVisionError
 
 __all__ = ["run_explain"]
 
 
 def _device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise TrustVisionError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrustVisionError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return str(dev)
+    return str(resolve_device(device))
 
 
 def _sample(ds, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,6 +13,9 @@ Layout of a checkpoint directory::
                             #  "architecture", "num_classes", "in_chans", "image_size", "kwargs",
                             #  "classes", "normalization", "dataset", "metrics", ...}
 
+config.json is strict JSON: non-finite floats (e.g. ``beta=inf``) are stored as the strings
+``"inf"``, ``"-inf"`` and ``"nan"``, and read back as floats in ``kwargs`` and ``metrics``.
+
 Example:
     >>> import tempfile, torch
     >>> from trustvision import models
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import pickle
 import warnings
@@ -54,6 +58,32 @@ def _version() -> str:
     from trustvision import __version__
 
     return __version__
+
+
+_NONFINITE = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
+
+
+def _encode_nonfinite(obj: Any) -> Any:
+    """Replace non-finite floats by the strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON has
+    no ``Infinity``/``NaN``), recursively through dicts, lists and tuples."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _encode_nonfinite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode_nonfinite(v) for v in obj]
+    return obj
+
+
+def _decode_nonfinite(obj: Any) -> Any:
+    """Inverse of :func:`_encode_nonfinite` (applied to ``kwargs`` and ``metrics`` on load)."""
+    if isinstance(obj, str):
+        return _NONFINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: _decode_nonfinite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_nonfinite(v) for v in obj]
+    return obj
 
 
 def _first_line(exc: BaseException) -> str:
@@ -118,8 +148,9 @@ def save(
     }
     config.update(meta)
     try:
-        text = json.dumps(config, indent=2, sort_keys=False)
-    except TypeError as exc:
+        # allow_nan=False: the file is strict JSON (non-finite floats were stored as strings)
+        text = json.dumps(_encode_nonfinite(config), indent=2, sort_keys=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
         raise TrustVisionError(
             f"checkpoint config is not JSON-serialisable ({_first_line(exc)}); pass only numbers, "
             "strings, lists and dicts as model kwargs and metadata"
@@ -213,6 +244,9 @@ def _read_config(path: Path) -> dict:
     if not isinstance(cfg, dict):
         raise TrustVisionError(f"{path} must hold a JSON object; re-save the checkpoint with "
                                "trustvision.models.save")
+    for key in ("kwargs", "metrics"):  # numbers by contract: "inf" / "-inf" / "nan" -> float
+        if isinstance(cfg.get(key), dict):
+            cfg[key] = _decode_nonfinite(cfg[key])
     if cfg.get("format", FORMAT) != FORMAT or int(cfg.get("format_version", 1)) > FORMAT_VERSION:
         raise TrustVisionError(
             f"{path} has format {cfg.get('format')!r} version {cfg.get('format_version')!r}, not "

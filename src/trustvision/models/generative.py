@@ -261,7 +261,10 @@ class IBINN(_FlowClassifier):
             the invertible backbone (:func:`build_flow`).
         low_rank: rank of the class means outside the pooled dimensions (None: full means).
         learn_weights: train the class log-weights (else a uniform prior).
-        beta: Information Bottleneck trade-off (``inf`` = cross-entropy only, 0 = likelihood only).
+        beta: Information Bottleneck trade-off (see ``train.ib_loss``): ``inf`` = cross-entropy
+            only; ``1 / D`` (D = C*H*W) = the exact class-conditional likelihood ``p(x|y)``;
+            0 = the label-free mixture likelihood ``p(x)``, which never sees the labels and so
+            cannot classify (chance accuracy); 1 (default) = the IB-INN trade-off.
         label_smoothing, noise, dequantize: IB-loss training settings (see ``train.ib_loss``).
         mean_lr: learning-rate multiplier of the means and log-weights (no weight decay on them).
         seed: draws the fixed orthogonal mixings and the initial means.

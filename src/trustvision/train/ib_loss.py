@@ -7,8 +7,21 @@ D the data dimension and ``y_ls`` the label-smoothed one-hot target:
     L_Y   = sum_y y_ls,y * (log_softmax_y(s) - log w_y)
     total = 2 / (1 + beta) * L_X - 2 * beta / (1 + beta) * L_Y
 
-``beta = inf`` keeps only ``-2 L_Y`` (a cross-entropy on the Gaussian-mixture logits),
-``beta = 0`` only ``2 L_X`` (maximum likelihood of the class mixture, labels unused).
+What beta means (D = data dimension; hard labels, no smoothing):
+
+- ``beta = inf``: only ``-2 L_Y``, a cross-entropy on the Gaussian-mixture logits (a purely
+  discriminative model; the density is not trained).
+- ``beta = 0``: only ``2 L_X``, the likelihood of the *label-free* mixture
+  ``p(x) = sum_y w_y p(x|y)``. The labels are never used, so the class means are not tied to
+  the classes: the model **cannot classify** (chance accuracy). It is a density model only.
+- ``beta = 1/D``: exactly the *class-conditional* likelihood. Since
+  ``log p(y|x) - log w_y = log p(x|y) - log p(x)``, per example
+  ``L_X - L_Y / D = -log p(x|y) / D - 0.5 ln(2 pi)``, hence
+  ``total(1/D) = 2 / (1 + 1/D) * (-log p(x|y) / D - 0.5 ln(2 pi))``: maximum likelihood of
+  ``p(x|y)`` with the true label (what "beta -> 0, pure class-conditional likelihood" in the
+  papers refers to). Use ``beta = 1 / (C * H * W)``, e.g. ``1/64`` for 8x8 grey digits.
+- ``beta = 1`` (default) weights the classification term D times more than the class-conditional
+  likelihood does: the IB-INN trade-off between calibration/OOD detection and accuracy.
 
 Reference: Ardizzone et al., "Training Normalizing Flows with the Information Bottleneck for
 Competitive Generative Classification", NeurIPS 2020, eqs. (8)-(10).
@@ -60,7 +73,8 @@ def ib_loss(scores: torch.Tensor, log_w: torch.Tensor, logdet: torch.Tensor, y: 
         logdet: (N,) ``log|det J|`` of the map from the input to z.
         y: (N,) integer labels.
         dim: D, the number of dimensions of z (L_X is per dimension).
-        beta: trade-off; ``float('inf')`` = pure cross-entropy, 0 = pure likelihood.
+        beta: trade-off; ``float('inf')`` = pure cross-entropy, ``1 / dim`` = the exact
+            class-conditional likelihood, 0 = label-free mixture likelihood (cannot classify).
         label_smoothing: mass spread uniformly over the classes in the target.
     """
     if scores.ndim != 2 or logdet.shape != scores.shape[:1]:

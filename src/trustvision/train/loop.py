@@ -17,6 +17,21 @@ Model hooks used when present (the generative classifiers rely on them):
 ``training_loss(x, y) -> (loss, logits)``, ``param_groups(lr) -> list[dict]`` (per-group learning
 rates / weight decay) and ``after_training(loader)`` (called once after the last epoch with an
 iterable of un-augmented training batches ``(x, y)`` on the training device).
+
+NaN guard: a non-finite loss stops training with a one-line error; with ``out`` the weights of the
+last finished epoch are restored, kept as the run's checkpoint and named in the message.
+
+Multi-process: started by ``torchrun`` (``WORLD_SIZE > 1``) or inside an initialised process
+group, the same :func:`fit` trains data-parallel with DistributedDataParallel (gloo on the CPU,
+nccl on CUDA; ``device="cuda"`` means ``cuda:LOCAL_RANK``), e.g.
+``torchrun --nproc_per_node 2 -m trustvision.cli train --model ibinn-small --data digits``.
+``batch_size`` is the global batch: every rank takes its equal part of each global batch of the
+epoch's seeded permutation (:func:`trustvision.train.distributed.shard_order`), the model's
+``training_loss`` runs inside DDP's forward so its gradients are all-reduced, and the logged loss
+and accuracy are over all ranks. BatchNorm statistics are rank 0's; after ``after_training`` rank
+0's weights are broadcast, so every rank ends bit-identical. Only rank 0 writes files (the
+training state holds every rank's RNG state, so resuming with the same number of processes is
+exact as well).
 """
 
 from __future__ import annotations
@@ -30,11 +45,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from trustvision.errors import TrustVisionError
+from trustvision.train import distributed
 from trustvision.train.augment import Augment
 from trustvision.train.input_dropout import check_keep_prob, drop_pixels
 
@@ -338,19 +355,35 @@ def fit(
             (:mod:`trustvision.train.augment`).
         grad_clip: clip the global gradient norm to this value.
         on_epoch_end: called with each epoch's :class:`EpochStats` after its state is saved.
-        progress: show a rich progress bar on stderr.
+        progress: show a rich progress bar on stderr (rank 0 only under torchrun).
+
+    Under ``torchrun`` this trains data-parallel (see the module docstring); ``batch_size`` must
+    then be a multiple of the number of processes.
     """
     check_train_args(epochs, lr, batch_size, opt, weight_decay, sched, grad_clip)
     keep_prob = None if input_dropout is None else check_keep_prob(input_dropout)
     if len(train_set) == 0:
         raise TrustVisionError("the training set is empty; check the dataset and split")
     dev = resolve_device(device)
+    info, dev = distributed.setup(dev)
+    rank, world = (0, 1) if info is None else (info.rank, info.world_size)
+    if batch_size % world:
+        raise TrustVisionError(
+            f"batch size {batch_size} does not split evenly over {world} processes (--batch-size is "
+            f"the global batch); use a multiple of {world}"
+        )
+    if len(train_set) < world:
+        raise TrustVisionError(f"the training set has {len(train_set)} images, fewer than the {world} "
+                               "processes; use fewer processes")
+    main_rank = rank == 0
     out_dir = None if out is None else Path(out)
     config = {
         "epochs": epochs, "lr": float(lr), "batch_size": batch_size, "seed": int(seed), "opt": opt,
         "weight_decay": float(weight_decay), "input_dropout": keep_prob, "sched": sched,
         "grad_clip": grad_clip, "augment": None if augment is None else repr(augment),
     }
+    if world > 1:
+        config["world_size"] = world
 
     state = None
     if out_dir is not None:
@@ -362,7 +395,8 @@ def fit(
             )
         if resume and state_path.exists():
             state = _load_state(state_path, dev, config)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if main_rank:
+            out_dir.mkdir(parents=True, exist_ok=True)
     elif resume:
         raise TrustVisionError("resume needs the run's output directory; pass --out")
 
@@ -373,10 +407,14 @@ def fit(
     history: list[EpochStats] = []
     start_epoch = 0
     n = len(train_set)
+    local_bs = batch_size // world
+    extra: dict[str, Any] = {}
 
     fork_devices = [] if dev.type != "cuda" else [dev.index if dev.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
+        # rank 0 draws the model's own randomness (noise, dropout) exactly as a single process;
+        # the other ranks get their own streams
+        torch.manual_seed(seed if rank == 0 else int(seed) * 1_000_003 + 7_919 * rank)
         if state is not None:
             try:
                 model.load_state_dict(state["model"])
@@ -386,13 +424,25 @@ def fit(
                     f"the training state in {out_dir} belongs to a different model "
                     f"({str(exc).splitlines()[0][:80]}); choose another --out"
                 ) from None
-            torch.set_rng_state(state["rng_torch"].cpu())
-            if fork_devices and state.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(state["rng_cuda"].cpu(), fork_devices[0])
+            rng_cpu, rng_cuda = state["rng_torch"], state.get("rng_cuda")
+            if world > 1:
+                rng_cpu, rng_cuda = state["rng_ranks"][rank]
+            torch.set_rng_state(rng_cpu.cpu())
+            if fork_devices and rng_cuda is not None:
+                torch.cuda.set_rng_state(rng_cuda.cpu(), fork_devices[0])
             start_epoch = int(state["epoch"])
             history = [EpochStats(**h) for h in state["history"]]
 
-        with _Progress(progress, progress_label) as bar:
+        step_module: nn.Module = _LossModule(model)
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # the constructor broadcasts rank 0's parameters and buffers: identical start
+            step_module = DistributedDataParallel(
+                step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+        last_good: int | None = start_epoch or None
+        with _Progress(progress and main_rank, progress_label) as bar:
             if start_epoch:
                 bar.log(f"{progress_label}resuming after epoch {start_epoch}/{epochs} from {out_dir}")
             for epoch in range(start_epoch, epochs):
@@ -401,31 +451,27 @@ def fit(
                 for g in optimizer.param_groups:
                     g["lr"] = g["base_lr"] * factor
                 gen = _epoch_generator(seed, epoch)
-                order = torch.randperm(n, generator=gen)
-                if n % batch_size == 1 and n > 1:
-                    order = order[:-1]  # a batch of one breaks BatchNorm in training mode
-                steps = math.ceil(len(order) / batch_size)
+                order = distributed.shard_order(torch.randperm(n, generator=gen), batch_size, rank, world)
+                if rank:  # augmentation and input-dropout draws of this rank's own images
+                    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) + 7_919 * rank)
+                steps = math.ceil(len(order) / local_bs)
                 task = bar.start(epoch + 1, epochs, steps)
-                model.train()
+                step_module.train()
                 loss_sum = torch.zeros((), device=dev)
                 correct = torch.zeros((), device=dev, dtype=torch.long)
                 seen = 0
-                for x, y in iter_batches(train_set, batch_size, dev, order):
+                for step, (x, y) in enumerate(iter_batches(train_set, local_bs, dev, order)):
                     if augment is not None:
                         x = augment(x, gen)
                     if keep_prob is not None:
                         x = drop_pixels(x, keep_prob, fill, gen)
-                    hook = getattr(model, "training_loss", None)
-                    if callable(hook):
-                        loss, logits = hook(x, y)
-                    else:
-                        logits = model(x)
-                        loss = F.cross_entropy(logits, y)
-                    if not torch.isfinite(loss):
-                        raise TrustVisionError(
-                            f"training diverged: the loss became {float(loss.detach())} in epoch {epoch + 1}; "
-                            f"lower --lr (now {lr}) or clip gradients (--clip-grad)"
-                        )
+                    loss, logits = step_module(x, y)
+                    check = loss.detach().clone()
+                    if world > 1:  # a non-finite loss on any rank stops every rank
+                        dist.all_reduce(check)
+                    if not torch.isfinite(check):
+                        _diverged(model, out_dir, last_good, epoch, step, float(check), lr, grad_clip,
+                                  dev, main_rank, train_set, config)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if grad_clip is not None:
@@ -435,8 +481,14 @@ def fit(
                     loss_sum += loss.detach() * b
                     correct += (logits.detach().argmax(1) == y).sum()
                     seen += b
-                    if progress:
-                        bar.advance(task, f"loss {float(loss.detach()):.4f}")
+                    if progress and main_rank:
+                        bar.advance(task, f"loss {float(check) / world:.4f}")
+                if world > 1:
+                    totals = torch.stack([loss_sum.double(), correct.double(),
+                                          torch.tensor(float(seen), dtype=torch.float64, device=dev)])
+                    dist.all_reduce(totals)
+                    loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
+                    _broadcast_state(model, params=False)  # BatchNorm statistics of rank 0
                 val_acc = None
                 if val_set is not None and len(val_set) > 0:
                     val_acc = evaluate_accuracy(model, val_set, eval_batch_size, dev)
@@ -450,25 +502,34 @@ def fit(
                 )
                 history.append(stats)
                 if out_dir is not None:
-                    _save_atomic(
-                        {
-                            "format": "trustvision-train-state",
-                            "format_version": 1,
-                            "epoch": epoch + 1,
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "rng_torch": torch.get_rng_state(),
-                            "rng_cuda": torch.cuda.get_rng_state(fork_devices[0]) if fork_devices else None,
-                            "history": [asdict(h) for h in history],
-                            "config": config,
-                        },
-                        out_dir / STATE_FILE,
-                    )
+                    rng_cuda = torch.cuda.get_rng_state(fork_devices[0]) if fork_devices else None
+                    rng_ranks = None
+                    if world > 1:
+                        rng_ranks = [None] * world
+                        dist.all_gather_object(rng_ranks, (torch.get_rng_state(), rng_cuda))
+                    if main_rank:
+                        _save_atomic(
+                            {
+                                "format": "trustvision-train-state",
+                                "format_version": 1,
+                                "epoch": epoch + 1,
+                                "model": model.state_dict(),
+                                "optimizer": optimizer.state_dict(),
+                                "rng_torch": torch.get_rng_state(),
+                                "rng_cuda": rng_cuda,
+                                **({"rng_ranks": rng_ranks} if world > 1 else {}),
+                                "history": [asdict(h) for h in history],
+                                "config": config,
+                            },
+                            out_dir / STATE_FILE,
+                        )
+                    last_good = epoch + 1
                 val_txt = "" if val_acc is None else f"  val acc {val_acc:.4f}"
+                procs = f"  ({world} processes)" if world > 1 else ""
                 bar.log(
                     f"{progress_label}epoch {epoch + 1}/{epochs}  loss {stats.train_loss:.4f}  "
                     f"train acc {stats.train_accuracy:.4f}{val_txt}  lr {stats.lr:.2e}  "
-                    f"{stats.seconds:.1f}s"
+                    f"{stats.seconds:.1f}s{procs}"
                 )
                 if on_epoch_end is not None:
                     on_epoch_end(stats)
@@ -476,29 +537,110 @@ def fit(
         hook = getattr(model, "after_training", None)
         if callable(hook):
             hook(_Batches(train_set, eval_batch_size, dev))
+        if world > 1:
+            # replicas ran in lock-step, so this is 0; then make them bit-identical regardless
+            extra["distributed"] = {"world_size": world, "backend": info.backend,
+                                    "param_divergence": _param_divergence(model)}
+            _broadcast_state(model, params=True)
     model.eval()
 
     result = TrainResult(epochs=epochs, seed=int(seed), history=history, resumed_from_epoch=start_epoch,
-                         config=config)
+                         config=config, extra=extra)
     if val_set is not None and len(val_set) > 0:
         result.val_accuracy = evaluate_accuracy(model, val_set, eval_batch_size, dev)
     if test_set is not None and len(test_set) > 0:
         result.test_accuracy = evaluate_accuracy(model, test_set, eval_batch_size, dev)
     if out_dir is not None:
         if _can_save_checkpoint(model):
-            from trustvision import models
-
-            models.save(
-                model,
-                out_dir,
-                classes=list(getattr(train_set, "classes", []) or []) or None,
-                dataset=getattr(train_set, "name", None),
-                metrics=result.metrics(),
-                training=config,
-            )
+            if main_rank:
+                _save_checkpoint(model, out_dir, train_set, result.metrics(), config)
             result.checkpoint = str(out_dir)
-        _write_json(result.to_dict(), out_dir / RESULTS_FILE)
+        if main_rank:
+            _write_json(result.to_dict(), out_dir / RESULTS_FILE)
+    if world > 1:
+        dist.barrier()  # every rank returns after rank 0 has written its files
     return result
+
+
+class _LossModule(nn.Module):
+    """``forward(x, y) -> (loss, logits)``: the model's ``training_loss`` hook or cross-entropy.
+
+    Wrapped in DistributedDataParallel under torchrun, so the hook runs through DDP's forward
+    and its gradients are all-reduced.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hook = getattr(self.model, "training_loss", None)
+        if callable(hook):
+            return hook(x, y)
+        logits = self.model(x)
+        return F.cross_entropy(logits, y), logits
+
+
+def _broadcast_state(model: nn.Module, params: bool) -> None:
+    """Copy rank 0's buffers (and parameters) to every rank."""
+    tensors = list(model.buffers()) + (list(model.parameters()) if params else [])
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def _param_divergence(model: nn.Module) -> float:
+    """Largest |difference| of any parameter between ranks."""
+    worst = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            hi, lo = p.detach().clone(), p.detach().clone()
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+            worst = torch.maximum(worst, (hi - lo).abs().max().double().cpu())
+    return float(worst)
+
+
+def _save_checkpoint(model: nn.Module, out_dir: Path, train_set: Dataset, metrics: dict, config: dict,
+                     **meta: Any) -> None:
+    from trustvision import models
+
+    models.save(
+        model,
+        out_dir,
+        classes=list(getattr(train_set, "classes", []) or []) or None,
+        dataset=getattr(train_set, "name", None),
+        metrics=metrics,
+        training=config,
+        **meta,
+    )
+
+
+def _diverged(model: nn.Module, out_dir: Path | None, last_good: int | None, epoch: int, step: int,
+              value: float, lr: float, grad_clip: float | None, dev: torch.device, main_rank: bool,
+              train_set: Dataset, config: dict) -> None:
+    """The NaN guard: keep the last good weights as a checkpoint and stop with a one-line error."""
+    where = f"training diverged: the loss became {value} in epoch {epoch + 1} (step {step + 1})"
+    clip = "--clip-grad 1" if grad_clip is None else f"a smaller --clip-grad than {grad_clip}"
+    if out_dir is None:
+        raise TrustVisionError(f"{where}; no checkpoint was kept (pass --out to keep one); "
+                               f"lower --lr (now {lr}) or add {clip}")
+    if last_good is None:
+        raise TrustVisionError(f"{where}, before any epoch finished, so no checkpoint was kept; "
+                               f"lower --lr (now {lr}) or add {clip} and start again")
+    state_path = out_dir / STATE_FILE
+    state = torch.load(state_path, map_location=dev, weights_only=True)
+    model.load_state_dict(state["model"])
+    kept = state_path
+    if _can_save_checkpoint(model):
+        if main_rank:
+            _save_checkpoint(model, out_dir, train_set, {}, config, diverged_in_epoch=epoch + 1,
+                             epochs_done=last_good)
+        kept = out_dir / "model.safetensors"
+    raise TrustVisionError(
+        f"{where}; the last good weights (after epoch {last_good}) are kept in {kept}; continue "
+        f"from {state_path} with --resume and {clip}, or start again with a lower --lr than {lr}"
+    )
 
 
 def _load_state(path: Path, dev: torch.device, config: dict) -> dict:
@@ -520,6 +662,12 @@ def _load_state(path: Path, dev: torch.device, config: dict) -> dict:
                 f"cannot resume {path.parent}: it was trained with {flag} {old[key]}, not "
                 f"{config[key]}; resume with the same settings or choose another --out"
             )
+    if old.get("world_size", 1) != config.get("world_size", 1):
+        raise TrustVisionError(
+            f"cannot resume {path.parent}: it was trained by {old.get('world_size', 1)} processes, not "
+            f"{config.get('world_size', 1)}; resume with torchrun --nproc_per_node "
+            f"{old.get('world_size', 1)} or choose another --out"
+        )
     if int(state["epoch"]) > config["epochs"]:
         raise TrustVisionError(
             f"cannot resume {path.parent}: it already ran {state['epoch']} epochs, more than "

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from trustvision.errors import TrustVisionError
+from trustvision.train import distributed
 from trustvision.train.augment import parse_augment
 from trustvision.train.ensemble import fit_ensemble
 from trustvision.train.input_dropout import check_keep_prob
@@ -69,7 +70,10 @@ def train_by_name(
     download: bool = False,
     progress: bool = True,
 ) -> tuple[torch.nn.Module, TrainResult]:
-    """Load ``data`` (train/val/test), build ``model`` and train it; returns ``(model, result)``."""
+    """Load ``data`` (train/val/test), build ``model`` and train it; returns ``(model, result)``.
+
+    Under ``torchrun`` every process runs this and :func:`fit` trains data-parallel.
+    """
     from trustvision import data as tv_data
 
     if ensemble is not None and (isinstance(ensemble, bool) or int(ensemble) < 1):
@@ -78,6 +82,9 @@ def train_by_name(
         check_keep_prob(input_dropout)
     check_train_args(epochs, lr, batch_size, opt, weight_decay, sched, grad_clip)
     resolve_device(device)
+    if ensemble is not None and ensemble > 1 and distributed.is_launched():
+        raise TrustVisionError("--ensemble trains its members one after another in one process; "
+                               "run it without torchrun")
     aug = parse_augment(augment)
     train_set = tv_data.load(data, split="train", root=data_root, download=download)
     val_set = tv_data.load(data, split="val", root=data_root, download=download)
