@@ -170,6 +170,43 @@ def test_divergence_is_reported():
         fit(net, halves(16), epochs=1, lr=0.01, batch_size=8, progress=False)
 
 
+def test_nan_guard_keeps_last_good_checkpoint_and_names_it(tmp_path):
+    kw = dict(epochs=3, lr=0.01, batch_size=16, seed=1, progress=False)
+    train = halves(64)
+    good = {}
+
+    def poison_after_first(stats):
+        if stats.epoch == 1:
+            good.update({k: v.clone() for k, v in net.state_dict().items()})
+            with torch.no_grad():
+                net.fc.weight.fill_(float("nan"))
+
+    net = _small_cnn(0)
+    with pytest.raises(TrustVisionError) as err:
+        fit(net, train, out=tmp_path, on_epoch_end=poison_after_first, **kw)
+    msg = str(err.value)
+    kept = tmp_path / "model.safetensors"
+    assert "\n" not in msg and "epoch 2 (step 1)" in msg and "after epoch 1" in msg
+    assert str(kept) in msg and str(tmp_path / STATE_FILE) in msg
+    assert "--lr" in msg and "--clip-grad" in msg and "--resume" in msg
+    loaded = models.load(tmp_path)  # the kept checkpoint holds the epoch-1 weights
+    assert all(torch.equal(loaded.state_dict()[k], good[k]) for k in good)
+    assert all(torch.equal(net.state_dict()[k], good[k]) for k in good)  # restored in memory too
+    assert loaded.tv_config["diverged_in_epoch"] == 2 and loaded.tv_config["epochs_done"] == 1
+    # the advice works: resuming with clipping continues after epoch 1 and finishes
+    res = fit(_small_cnn(5), train, out=tmp_path, resume=True, grad_clip=1.0, **kw)
+    assert res.resumed_from_epoch == 1 and len(res.history) == 3
+    assert "diverged_in_epoch" not in models.load(tmp_path).tv_config
+
+    with pytest.raises(TrustVisionError, match=r"before any epoch finished, so no checkpoint"):
+        bad = _small_cnn(0)
+        with torch.no_grad():
+            bad.fc.weight.fill_(float("nan"))
+        fit(bad, train, out=tmp_path / "b", **kw)
+    with pytest.raises(TrustVisionError, match=r"no checkpoint was kept \(pass --out"):
+        fit(bad, train, **kw)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fit_on_cuda(tmp_path):
     net = _small_cnn(0)

@@ -51,7 +51,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from trustvision.errors import TrustVisionError
-from trustvision.train import distributed
 from trustvision.train.augment import Augment
 from trustvision.train.input_dropout import check_keep_prob, drop_pixels
 
@@ -365,6 +364,8 @@ def fit(
     if len(train_set) == 0:
         raise TrustVisionError("the training set is empty; check the dataset and split")
     dev = resolve_device(device)
+    from trustvision.train import distributed  # imported here: `python -m` runs that module
+
     info, dev = distributed.setup(dev)
     rank, world = (0, 1) if info is None else (info.rank, info.world_size)
     if batch_size % world:
@@ -437,9 +438,12 @@ def fit(
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            # the constructor broadcasts rank 0's parameters and buffers: identical start
+            # the constructor broadcasts rank 0's parameters and buffers: identical start. Buffers
+            # are not re-broadcast every step (rank 0's BatchNorm statistics are its own either
+            # way); they are copied from rank 0 after every epoch instead.
             step_module = DistributedDataParallel(
-                step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
+                step_module, device_ids=[dev.index] if dev.type == "cuda" else None,
+                broadcast_buffers=False)
 
         last_good: int | None = start_epoch or None
         with _Progress(progress and main_rank, progress_label) as bar:
@@ -471,7 +475,7 @@ def fit(
                         dist.all_reduce(check)
                     if not torch.isfinite(check):
                         _diverged(model, out_dir, last_good, epoch, step, float(check), lr, grad_clip,
-                                  dev, main_rank, train_set, config)
+                                  dev, world, main_rank, train_set, config)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if grad_clip is not None:
@@ -617,8 +621,8 @@ def _save_checkpoint(model: nn.Module, out_dir: Path, train_set: Dataset, metric
 
 
 def _diverged(model: nn.Module, out_dir: Path | None, last_good: int | None, epoch: int, step: int,
-              value: float, lr: float, grad_clip: float | None, dev: torch.device, main_rank: bool,
-              train_set: Dataset, config: dict) -> None:
+              value: float, lr: float, grad_clip: float | None, dev: torch.device, world: int,
+              main_rank: bool, train_set: Dataset, config: dict) -> None:
     """The NaN guard: keep the last good weights as a checkpoint and stop with a one-line error."""
     where = f"training diverged: the loss became {value} in epoch {epoch + 1} (step {step + 1})"
     clip = "--clip-grad 1" if grad_clip is None else f"a smaller --clip-grad than {grad_clip}"
@@ -637,6 +641,8 @@ def _diverged(model: nn.Module, out_dir: Path | None, last_good: int | None, epo
             _save_checkpoint(model, out_dir, train_set, {}, config, diverged_in_epoch=epoch + 1,
                              epochs_done=last_good)
         kept = out_dir / "model.safetensors"
+    if world > 1:
+        dist.barrier()  # no rank exits (and gets the job stopped) before rank 0 has written it
     raise TrustVisionError(
         f"{where}; the last good weights (after epoch {last_good}) are kept in {kept}; continue "
         f"from {state_path} with --resume and {clip}, or start again with a lower --lr than {lr}"

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from trustvision.errors import TrustVisionError
-from trustvision.train import distributed
 from trustvision.train.augment import parse_augment
 from trustvision.train.ensemble import fit_ensemble
 from trustvision.train.input_dropout import check_keep_prob
@@ -82,6 +81,8 @@ def train_by_name(
         check_keep_prob(input_dropout)
     check_train_args(epochs, lr, batch_size, opt, weight_decay, sched, grad_clip)
     resolve_device(device)
+    from trustvision.train import distributed
+
     if ensemble is not None and ensemble > 1 and distributed.is_launched():
         raise TrustVisionError("--ensemble trains its members one after another in one process; "
                                "run it without torchrun")
