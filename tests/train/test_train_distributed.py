@@ -216,3 +216,12 @@ def test_nan_on_one_rank_stops_all_and_keeps_last_good_checkpoint(tmp_path):
     assert state["epoch"] == 1 and kept.tv_config["diverged_in_epoch"] == 2
     assert all(torch.equal(kept.state_dict()[k], v) for k, v in state["model"].items())
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_module_alias_is_the_train_command(capsys):
+    from trustvision.train import distributed
+
+    assert distributed.main(["--help"]) == 0
+    assert "--batch-size" in capsys.readouterr().out
+    assert distributed.main(["--data", "digits", "--epochs", "0"]) == 2  # the CLI's one-line errors
+    assert "error: epochs must be a whole number >= 1" in capsys.readouterr().err

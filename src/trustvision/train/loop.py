@@ -441,9 +441,12 @@ def fit(
             # the constructor broadcasts rank 0's parameters and buffers: identical start. Buffers
             # are not re-broadcast every step (rank 0's BatchNorm statistics are its own either
             # way); they are copied from rank 0 after every epoch instead.
+            import inspect
+
+            no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                       inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
             step_module = DistributedDataParallel(
-                step_module, device_ids=[dev.index] if dev.type == "cuda" else None,
-                broadcast_buffers=False)
+                step_module, device_ids=[dev.index] if dev.type == "cuda" else None, **{no_sync: False})
 
         last_good: int | None = start_epoch or None
         with _Progress(progress and main_rank, progress_label) as bar:
