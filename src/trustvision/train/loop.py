@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from trustvision._device import resolve_device
 from trustvision.errors import TrustVisionError
 from trustvision.train.augment import Augment
 from trustvision.train.input_dropout import check_keep_prob, drop_pixels
@@ -112,25 +113,6 @@ class TrainResult:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` -> torch.device, or a one-line error."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise TrustVisionError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrustVisionError("CUDA is not available on this machine; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise TrustVisionError(
-                f"device {device} does not exist ({torch.cuda.device_count()} CUDA devices); "
-                "use cuda:0"
-            )
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise TrustVisionError("MPS is not available on this machine; use --device cpu")
-    return dev
 
 
 def iter_batches(
