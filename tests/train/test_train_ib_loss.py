@@ -106,32 +106,35 @@ def test_beta_one_over_d_is_the_class_conditional_likelihood():
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        torch.manual_seed(0)
-        net = _tiny_gc(learn_weights=True, noise=0.0, dequantize=0.0, label_smoothing=0.0).eval()
-        g = torch.Generator().manual_seed(3)
-        with torch.no_grad():  # a trained-looking model: non-identity couplings, unequal weights
+        with torch.no_grad():
+            torch.manual_seed(0)
+            net = _tiny_gc(learn_weights=True, noise=0.0, dequantize=0.0,
+                           label_smoothing=0.0).eval()
+            g = torch.Generator().manual_seed(3)
+            # a trained-looking model: non-identity couplings, unequal class weights
             for p in net.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
             net.gmm.phi.copy_(torch.tensor([0.7, -0.4, 0.1]))
-        x = torch.rand(5, 1, 8, 8, generator=g)
-        y = torch.tensor([0, 2, 1, 1, 0])
-        d = net.dim
-        beta = 1.0 / d
-        net.beta = beta
-        # the class-conditional NLL per dimension, straight from the model's log p(x|y)
-        nll = -net.log_px_given_y(x).gather(1, y.view(-1, 1)).squeeze(1) / d
-        expected = 2.0 / (1.0 + beta) * (nll - 0.5 * math.log(2 * math.pi)).mean()
-        z, logdet = net.latent(x)
-        out = ib_loss(net.gmm.scores(z), net.gmm.log_weights(), logdet, y, dim=d, beta=beta,
-                      label_smoothing=0.0)
-        assert float(out.loss) == pytest.approx(float(expected), abs=1e-10)
-        assert float(out.loss) == pytest.approx(2 / (1 + beta) * (out.l_x - beta * out.l_y), abs=1e-10)
-        loss, _ = net.training_loss(x, y)  # the model's hook uses the same objective
-        assert float(loss) == pytest.approx(float(expected), abs=1e-10)
-        # beta = 0 is the label-free mixture likelihood -log p(x)/D instead
-        mix = ib_loss(net.gmm.scores(z), net.gmm.log_weights(), logdet, y, dim=d, beta=0.0)
-        ref = 2.0 * (-net.log_px(x) / d - 0.5 * math.log(2 * math.pi)).mean()
-        assert float(mix.loss) == pytest.approx(float(ref), abs=1e-10)
+            x = torch.rand(5, 1, 8, 8, generator=g)
+            y = torch.tensor([0, 2, 1, 1, 0])
+            d = net.dim
+            beta = 1.0 / d
+            net.beta = beta
+            # the class-conditional NLL per dimension, straight from the model's log p(x|y)
+            nll = -net.log_px_given_y(x).gather(1, y.view(-1, 1)).squeeze(1) / d
+            expected = 2.0 / (1.0 + beta) * (nll - 0.5 * math.log(2 * math.pi)).mean()
+            z, logdet = net.latent(x)
+            out = ib_loss(net.gmm.scores(z), net.gmm.log_weights(), logdet, y, dim=d, beta=beta,
+                          label_smoothing=0.0)
+            assert float(out.loss) == pytest.approx(float(expected), abs=1e-10)
+            assert float(out.loss) == pytest.approx(2 / (1 + beta) * (out.l_x - beta * out.l_y),
+                                                    abs=1e-10)
+            loss, _ = net.training_loss(x, y)  # the model's hook uses the same objective
+            assert float(loss) == pytest.approx(float(expected), abs=1e-10)
+            # beta = 0 is the label-free mixture likelihood -log p(x)/D instead
+            mix = ib_loss(net.gmm.scores(z), net.gmm.log_weights(), logdet, y, dim=d, beta=0.0)
+            ref = 2.0 * (-net.log_px(x) / d - 0.5 * math.log(2 * math.pi)).mean()
+            assert float(mix.loss) == pytest.approx(float(ref), abs=1e-10)
     finally:
         torch.set_default_dtype(old)
 
