@@ -300,7 +300,7 @@ def report_cmd(
 def explain_cmd(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint path or zoo:NAME."),
     data: str = typer.Option(..., "--data", "-d", help="Dataset name (see `trustvision data`)."),
-    method: str = typer.Option("igos++", "--method", help="igos, igos++, saliency, integrated-gradients, gradcam, occlusion or sag."),
+    method: str = typer.Option("igos++", "--method", help="igos, igos++, saliency, integrated-gradients, gradcam, occlusion, likelihood-ratio (generative classifiers) or sag."),
     n: int = typer.Option(16, "--n", help="Number of (seeded, random) images to explain."),
     out: str = typer.Option("explanations", "--out", "--output", "-o", help="Output folder."),
     split: str = typer.Option("test", "--split", help="Dataset split: train, val or test."),
