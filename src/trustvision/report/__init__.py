@@ -1,6 +1,8 @@
 """Self-contained HTML reports of audit results, and figure helpers."""
 
 from trustvision.report.figures import figure_to_png, png_data_uri, save_figure
-from trustvision.report.html import load_results, render_html, render_report
+from trustvision.report.html import load_results, render_html, render_report, summary_table
 
-__all__ = ["render_report", "render_html", "load_results", "figure_to_png", "png_data_uri", "save_figure"]
+__all__ = [
+    "render_report", "render_html", "load_results", "summary_table", "figure_to_png", "png_data_uri", "save_figure",
+]

@@ -15,18 +15,50 @@ from typing import Any
 
 import jinja2
 
+from trustvision.audit.checks.ood import SUMMARY_SETS, primary_detector
 from trustvision.audit.store import atomic_write_bytes
 from trustvision.errors import TrustVisionError
 from trustvision.report.figures import png_data_uri
 
-__all__ = ["render_report", "render_html", "load_results"]
+__all__ = ["render_report", "render_html", "load_results", "summary_table"]
 
-_METRIC_NOTES = {
-    "Accuracy": "Accuracy: top-1 accuracy on the test split (higher is better).",
-    "ECE": "ECE: expected calibration error on top-1 confidence with {n_bins} equal-width bins (lower is better).",
-    "ECE after TS": "ECE after TS: the same after temperature scaling fitted on the validation split.",
-    "Temperature": "Temperature: fitted T (T > 1: the model was overconfident).",
+#: Summary-table columns known to the report: metric key -> (header, better, legend). ``better`` is
+#: "higher", "lower" or None; the legend says what the number is (``{n_bins}`` is filled in).
+_COLUMNS: dict[str, tuple[str, str | None, str | None]] = {
+    "Accuracy": ("Accuracy", "higher", "top-1 accuracy on the test split{gap}."),
+    "ECE": ("ECE", "lower", "expected calibration error on top-1 confidence with {n_bins} "
+                            "equal-width bins (0 = confidence matches accuracy)."),
+    "ECE after TS": ("ECE after TS", "lower", "the same after temperature scaling fitted on the "
+                                              "validation split; the fitted temperature T is under "
+                                              "the value (T > 1: the model was overconfident, "
+                                              "T < 1: underconfident)."),
+    **{f"OOD AUROC vs {s}": (f"OOD AUROC vs {s}", "higher", None) for s in SUMMARY_SETS},
+    "Bits/dim": ("Bits/dim", "lower", "negative log-likelihood of the test images in bits per "
+                                      "dimension (8-bit scale); generative classifiers only."),
 }
+_OOD_NAMES = {"uniform": "uniform noise", "faces": "face photos", "textures": "textures"}
+_OOD_LEGEND = ("AUROC for telling the test images (positive) from out-of-distribution images of "
+               "the same shape: {sets} (0.5 = chance, 1 = perfect), scored by the model's own "
+               "primary detector, named under the value: typicality = two-tailed typicality test "
+               "on -log p(x)/D (generative classifiers), max-softmax = maximum class probability "
+               "(every other classifier). All detectors and OOD sets are in each model's "
+               "out-of-distribution section.")
+#: Metric families whose key names the explanation method in parentheses, e.g. "Insertion AUC (iGOS++)".
+_FAMILIES: dict[str, tuple[str | None, str]] = {
+    "Insertion AUC": ("higher", "class probability integrated while the {method} heatmap's most "
+                                "important cells are revealed on a blurred image (mean over the "
+                                "explained test images; high = the heatmap finds the evidence)."),
+    "Deletion AUC": ("lower", "the same while those cells are blurred away (low = removing what the "
+                              "heatmap points at destroys the prediction)."),
+}
+#: Metrics shown as a small note under another column's value instead of a column of their own.
+_FOLDED: dict[str, tuple[str, str]] = {
+    "Temperature": ("ECE after TS", "T = {:.2f}"),
+    "Accuracy gap to twin": ("Accuracy", "{:+.4f} vs twin"),
+}
+_GAP_NOTE = ("; with --compare, the difference to the feed-forward twin is under the value "
+             "(positive = this model is more accurate)")
+_ARROWS = {"higher": "\u2191", "lower": "\u2193"}
 
 
 def load_results(out_dir: str | os.PathLike) -> dict:
@@ -75,6 +107,93 @@ def _check_counts(model: dict) -> str:
     return ", ".join(parts)
 
 
+def _ood_detector(model: dict) -> str | None:
+    """The detector behind the model's "OOD AUROC vs <set>" metrics, read from its ood check data."""
+    rec = (model.get("checks") or {}).get("ood") or {}
+    rows = (rec.get("data") or {}).get("rows") if rec.get("status") == "ok" else None
+    if not rows:
+        return None
+    return primary_detector(str(r.get("detector")) for r in rows).replace("_", "-")
+
+
+def _family(key: str) -> tuple[str, str] | None:
+    """("Insertion AUC", "iGOS++") for "Insertion AUC (iGOS++)"; None if ``key`` is no known family."""
+    for fam in _FAMILIES:
+        if key.startswith(fam + " (") and key.endswith(")"):
+            return fam, key[len(fam) + 2: -1]
+    return None
+
+
+def _direction(better: str | None) -> str:
+    return {"higher": "\u2191 higher is better; ", "lower": "\u2193 lower is better; "}.get(better or "", "")
+
+
+def summary_table(results: dict) -> dict:
+    """The summary table of an audit: one row per model, one column per headline number.
+
+    Columns come from the models' ``metrics`` (each check's ``CheckResult.metrics``) in first-seen
+    order; diagnostics that only qualify another number (the fitted temperature, the accuracy gap to
+    the ``--compare`` twin) are shown small under that number instead of in a column of their own,
+    and the OOD columns name the detector under each value. Returns ``{"columns": [{"key",
+    "header", "better"}], "rows": [{"model": model_record, "cells": [{"value", "note"}]}],
+    "legend": [(term, explanation)]}``; ``better`` is "higher", "lower" or None.
+    """
+    models = results.get("models", [])
+    n_bins = (results.get("options") or {}).get("n_bins", 15)
+    keys: list[str] = []
+    for m in models:
+        for k in m.get("metrics") or {}:
+            if k not in keys:
+                keys.append(k)
+    folded = {k: host for k, (host, _) in _FOLDED.items() if k in keys and host in keys}
+    columns: list[dict[str, Any]] = []
+    legend: list[tuple[str, str]] = [
+        ("Model", "links to the model's section; architecture, parameter count and training data under the name."),
+    ]
+    gap = any("Accuracy gap to twin" in (m.get("metrics") or {}) for m in models)
+    ood_keys = [k for k in keys if k.startswith("OOD AUROC vs ")]
+    for key in keys:
+        if key in folded:
+            continue
+        fam = _family(key)
+        if key in _COLUMNS:
+            header, better, text = _COLUMNS[key]
+            if text is not None:
+                text = text.format(n_bins=n_bins, gap=_GAP_NOTE if gap else "")
+        elif fam is not None:
+            header, (better, text) = key, _FAMILIES[fam[0]]
+            text = text.format(method=fam[1])
+        else:
+            header, better = key, None
+            owners = [c.get("title") or name for m in models for name, c in (m.get("checks") or {}).items()
+                      if key in (c.get("metrics") or {})]
+            text = f"headline number of the {owners[0] if owners else 'audit'} check (see its section below)."
+        columns.append({"key": key, "header": header, "better": better})
+        if key in ood_keys:
+            if key == ood_keys[0]:
+                sets = [k[len("OOD AUROC vs "):] for k in ood_keys]
+                text = _OOD_LEGEND.format(sets=", ".join(_OOD_NAMES.get(x, x) for x in sets))
+                legend.append(("OOD AUROC vs " + " / ".join(sets), _direction(better) + text))
+            continue
+        legend.append((header, _direction(better) + text))
+    legend.append(("Checks", "how many checks finished (done), failed, or do not apply to the model (n/a)."))
+    legend.append(("\u2014", "not measured for this model (the check does not apply to it, or failed)."))
+    rows = []
+    for m in models:
+        metrics = m.get("metrics") or {}
+        detector = _ood_detector(m)
+        cells = []
+        for col in columns:
+            value = metrics.get(col["key"])
+            notes = [fmt.format(metrics[k]) for k, (host, fmt) in _FOLDED.items()
+                     if folded.get(k) == col["key"] and isinstance(metrics.get(k), (int, float))]
+            if col["key"] in ood_keys and value is not None and detector:
+                notes.append(detector)
+            cells.append({"value": value, "note": ", ".join(notes) or None})
+        rows.append({"model": m, "cells": cells})
+    return {"columns": columns, "rows": rows, "legend": legend}
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.ChainableUndefined, trim_blocks=True,
                              lstrip_blocks=True)
@@ -90,7 +209,6 @@ def render_html(results: dict, base_dir: str | os.PathLike) -> str:
     """The report for ``results`` as an HTML string; figure paths are read relative to ``base_dir``."""
     base = Path(base_dir)
     figures: dict[str, dict[str, dict[str, str | None]]] = {}
-    metric_columns: list[str] = []
     for m in results.get("models", []):
         figures[m["key"]] = {}
         for cname, c in m.get("checks", {}).items():
@@ -101,16 +219,11 @@ def render_html(results: dict, base_dir: str | os.PathLike) -> str:
                 except (OSError, ValueError):
                     uris[fname] = None
             figures[m["key"]][cname] = uris
-        for col in m.get("metrics", {}):
-            if col not in metric_columns:
-                metric_columns.append(col)
-    n_bins = (results.get("options") or {}).get("n_bins", 15)
-    notes = [_METRIC_NOTES[c].format(n_bins=n_bins) for c in metric_columns if c in _METRIC_NOTES]
     return _environment().from_string(_template_text()).render(
         r=results,
         figures=figures,
-        metric_columns=metric_columns,
-        notes=notes,
+        summary=summary_table(results),
+        arrows=_ARROWS,
         model_names=[m["name"] for m in results.get("models", [])],
         dataset_names=[d["name"] for d in results.get("datasets", [])],
     )

@@ -6,6 +6,8 @@ complexity-corrected score; every model (and the ``--compare`` model) by max-sof
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from matplotlib.figure import Figure
 
@@ -13,7 +15,10 @@ from trustvision.audit.context import AuditContext
 from trustvision.audit.registry import Check, CheckResult, register_check
 from trustvision.evaluate.ood import OOD_SETS, OODResult, build_ood_sets, evaluate_ood
 
-__all__ = ["OODCheck", "run_ood", "ood_table", "ood_figure"]
+__all__ = ["OODCheck", "run_ood", "ood_table", "ood_figure", "primary_detector", "SUMMARY_SETS"]
+
+#: OOD sets whose AUROC goes to the report's summary table (one column each)
+SUMMARY_SETS = ("uniform", "faces", "textures")
 
 CONVENTION = ("Higher score = more in-distribution; the in-distribution test images are the "
               "positive class for AUROC, AUPR-In and FPR at 95% TPR (OpenOOD uses the opposite).")
@@ -35,6 +40,16 @@ def run_ood(ctx: AuditContext, sets=OOD_SETS) -> OODResult:
     batch = int(ctx.option("batch_size", 256))
     model, cmp = ctx.model, ctx.compare
     return evaluate_ood(model, x_train, x_test, ood_sets, compare=cmp, batch_size=batch)
+
+
+def primary_detector(detectors: Iterable[str]) -> str:
+    """The detector that stands for a model in the summary: the two-tailed typicality test for
+    generative classifiers (the detector of Mackowiak et al. 2021), max-softmax otherwise.
+
+    ``detectors``: the detector names evaluated for the model (e.g. ``{r["detector"] for r in
+    OODResult.rows}``); ``max_softmax (compare)`` belongs to the compared model and never counts.
+    """
+    return "typicality" if "typicality" in set(detectors) else "max_softmax"
 
 
 def ood_table(res: OODResult) -> dict:
@@ -74,6 +89,7 @@ class OODCheck(Check):
         + CONVENTION + " Higher AUROC/AUPR and lower FPR are better."
     )
     order = 40
+    version = 2  # 2: summary metrics "OOD AUROC vs <set>" (primary detector), not one per detector
     uses_compare = True
 
     def run(self, ctx: AuditContext) -> CheckResult:
@@ -83,11 +99,13 @@ class OODCheck(Check):
         summary = (f"Best detector/set: {best['detector']} on {best['ood_set']} (AUROC "
                    f"{best['auroc']:.3f}); hardest: {worst['detector']} on {worst['ood_set']} "
                    f"(AUROC {worst['auroc']:.3f}). {CONVENTION}")
+        # one summary number per OOD set, from the model's own primary detector (named in the
+        # report from data["rows"] with primary_detector), so all models share the same columns
         metrics = {}
-        main = "typicality" if any(r["detector"] == "typicality" for r in res.rows) else "max_softmax"
-        for s in ("uniform", "faces", "textures"):
+        main = primary_detector(r["detector"] for r in res.rows)
+        for s in SUMMARY_SETS:
             try:
-                metrics[f"OOD AUROC {main} vs {s}"] = res.get(main, s)["auroc"]
+                metrics[f"OOD AUROC vs {s}"] = res.get(main, s)["auroc"]
             except KeyError:
                 pass
         return CheckResult(data=res.to_dict(), figures={"auroc": ood_figure(res)}, summary=summary,

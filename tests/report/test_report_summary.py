@@ -1,0 +1,102 @@
+"""The report's summary table: one compact row per model, every column explained in the legend."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from trustvision import models
+from trustvision.audit import default_checks, run_audit
+from trustvision.audit.checks.ood import SUMMARY_SETS, primary_detector
+from trustvision.report import render_html, summary_table
+
+ZOO = ("zoo:ibinn-small-digits", "zoo:ibinn-small-ff-digits", "zoo:small-cnn-digits")
+
+
+@pytest.fixture(scope="module")
+def default_audit(tmp_path_factory):
+    """The default audit (every default check on the digits zoo models), on small subsets."""
+    names = [e["name"] for e in models.list_zoo() if e.get("dataset") == "digits"]
+    if not set(ZOO) <= set(names):
+        pytest.skip("digits zoo not built (scripts/build_zoo*.py)")
+    out = tmp_path_factory.mktemp("audit")
+    run_audit({n: models.load(n) for n in names}, "digits", out, checks=default_checks(), progress=False,
+              options={"n_max": 80, "ood_n": 40, "explain_n": 2, "sag_n": 1, "explain_iterations": 2,
+                       "counterfactual_n": 2})
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _header_cells(html: str) -> list[str]:
+    table = re.search(r'<table class="summary">(.*?)</table>', html, re.S).group(1)
+    thead = re.search(r"<thead>(.*?)</thead>", table, re.S).group(1)
+    cells = re.findall(r"<th>(.*?)</th>", thead, re.S)
+    return [re.sub(r"<[^>]+>", "", h).replace("&nbsp;", " ").strip() for h in cells]
+
+
+@pytest.mark.slow
+def test_default_audit_summary_is_compact(default_audit):
+    out, results = default_audit
+    assert {m["name"] for m in results["models"]} >= set(ZOO)
+    html = (out / "report.html").read_text(encoding="utf-8")
+    headers = _header_cells(html)
+    assert len(headers) <= 12, headers
+    # one OOD column per set, shared by generative and feed-forward models
+    for s in SUMMARY_SETS:
+        assert sum(h.startswith(f"OOD AUROC vs {s}") for h in headers) == 1
+    assert not any("typicality" in h or "max_softmax" in h or "Temperature" in h for h in headers)
+    assert headers[0] == "Model" and headers[-1] == "Checks"
+    # every column is explained in the legend, with its direction where it has one
+    legend = dict(summary_table(results)["legend"])
+    for col in summary_table(results)["columns"]:
+        term = next(t for t in legend if t == col["header"] or (col["header"].startswith("OOD AUROC vs ")
+                                                                and t.startswith("OOD AUROC vs ")))
+        if col["better"] is not None:
+            assert legend[term].startswith(f"{'↑' if col['better'] == 'higher' else '↓'} {col['better']} is better")
+    assert legend["ECE"].startswith("↓ lower is better") and legend["Accuracy"].startswith("↑ higher is better")
+
+
+@pytest.mark.slow
+def test_ood_cells_are_the_primary_detectors_auroc(default_audit):
+    _, results = default_audit
+    table = summary_table(results)
+    keys = [c["key"] for c in table["columns"]]
+    expected_detector = {"zoo:ibinn-small-digits": "typicality", "zoo:ibinn-small-ff-digits": "max_softmax",
+                         "zoo:small-cnn-digits": "max_softmax"}
+    for m, row in zip(results["models"], table["rows"]):
+        assert row["model"]["name"] == m["name"]
+        rows = m["checks"]["ood"]["data"]["rows"]
+        det = primary_detector(r["detector"] for r in rows)
+        if m["name"] in expected_detector:
+            assert det == expected_detector[m["name"]]
+        for s in SUMMARY_SETS:
+            auroc = next(r["auroc"] for r in rows if r["detector"] == det and r["ood_set"] == s)
+            cell = row["cells"][keys.index(f"OOD AUROC vs {s}")]
+            assert cell["value"] == auroc == m["metrics"][f"OOD AUROC vs {s}"]
+            assert cell["note"] == det.replace("_", "-")
+        # the per-check data still holds every detector, not just the summary's
+        if det == "typicality":
+            assert {"log_px", "typicality", "complexity", "max_softmax"} <= {r["detector"] for r in rows}
+
+
+def test_folded_and_unknown_metrics():
+    """The temperature and the twin gap sit under their host value; an unknown metric keeps a column."""
+    results = {"options": {"n_bins": 10}, "models": [
+        {"key": "a", "name": "a", "metrics": {"Accuracy": 0.9, "ECE": 0.05, "ECE after TS": 0.02, "Temperature": 1.5,
+                                             "Accuracy gap to twin": -0.01, "Mean confidence": 0.8},
+         "checks": {"conf": {"status": "ok", "title": "Mean <confidence>", "metrics": {"Mean confidence": 0.8}}}},
+        {"key": "b", "name": "b", "metrics": {"Accuracy": 0.7}, "checks": {}},
+    ]}
+    t = summary_table(results)
+    assert [c["key"] for c in t["columns"]] == ["Accuracy", "ECE", "ECE after TS", "Mean confidence"]
+    a, b = ([c["value"] for c in r["cells"]] for r in t["rows"])
+    assert a == [0.9, 0.05, 0.02, 0.8] and b == [0.7, None, None, None]
+    notes = [c["note"] for c in t["rows"][0]["cells"]]
+    assert notes == ["-0.0100 vs twin", None, "T = 1.50", None]
+    legend = dict(t["legend"])
+    assert "10 equal-width bins" in legend["ECE"] and "twin" in legend["Accuracy"]
+    assert legend["Mean confidence"] == "headline number of the Mean <confidence> check (see its section below)."
+    html = render_html({**results, "models": [{**m, "architecture": "x", "num_parameters": 3} for m in
+                                              results["models"]]}, ".")
+    assert "Mean &lt;confidence&gt;" in html and "T = 1.50" in html
