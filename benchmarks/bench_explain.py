@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from registry import Workload, register  # noqa: E402
+from registry import Workload, register, sync  # noqa: E402
 
 BATCH = 32
 
@@ -67,11 +67,6 @@ def resnet18_model(device: torch.device, n: int = BATCH):
     x = torch.nn.functional.interpolate(torch.rand(n, 3, 14, 14, generator=g), size=224,
                                         mode="bilinear", align_corners=False)
     return net.to(device).eval(), x.to(device)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- runner workloads ------------------------------------------------------------------------
@@ -144,11 +139,11 @@ def time_per_pass(net, x: torch.Tensor, chunk: int, device: torch.device,
     out = []
     for fn in (fb, fw):
         fn()
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
-        _sync(device)
+        sync(device)
         out.append((time.perf_counter() - t0) / reps / chunk)
     return out[0], out[1]
 
@@ -164,18 +159,18 @@ def igos_report(name: str, method: str, net, x: torch.Tensor, device: torch.devi
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expl.attribute(x[:2], **{**settings, "iterations": 1})  # warm-up
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         heat = expl.attribute(x, **settings)
-        _sync(device)
+        sync(device)
         t_batch = time.perf_counter() - t0
         info = expl.last_info
         singles = []
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for i in range(n_single):
             singles.append(expl.attribute(x[i : i + 1], **settings))
-        _sync(device)
+        sync(device)
         t_single = (time.perf_counter() - t0) / n_single
         # the same batch with another noise seed: how much the scores move from noise alone
         heat_seed1 = expl.attribute(x, **{**settings, "seed": 1})

@@ -11,6 +11,10 @@ Add a benchmark by creating ``benchmarks/bench_<topic>.py`` with::
 
 ``run()`` processes ``images`` images once; the runner warms it up, times repeated calls and
 measures the peak memory the calls need beyond what the set-up already holds.
+
+Helpers shared by the ``bench_*`` modules: :func:`sync` (wait for the device before reading a
+clock), :func:`zoo_names`, :func:`zoo_workload` (a zoo model with a seeded random batch) and
+:func:`training_run` (one optimiser step).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Workload", "register", "BENCHMARKS"]
+__all__ = ["Workload", "register", "BENCHMARKS", "sync", "zoo_names", "zoo_workload", "training_run"]
 
 
 @dataclass
@@ -46,3 +50,50 @@ def register(name: str):
         return fn
 
     return deco
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work on ``device`` (a no-op on the CPU), so a clock read is honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def zoo_names() -> list[str]:
+    """The zoo entries that are built (without the ``zoo:`` prefix); [] when there are none."""
+    try:
+        from trustvision.models.checkpoint import list_zoo
+
+        return [e["name"].split(":", 1)[1] for e in list_zoo()]
+    except Exception:  # zoo not built or models not importable
+        return []
+
+
+def zoo_workload(name: str, batch: int, train: bool, make_run: Callable[..., Callable[[], object]]):
+    """A benchmark function for zoo model ``name``: loads it on the device (train or eval mode),
+    draws a seeded random batch ``x`` (batch, C, H, W) in [0, 1] with labels ``y``, and times
+    ``make_run(model, x, y)``; skipped (None) when the entry is not built."""
+
+    def bench(device: torch.device) -> Workload | None:
+        if name not in zoo_names():
+            return None
+        from trustvision import models
+
+        model = models.load(f"zoo:{name}").to(device).train(train)
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(batch, model.in_chans, *model.image_size, generator=g).to(device)
+        y = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
+        return Workload(run=make_run(model, x, y), images=batch)
+
+    return bench
+
+
+def training_run(opt: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """``run()`` for one training step: ``loss_fn()``, zero the gradients, backward, ``opt.step()``."""
+
+    def run() -> None:
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return run

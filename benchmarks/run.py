@@ -62,19 +62,16 @@ def measure(name: str, device_name: str) -> dict:
     """Run benchmark ``name`` in this process; returns images/s and peak memory (MB)."""
     import torch
 
+    from registry import sync
+
     benches = _discover()
     device = torch.device(device_name)
     work = benches[name](device)
     if work is None:
         return {"benchmark": name, "skipped": True}
     cuda = device.type == "cuda"
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
-
     if cuda:
-        sync()
+        sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
@@ -84,7 +81,7 @@ def measure(name: str, device_name: str) -> dict:
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(work.warmup):
         work.run()
-    sync()
+    sync(device)
     # Time ``chunks`` chunks of repeated calls; report the best chunk (least disturbed by other
     # processes on a shared machine) and the total number of calls.
     chunks, rates, runs, total_seconds = 5, [], 0, 0.0
@@ -93,7 +90,7 @@ def measure(name: str, device_name: str) -> dict:
         while True:
             work.run()
             n += 1
-            sync()
+            sync(device)
             elapsed = time.perf_counter() - t0
             if elapsed >= work.min_seconds / chunks or n >= max(work.max_runs // chunks, 1):
                 break

@@ -41,9 +41,9 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def build(name: str, out: Path, device: str, seed: int, progress: bool) -> dict:
-    """Train zoo entry ``name`` and save it under ``out/name``; returns its summary."""
-    r = RECIPES[name]
+def train_recipe(r: dict, seed: int, device: str, progress: bool, label: str = "", **fit_kw):
+    """Train recipe ``r`` (model, data, epochs, lr, batch_size, augment, optional model_kwargs)
+    with :func:`fit`; returns (model, fit result, seconds, (train, val, test) datasets)."""
     train_set = data.load(r["data"], split="train")
     val_set = data.load(r["data"], split="val")
     test_set = data.load(r["data"], split="test")
@@ -51,20 +51,48 @@ def build(name: str, out: Path, device: str, seed: int, progress: bool) -> dict:
     t0 = time.perf_counter()
     res = fit(model, train_set, val_set, test_set=test_set, epochs=r["epochs"], lr=r["lr"],
               batch_size=r["batch_size"], seed=seed, device=device, augment=parse_augment(r["augment"]),
-              opt=r.get("opt", "adam"), weight_decay=r.get("weight_decay", 0.0), progress=progress,
-              progress_label=f"{name} ")
-    seconds = time.perf_counter() - t0
-    metrics = res.metrics()
-    if r["data"] == "shortcut-digits":
-        marked = data.load("shortcut-digits", split="test", marked=True)
-        metrics["test_accuracy_marked"] = evaluate_accuracy(model, marked, device=device)
-    training = {**res.config, "recipe": name, "train_seconds": round(seconds, 1)}
-    path = models.save(model.cpu(), out / name, classes=train_set.classes, dataset=r["data"],
+              progress=progress, progress_label=label, **fit_kw)
+    return model, res, time.perf_counter() - t0, (train_set, val_set, test_set)
+
+
+def save_entry(name: str, r: dict, model, train_set, metrics: dict, config: dict, seconds: float,
+               out: Path, **training_extra) -> dict:
+    """Save a trained entry under ``out/name`` (metrics and training config in its config.json);
+    returns its summary (``ok``: the test accuracy reached the recipe's ``target``)."""
+    training = {**config, "recipe": name, "train_seconds": round(seconds, 1), **training_extra}
+    path = models.save(model, out / name, classes=train_set.classes, dataset=r["data"],
                        metrics=metrics, training=training)
     size = sum(f.stat().st_size for f in Path(path).iterdir())
     ok = r["target"] is None or metrics["test_accuracy"] >= r["target"]
     return {"name": name, "metrics": metrics, "target": r["target"], "ok": ok,
             "seconds": round(seconds, 1), "size_mb": round(size / 1e6, 3)}
+
+
+def build_all(names: list[str], build_one) -> int:
+    """``build_one(name)`` for each name, printing a line each and the JSON summaries; the exit
+    code is 1 when an entry is below its target."""
+    summaries = []
+    for name in names:
+        s = build_one(name)
+        summaries.append(s)
+        acc = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items())
+        flag = "" if s["ok"] else f"  BELOW TARGET {s['target']}"
+        print(f"{name}: {acc}  ({s['seconds']}s, {s['size_mb']} MB){flag}", flush=True)
+    print(json.dumps(summaries, indent=2))
+    return 0 if all(s["ok"] for s in summaries) else 1
+
+
+def build(name: str, out: Path, device: str, seed: int, progress: bool) -> dict:
+    """Train zoo entry ``name`` and save it under ``out/name``; returns its summary."""
+    r = RECIPES[name]
+    model, res, seconds, (train_set, _, _) = train_recipe(
+        r, seed, device, progress, f"{name} ", opt=r.get("opt", "adam"),
+        weight_decay=r.get("weight_decay", 0.0))
+    metrics = res.metrics()
+    if r["data"] == "shortcut-digits":
+        marked = data.load("shortcut-digits", split="test", marked=True)
+        metrics["test_accuracy_marked"] = evaluate_accuracy(model, marked, device=device)
+    return save_entry(name, r, model.cpu(), train_set, metrics, res.config, seconds, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,15 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    summaries = []
-    for name in args.only or list(RECIPES):
-        s = build(name, args.out, args.device, args.seed, not args.no_progress)
-        summaries.append(s)
-        acc = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items())
-        flag = "" if s["ok"] else f"  BELOW TARGET {s['target']}"
-        print(f"{name}: {acc}  ({s['seconds']}s, {s['size_mb']} MB){flag}", flush=True)
-    print(json.dumps(summaries, indent=2))
-    return 0 if all(s["ok"] for s in summaries) else 1
+    return build_all(args.only or list(RECIPES),
+                     lambda name: build(name, args.out, args.device, args.seed, not args.no_progress))
 
 
 if __name__ == "__main__":

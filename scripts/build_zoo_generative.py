@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,10 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from trustvision import data, models  # noqa: E402
 from trustvision.evaluate.calibration import expected_calibration_error  # noqa: E402
 from trustvision.evaluate.ood import build_ood_sets, evaluate_ood  # noqa: E402
-from trustvision.train import build_model, fit, parse_augment  # noqa: E402
+from build_zoo import build_all, save_entry, train_recipe  # noqa: E402 (scripts/ is on sys.path)
 
 RECIPES: dict[str, dict] = {
     # Gaussian input noise sigma 0.1 (the model default is 0.05): chosen on the validation split
@@ -57,16 +55,9 @@ def _probs(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 
 def train_entry(r: dict, seed: int, device: str, progress: bool, label: str = ""):
-    """Train one recipe; returns (model, metrics dict, seconds)."""
-    train_set = data.load(r["data"], split="train")
-    val_set = data.load(r["data"], split="val")
-    test_set = data.load(r["data"], split="test")
-    model = build_model(r["model"], train_set, seed=seed, **r.get("model_kwargs", {}))
-    t0 = time.perf_counter()
-    res = fit(model, train_set, val_set, test_set=test_set, epochs=r["epochs"], lr=r["lr"],
-              batch_size=r["batch_size"], seed=seed, device=device, grad_clip=GRAD_CLIP,
-              augment=parse_augment(r["augment"]), progress=progress, progress_label=label)
-    seconds = time.perf_counter() - t0
+    """Train one recipe; returns (model, metrics dict, seconds, fit config, train set)."""
+    model, res, seconds, (train_set, val_set, test_set) = train_recipe(
+        r, seed, device, progress, label, grad_clip=GRAD_CLIP)
     model = model.cpu().eval()
     metrics = res.metrics()
     x_test, y_test = test_set.tensors()
@@ -87,14 +78,8 @@ def train_entry(r: dict, seed: int, device: str, progress: bool, label: str = ""
 def build(name: str, out: Path, device: str, seed: int, progress: bool) -> dict:
     r = RECIPES[name]
     model, metrics, seconds, config, train_set = train_entry(r, seed, device, progress, f"{name} ")
-    training = {**config, "recipe": name, "train_seconds": round(seconds, 1),
-                "threads": torch.get_num_threads()}
-    path = models.save(model, out / name, classes=train_set.classes, dataset=r["data"],
-                       metrics=metrics, training=training)
-    size = sum(f.stat().st_size for f in Path(path).iterdir())
-    ok = r["target"] is None or metrics["test_accuracy"] >= r["target"]
-    return {"name": name, "metrics": metrics, "target": r["target"], "ok": ok,
-            "seconds": round(seconds, 1), "size_mb": round(size / 1e6, 3)}
+    return save_entry(name, r, model, train_set, metrics, config, seconds, out,
+                      threads=torch.get_num_threads())
 
 
 def measure(dataset: str, seeds: list[int], device: str) -> list[dict]:
@@ -124,15 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         measure(args.data, [int(s) for s in args.seeds.split(",")], args.device)
         return 0
-    summaries = []
-    for name in args.only or list(RECIPES):
-        s = build(name, args.out, args.device, args.seed, not args.no_progress)
-        summaries.append(s)
-        flag = "" if s["ok"] else f"  BELOW TARGET {s['target']}"
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items())
-        print(f"{name}: {shown} ({s['seconds']}s, {s['size_mb']} MB){flag}", flush=True)
-    print(json.dumps(summaries, indent=2))
-    return 0 if all(s["ok"] for s in summaries) else 1
+    return build_all(args.only or list(RECIPES),
+                     lambda name: build(name, args.out, args.device, args.seed, not args.no_progress))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,6 @@ from trustvision import models
 from trustvision.models.generative import IBINN, IBINNFeedForward, is_generative
 
 
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

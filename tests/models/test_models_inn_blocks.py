@@ -9,14 +9,6 @@ from trustvision.models import inn_blocks as B
 from trustvision.models.generative import _PartialFlow
 
 
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _gen():
     return torch.Generator().manual_seed(0)
 

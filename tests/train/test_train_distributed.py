@@ -76,7 +76,8 @@ NAN_WORKER = textwrap.dedent(
         fit(net, ds, epochs=3, lr=0.01, batch_size=128, out=sys.argv[1], progress=False,
             on_epoch_end=poison)
     except TrustVisionError as exc:
-        print(f"rank {torch.distributed.get_rank()}: {exc}", flush=True)
+        # one write per line (message and newline together), so the ranks' lines never interleave
+        print(f"rank {torch.distributed.get_rank()}: {exc}\\n", end="", flush=True)
     torch.distributed.destroy_process_group()
     """
 )

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["ImageDataset", "TensorImageDataset"]
+__all__ = ["ImageDataset", "TensorImageDataset", "random_subset"]
 
 
 class ImageDataset(Dataset):
@@ -59,3 +59,16 @@ class TensorImageDataset(ImageDataset):
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images and labels at once (the fast path for small embedded sets)."""
         return self.images, self.labels
+
+
+def random_subset(
+    ds: Dataset, n: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``min(n, len(ds))`` examples of ``ds`` drawn without replacement by ``generator``, in index
+    order: images (n, C, H, W), labels (n,) and their indices (n,) in ``ds``."""
+    idx = torch.randperm(len(ds), generator=generator)[: min(n, len(ds))].sort().values
+    if hasattr(ds, "tensors"):
+        images, labels = ds.tensors()
+        return images[idx], labels[idx], idx
+    items = [ds[int(i)] for i in idx]
+    return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items]), idx

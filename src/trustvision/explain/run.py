@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from trustvision._device import resolve_device
+from trustvision.data._base import random_subset
 from trustvision.errors import TrustVisionError
 
 __all__ = ["run_explain"]
@@ -22,16 +23,6 @@ __all__ = ["run_explain"]
 
 def _device(device: str) -> str:
     return str(resolve_device(device))
-
-
-def _sample(ds, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(ds), generator=g)[: min(n, len(ds))].sort().values
-    if hasattr(ds, "tensors"):
-        images, labels = ds.tensors()
-        return images[idx], labels[idx], idx
-    items = [ds[int(i)] for i in idx]
-    return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items]), idx
 
 
 def run_explain(
@@ -72,7 +63,7 @@ def run_explain(
     net = models.load(model).to(dev).eval()
     ds = tv_data.load(data, split=split, root=data_root)
     models.check_compatible(net, ds)
-    x, y, idx = _sample(ds, n, seed)
+    x, y, idx = random_subset(ds, n, torch.Generator().manual_seed(seed))
     x = x.to(dev)
     with torch.no_grad():
         probs = torch.softmax(net(x), dim=1)

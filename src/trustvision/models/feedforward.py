@@ -136,6 +136,14 @@ class ResNet20(ImageClassifier):
         return self.fc(feats)
 
 
+def _imagenet_default(in_chans: int, mean: Sequence[float] | None, std: Sequence[float] | None):
+    """``(mean, std)``, ImageNet's where not given for 3 channels (pretrained weights expect it)."""
+    if in_chans == 3:
+        mean = IMAGENET_MEAN if mean is None else mean
+        std = IMAGENET_STD if std is None else std
+    return mean, std
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -162,10 +170,7 @@ class TorchvisionClassifier(ImageClassifier):
         std: Sequence[float] | None = None,
         **kwargs,
     ):
-        if in_chans == 3:
-            mean = IMAGENET_MEAN if mean is None else mean
-            std = IMAGENET_STD if std is None else std
-        super().__init__(num_classes, in_chans, image_size, mean, std)
+        super().__init__(num_classes, in_chans, image_size, *_imagenet_default(in_chans, mean, std))
         import torchvision
 
         try:
@@ -239,10 +244,7 @@ class TimmClassifier(ImageClassifier):
         std: Sequence[float] | None = None,
         **kwargs,
     ):
-        if in_chans == 3:
-            mean = IMAGENET_MEAN if mean is None else mean
-            std = IMAGENET_STD if std is None else std
-        super().__init__(num_classes, in_chans, image_size, mean, std)
+        super().__init__(num_classes, in_chans, image_size, *_imagenet_default(in_chans, mean, std))
         try:
             import timm
         except ImportError:

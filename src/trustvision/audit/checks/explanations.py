@@ -10,22 +10,12 @@ import torch
 
 from trustvision.audit.context import AuditContext
 from trustvision.audit.registry import Check, CheckResult, register_check
+from trustvision.data._base import random_subset
 from trustvision.errors import TrustVisionError
 
 __all__ = ["ExplanationsCheck", "DEFAULT_METHODS"]
 
 DEFAULT_METHODS = ("igos", "igos++", "saliency", "integrated-gradients", "gradcam", "occlusion")
-
-
-def _sample(ctx: AuditContext, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ds = ctx.dataset("test")
-    g = ctx.generator(offset=404)
-    idx = torch.randperm(len(ds), generator=g)[: min(n, len(ds))].sort().values
-    if hasattr(ds, "tensors"):
-        images, labels = ds.tensors()
-        return images[idx], labels[idx]
-    items = [ds[int(i)] for i in idx]
-    return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
 
 
 @register_check("explanations")
@@ -59,7 +49,7 @@ class ExplanationsCheck(Check):
         iterations = int(ctx.option("explain_iterations", 15))
         sag_n = int(ctx.option("sag_n", 2))
         model = ctx.model
-        x, y = _sample(ctx, n)
+        x, y, _ = random_subset(ctx.dataset("test"), n, ctx.generator(offset=404))
         x = x.to(ctx.device)
         with torch.no_grad():
             probs = torch.softmax(model(x), dim=1)

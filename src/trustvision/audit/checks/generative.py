@@ -13,6 +13,7 @@ import torch
 from trustvision.audit.checks.ood import CONVENTION, ood_table, run_ood
 from trustvision.audit.context import AuditContext
 from trustvision.audit.registry import Check, CheckResult, register_check
+from trustvision.data._base import random_subset
 from trustvision.evaluate.calibration import expected_calibration_error
 from trustvision.explain.generative import (
     LatentCounterfactual,
@@ -23,15 +24,6 @@ from trustvision.explain.generative import (
 from trustvision.models.generative import is_generative
 
 __all__ = ["GenerativeCheck"]
-
-
-def _images_labels(ds, n: int, g: torch.Generator):
-    idx = torch.randperm(len(ds), generator=g)[: min(n, len(ds))].sort().values
-    if hasattr(ds, "tensors"):
-        x, y = ds.tensors()
-        return x[idx], y[idx]
-    items = [ds[int(i)] for i in idx]
-    return torch.stack([i[0] for i in items]), torch.tensor([int(i[1]) for i in items])
 
 
 @register_check("generative")
@@ -62,7 +54,7 @@ class GenerativeCheck(Check):
             bpd = torch.cat([model.bits_per_dim(x_all[i: i + batch].to(dev)).cpu()
                              for i in range(0, len(x_all), batch)])
         samples = sample_grid(model, n=8, temperature=0.8, seed=ctx.seed)
-        x, _ = _images_labels(test, int(ctx.option("counterfactual_n", 4)), ctx.generator(77))
+        x, _, _ = random_subset(test, int(ctx.option("counterfactual_n", 4)), ctx.generator(77))
         x = x.to(dev)
         with torch.no_grad():
             second = model(x).topk(2, dim=1).indices[:, 1]
