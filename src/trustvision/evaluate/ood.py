@@ -69,18 +69,9 @@ def auroc(scores_in, scores_out) -> float:
     """Area under the ROC curve, ID positive: P(s_in > s_out) + 0.5 P(s_in == s_out)."""
     s_in, s_out = _np(scores_in), _np(scores_out)
     _check(s_in, s_out)
-    allv = np.concatenate([s_in, s_out])
-    # average ranks (1-based) handle ties
-    order = np.argsort(allv, kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    i = 0
-    while i < len(allv):
-        j = i
-        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i: j + 1]] = 0.5 * (i + j) + 1
-        i = j + 1
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([s_in, s_out]), method="average")  # ties share their mean rank
     n_in, n_out = len(s_in), len(s_out)
     u = ranks[:n_in].sum() - n_in * (n_in + 1) / 2
     return float(u / (n_in * n_out))
