@@ -86,12 +86,15 @@ def zoo_cmd(
         table.add_column(col, justify="right" if col in ("test accuracy", "size") else "left")
     for e in entries:
         acc = e["metrics"].get("test_accuracy")
+        marked = e["metrics"].get("test_accuracy_marked")  # shortcut sets: clean vs marked test
+        acc_text = f"{100 * acc:.1f}%" if isinstance(acc, (int, float)) else "-"
+        if isinstance(marked, (int, float)):
+            acc_text += f" clean, {100 * marked:.1f}% marked"
         table.add_row(
-            e["name"], e["architecture"], str(e["dataset"] or "-"),
-            f"{100 * acc:.1f}%" if isinstance(acc, (int, float)) else "-",
+            e["name"], e["architecture"], str(e["dataset"] or "-"), acc_text,
             f"{e['size_bytes'] / 1e6:.2f} MB",
         )
-    Console(width=max(100, Console().width)).print(table)
+    Console(width=max(130, Console().width)).print(table)
 
 
 # --- train ------------------------------------------------------------------------------------

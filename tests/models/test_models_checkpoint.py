@@ -200,6 +200,11 @@ def test_zoo_cli(tmp_path, monkeypatch, capsys):
     assert main(["zoo"]) == 0
     out = capsys.readouterr().out
     assert "zoo:small-cnn-digits" in out and "97.5%" in out and "digits" in out and "MB" in out
+    models.save(models.create("small-cnn", 10, 1, 8), tmp_path / "small-cnn-shortcut-digits",
+                dataset="shortcut-digits", metrics={"test_accuracy": 0.118, "test_accuracy_marked": 1.0})
+    assert main(["zoo"]) == 0
+    out = capsys.readouterr().out
+    assert "zoo:small-cnn-shortcut-digits" in out and "11.8% clean, 100.0% marked" in out
     assert main(["zoo", "--models"]) == 0
     out = capsys.readouterr().out.split()
     assert "small-cnn" in out and "resnet20" in out and "torchvision:NAME" in out
