@@ -30,8 +30,8 @@ class CalibrationCheck(Check):
         "calibration error (MCE) on top-1 confidence with equal-width bins (15 by default, the "
         "torchmetrics convention; the bin count used is stated below), reliability diagrams, and "
         "temperature scaling: one temperature T fitted on the validation split by minimising the "
-        "negative log-likelihood (1-D search over log T), then the test metrics recomputed with "
-        "softmax(logits / T). Lower ECE, MCE and NLL are better."
+        "negative log-likelihood (Newton steps on 1/T with a bisection safeguard; the NLL is convex "
+        "in 1/T), then the test metrics recomputed with softmax(logits / T). Lower ECE, MCE and NLL are better."
     )
     order = 10
 
