@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         if not row.get("skipped"):
             rows.append(row)
+            print(f"{name}: {row['images_per_s']:,.1f} images/s, {row['peak_mb']:.1f} MB", file=sys.stderr,
+                  flush=True)
 
     from rich.console import Console
     from rich.table import Table

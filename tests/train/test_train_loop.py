@@ -208,13 +208,22 @@ def test_nan_guard_keeps_last_good_checkpoint_and_names_it(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fit_on_cuda(tmp_path):
-    net = _small_cnn(0)
+def test_fit_on_cuda(tmp_path, monkeypatch):
+    # The model's own nn.Dropout draws from the device's generator (CUDA's differs from the CPU's),
+    # so the comparison uses dropout 0; data order, augmentation and input-dropout masks come from
+    # CPU generators and must match. Full fp32 on the GPU (no TF32) so the weights are comparable.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+    def cnn():
+        torch.manual_seed(0)
+        return models.create("small-cnn", num_classes=2, in_chans=1, image_size=4, widths=(4, 8), dropout=0.0)
+
+    net = cnn()
     res = fit(net, halves(64), test_set=halves(20, seed=2), epochs=2, lr=0.01, batch_size=16,
               device="cuda", out=tmp_path, progress=False, input_dropout=0.8, augment=RandomShift(1))
     assert next(net.parameters()).is_cuda and res.test_accuracy is not None
-    cpu = _small_cnn(0)
+    cpu = cnn()
     fit(cpu, halves(64), epochs=2, lr=0.01, batch_size=16, progress=False, input_dropout=0.8,
         augment=RandomShift(1))
-    # same data order and masks on both devices (generators live on the CPU)
-    assert torch.allclose(cpu.fc.weight, net.fc.weight.cpu(), atol=1e-3)
+    assert torch.allclose(cpu.fc.weight, net.fc.weight.cpu(), atol=1e-4)
