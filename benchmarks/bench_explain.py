@@ -114,7 +114,8 @@ for _m in ("igos", "igos++"):
     register(f"{_m}:small-cnn-digits:batch32")(_igos_workload(_m, True, digits_model, {}))
     register(f"{_m}:small-cnn-digits:one-at-a-time")(_igos_workload(_m, False, digits_model, {}))
     register(f"{_m}:resnet18-224:batch32")(
-        _igos_workload(_m, True, resnet18_model, {"internal_batch_size": 128}, cuda_only=True))
+        _igos_workload(_m, True, resnet18_model, {"internal_batch_size": 320 if _m == "igos" else 128},
+                       cuda_only=True))
 register("sag:small-cnn-digits:grid7")(_sag_workload(digits_model, 7, 8))
 register("sag:resnet18-224:grid7")(_sag_workload(resnet18_model, 7, 2, cuda_only=True, random_weights=True))
 
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["digits", "resnet", "sag"], default=None)
     p.add_argument("--ibs", default=None,
                    help="comma-separated internal_batch_size values for the CUDA ResNet-18 runs "
-                        "(default: 160 for I-GOS, 128 for iGOS++)")
+                        "(default: 320 for I-GOS, 128 for iGOS++)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             net, x = resnet18_model(device, BATCH)
             for m in ("igos", "igos++"):
                 sizes = ([int(v) for v in args.ibs.split(",")] if args.ibs
-                         else [160 if m == "igos" else 128])
+                         else [320 if m == "igos" else 128])
                 for ibs in sizes:
                     emit(igos_report("resnet18-224-random", m, net, x, device,
                                      {"seed": 0, "internal_batch_size": ibs}))
