@@ -162,7 +162,9 @@ def igos_report(name: str, method: str, net, x: torch.Tensor, device: torch.devi
     n_single = n if n_single is None else n_single
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expl.attribute(x[:2], **{**settings, "iterations": 1})  # warm-up
+        # warm-up at both shapes that are timed (cuDNN picks kernels per shape on first use)
+        expl.attribute(x, **{**settings, "iterations": 1})
+        expl.attribute(x[:1], **{**settings, "iterations": 1})
         sync(device)
         t0 = time.perf_counter()
         heat = expl.attribute(x, **settings)
