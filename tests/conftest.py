@@ -64,3 +64,10 @@ def tiny_cls():
 @pytest.fixture
 def splits_factory():
     return make_splits
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """Full fp32 on CUDA (no TF32 in matmuls and convolutions), so GPU and CPU answers compare."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

@@ -16,17 +16,9 @@ from trustvision.data.shortcut import MARKER_POSITIONS
 
 # TRUSTVISION_TEST_DEVICE=cpu runs these comparisons CPU against CPU (to check the tests themselves).
 CUDA = torch.device(os.environ.get("TRUSTVISION_TEST_DEVICE", "cuda"))
-pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture(autouse=True)
-def _exact_matmul():
-    """Full fp32 on the GPU so CPU and GPU answers are comparable (no TF32)."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+# Every comparison runs in full fp32 on the GPU (the shared no_tf32 fixture of tests/conftest.py).
+pytestmark = [pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs CUDA"),
+              pytest.mark.usefixtures("no_tf32")]
 
 
 def _shortcut(n=12):

@@ -208,12 +208,10 @@ def test_nan_guard_keeps_last_good_checkpoint_and_names_it(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fit_on_cuda(tmp_path, monkeypatch):
+def test_fit_on_cuda(tmp_path, no_tf32):
     # The model's own nn.Dropout draws from the device's generator (CUDA's differs from the CPU's),
     # so the comparison uses dropout 0; data order, augmentation and input-dropout masks come from
     # CPU generators and must match. Full fp32 on the GPU (no TF32) so the weights are comparable.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
     def cnn():
         torch.manual_seed(0)
