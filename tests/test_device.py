@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trustvision._device import resolve_device
+from trustvision._utils.device import resolve_device
 from trustvision.errors import TrustVisionError
 
 

@@ -198,7 +198,7 @@ def _split_names(values: list[str] | None) -> list[str]:
 
 
 def _audit_device(device: str) -> str:
-    from trustvision._device import resolve_device
+    from trustvision._utils.device import resolve_device
 
     return str(resolve_device(device))
 

@@ -7,7 +7,7 @@ import torch
 
 from trustvision.errors import TrustVisionError
 from trustvision.explain import IGOS, ExplanationWarning, IGOSPlusPlus
-from trustvision.explain._utils import blur_params, default_mask_size, gaussian_blur, make_baseline
+from trustvision._utils.images import blur_params, default_mask_size, gaussian_blur, make_baseline
 from trustvision.explain.igos import total_variation
 
 METHODS = [IGOS, IGOSPlusPlus]

@@ -65,6 +65,7 @@ class AuditContext:
         compare: an optional second model (e.g. the feed-forward twin of a generative classifier).
         compare_name: its display name.
         track: ``track(iterable, total, description)`` wraps long loops in a progress bar.
+        check_options: the declared options of the check now running (set by the runner).
     """
 
     model: torch.nn.Module
@@ -76,12 +77,16 @@ class AuditContext:
     compare: torch.nn.Module | None = None
     compare_name: str | None = None
     track: Callable[..., Iterable] = field(default=lambda it, total=None, description="": it, repr=False)
+    check_options: dict[str, Any] = field(default_factory=dict)
     _logits: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _subsets: dict[str, ImageDataset] = field(default_factory=dict, repr=False)
 
     def option(self, key: str, default: Any = None) -> Any:
-        """``options[key]`` if set (and not None), else ``default``."""
-        value = self.options.get(key)
+        """The running check's declared option ``key`` (its default or the user's value), else
+        the audit option ``options[key]`` (``n_max``, ``batch_size``, ``n_bins``), else ``default``."""
+        value = self.check_options.get(key)
+        if value is None:
+            value = self.options.get(key)
         return default if value is None else value
 
     def generator(self, offset: int = 0) -> torch.Generator:

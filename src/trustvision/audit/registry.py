@@ -1,9 +1,12 @@
 """The check registry: one class per audit check, registered with ``@register_check(name)``.
 
-A check declares a ``title`` and ``description`` (shown in the report), optionally
-``applies_to(ctx)`` (e.g. only for generative classifiers), and implements ``run(ctx)`` returning a
-:class:`CheckResult`. Bump ``version`` when the check's output changes, so stored results of older
-versions are recomputed.
+A check declares a ``title`` and ``description`` (shown in the report), its ``options`` (name ->
+:class:`Option`: type, default, help; set with ``--option CHECK.KEY=VALUE`` or
+``audit.run(options={"CHECK.KEY": value})`` and read with ``ctx.option(KEY)``), its headline
+``metrics`` (name -> :class:`Metric`: which direction is better and the legend of the report's
+summary table), optionally ``applies_to(ctx)`` (e.g. only for generative classifiers), and
+implements ``run(ctx)`` returning a :class:`CheckResult`. Bump ``version`` when the check's output
+changes, so stored results of older versions are recomputed.
 
 Example (a new check is one file in ``trustvision/audit/checks/``; every module there is imported)::
 
@@ -12,24 +15,130 @@ Example (a new check is one file in ``trustvision/audit/checks/``; every module 
     @register_check("mean-confidence")
     class MeanConfidence(Check):
         title = "Mean confidence"
+        options = {"split": Option(str, "test", "split to score", choices=("val", "test"))}
+        metrics = {"Mean confidence": Metric("higher", "mean top-1 probability.")}
         def run(self, ctx):
-            probs, _ = ctx.predict("test")
-            return CheckResult(data={"mean": float(probs.max(1).values.mean())})
+            probs, _ = ctx.predict(ctx.option("split"))
+            m = float(probs.max(1).values.mean())
+            return CheckResult(data={"mean": m}, metrics={"Mean confidence": m})
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
-from trustvision._registry import Registry
+from trustvision._utils.registry import Registry
+from trustvision.errors import TrustVisionError
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
     from trustvision.audit.context import AuditContext
 
-__all__ = ["Check", "CheckResult", "register_check", "get_check", "list_checks", "default_checks"]
+__all__ = [
+    "Check", "CheckResult", "Option", "Metric", "register_check", "get_check", "list_checks",
+    "default_checks", "resolve_check_options",
+]
+
+_TYPE_NAMES = {int: "int", float: "float", str: "str", bool: "bool", list: "list"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One declared option of a check: ``type`` (int, float, str, bool or list = a list of
+    strings, comma-separated on the command line), ``default``, ``help``; optional ``choices``
+    (allowed values; for lists, allowed items) and ``min`` / ``max`` bounds for numbers.
+    ``affects_results=False`` keeps it out of the stored result's fingerprint."""
+
+    type: type
+    default: Any
+    help: str
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    affects_results: bool = True
+
+    @property
+    def type_name(self) -> str:
+        return _TYPE_NAMES.get(self.type, getattr(self.type, "__name__", str(self.type)))
+
+    def parse(self, value: Any, where: str) -> Any:
+        """``value`` (a command-line string or a Python value) converted and validated."""
+        t = self.type
+        try:
+            if t is bool:
+                if isinstance(value, str):
+                    low = value.strip().lower()
+                    if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ValueError
+                    out: Any = low in ("1", "true", "yes", "on")
+                elif isinstance(value, (bool, int)):
+                    out = bool(value)
+                else:
+                    raise ValueError
+            elif t is list:
+                if isinstance(value, str):
+                    out = [v.strip() for v in value.split(",") if v.strip()]
+                elif isinstance(value, (list, tuple)):
+                    out = [str(v) for v in value]
+                else:
+                    raise ValueError
+            elif t is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                out = int(value)
+            elif t is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                out = float(value)
+                if not math.isfinite(out):
+                    raise ValueError
+            else:
+                out = t(value)
+        except (TypeError, ValueError):
+            raise TrustVisionError(f"option {where} takes a {self.type_name}, got {value!r}") from None
+        if self.choices is not None:
+            bad = [v for v in (out if t is list else [out]) if v not in self.choices]
+            if bad:
+                raise TrustVisionError(f"option {where} does not accept {bad[0]!r}; use "
+                                       f"{', '.join(map(str, self.choices))}")
+        if self.min is not None and t in (int, float) and out < self.min:
+            raise TrustVisionError(f"option {where} must be >= {self.min}, got {out}")
+        if self.max is not None and t in (int, float) and out > self.max:
+            raise TrustVisionError(f"option {where} must be <= {self.max}, got {out}")
+        return out
+
+    def describe(self) -> dict:
+        d = {"type": self.type_name, "default": self.default, "help": self.help}
+        if self.choices is not None:
+            d["choices"] = list(self.choices)
+        return d
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A headline number of a check, shown in the report's summary table.
+
+    ``better``: "higher", "lower" or None; ``legend``: what the number is (may use ``{option}``
+    placeholders filled from the audit and check options, and the wildcard of a patterned name,
+    e.g. ``"Insertion AUC ({method})"`` declares every ``Insertion AUC (<method>)`` key).
+    ``fold_into``: show the value small under another metric's cell instead of in a column of its
+    own, formatted with ``note_format`` (e.g. the fitted temperature under "ECE after TS").
+    ``group``: metrics of one group share one legend entry (their wildcard values joined).
+    """
+
+    better: str | None
+    legend: str
+    fold_into: str | None = None
+    note_format: str = "{:.4g}"
+    group: str | None = None
+
+    def __post_init__(self):
+        if self.better not in ("higher", "lower", None):
+            raise ValueError(f"Metric.better must be 'higher', 'lower' or None, got {self.better!r}")
 
 
 @dataclass
@@ -42,7 +151,8 @@ class CheckResult:
         figures: name -> matplotlib Figure; stored as PNG and embedded in the report.
         summary: one or two sentences for the report.
         metrics: headline numbers for the report's summary table (label -> float), e.g.
-            ``{"Accuracy": 0.98}``.
+            ``{"Accuracy": 0.98}``; each label is declared in the check's ``metrics``.
+        notes: label -> a short text shown under that metric's value (e.g. the OOD detector used).
         tables: name -> ``{"columns": [...], "rows": [[...], ...]}`` rendered as HTML tables.
     """
 
@@ -51,6 +161,7 @@ class CheckResult:
     summary: str = ""
     metrics: dict[str, float | None] = field(default_factory=dict)
     tables: dict[str, dict[str, list]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 class Check:
@@ -68,6 +179,46 @@ class Check:
     uses_compare: bool = False
     #: position in the report and run order (smaller first)
     order: int = 100
+    #: declared options: name -> Option (read them in ``run`` with ``ctx.option(name)``)
+    options: dict[str, Option] = {}
+    #: declared headline metrics: name (or pattern with one ``{wildcard}``) -> Metric
+    metrics: dict[str, Metric] = {}
+
+    @classmethod
+    def metric_info(cls, key: str, values: Mapping[str, Any] | None = None) -> dict | None:
+        """The declared :class:`Metric` of the emitted metric ``key`` as a JSON-ready dict with its
+        legend filled in (``values``: option values for ``{placeholders}``); None if undeclared."""
+        for name, m in cls.metrics.items():
+            wild = None
+            if name == key:
+                match = True
+            else:
+                parts = re.split(r"\{(\w+)\}", name)
+                if len(parts) != 3:
+                    continue
+                found = re.fullmatch(re.escape(parts[0]) + "(.+)" + re.escape(parts[2]), key)
+                match = found is not None
+                if match:
+                    wild = {parts[1]: found.group(1)}
+            if not match:
+                continue
+            fill = {**(values or {}), **(wild or {})}
+            try:
+                legend = m.legend.format(**fill)
+            except (KeyError, IndexError, ValueError):
+                legend = m.legend
+            return {"better": m.better, "legend": legend, "fold_into": m.fold_into,
+                    "note_format": m.note_format, "group": m.group, "pattern": name,
+                    "wildcard": next(iter(wild.values())) if wild else None, "check": cls.name}
+        return None
+
+    @classmethod
+    def describe(cls) -> dict:
+        """The check's metadata for results.json and ``--list-checks``."""
+        return {"name": cls.name, "title": cls.title, "description": cls.description,
+                "version": cls.version, "default": cls.default,
+                "options": {k: o.describe() for k, o in cls.options.items()},
+                "metrics": {k: {"better": m.better, "legend": m.legend} for k, m in cls.metrics.items()}}
 
     def applies_to(self, ctx: "AuditContext") -> bool:
         """Whether the check makes sense for ``ctx.model`` (non-applicable checks are skipped)."""
@@ -108,3 +259,36 @@ def list_checks() -> list[str]:
 def default_checks() -> list[str]:
     """Checks run when none are requested explicitly, in run order."""
     return [n for n in list_checks() if _CHECKS.get(n).default]
+
+
+def resolve_check_options(
+    classes: list[type[Check]], overrides: Mapping[str, Any] | None
+) -> dict[str, dict[str, Any]]:
+    """Per check, its declared options' values: defaults updated by ``overrides``.
+
+    ``overrides`` maps ``"check.key"`` (or ``check -> {key: value}``) to values, parsed and
+    validated by each :class:`Option`; a key naming an unknown check or an undeclared option is a
+    one-line :class:`TrustVisionError` (naming the valid ones). Overrides of checks that are
+    registered but not selected are validated and otherwise ignored.
+    """
+    flat: dict[tuple[str, str], Any] = {}
+    for k, v in (overrides or {}).items():
+        if isinstance(v, Mapping):
+            for kk, vv in v.items():
+                flat[(str(k), str(kk))] = vv
+            continue
+        check, sep, key = str(k).partition(".")
+        if not sep or not check or not key:
+            raise TrustVisionError(f"option {k!r} must be CHECK.KEY=VALUE, e.g. explanations.n=4")
+        flat[(check, key)] = v
+    out = {c.name: {k: o.default for k, o in c.options.items()} for c in classes}
+    for (check, key), value in flat.items():
+        cls = get_check(check)
+        if key not in cls.options:
+            valid = ", ".join(sorted(cls.options)) or "none"
+            raise TrustVisionError(f"check {check!r} has no option {key!r} (its options: {valid}); "
+                                   "`trustvision audit --list-checks` lists them")
+        parsed = cls.options[key].parse(value, f"{check}.{key}")
+        if check in out:
+            out[check][key] = parsed
+    return out

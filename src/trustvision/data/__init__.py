@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from trustvision._registry import Registry
+from trustvision._utils.registry import Registry
 from trustvision.data._base import ImageDataset, TensorImageDataset
 from trustvision.errors import TrustVisionError
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trustvision.errors import TrustVisionError
-from trustvision.explain._utils import (
+from trustvision._utils.images import (
     BaselineType,
     TargetType,
     as_pair,

@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trustvision._registry import Registry
-from trustvision.explain._utils import TargetType
+from trustvision._utils.registry import Registry
+from trustvision._utils.images import TargetType
 from trustvision.explain.captum_methods import GradCAM, IntegratedGradients, Occlusion, Saliency
 from trustvision.explain.generative import LikelihoodRatioGradient
 from trustvision.explain.igos import IGOS, ExplanationInfo, ExplanationWarning, IGOSPlusPlus

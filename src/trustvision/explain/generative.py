@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from trustvision.errors import TrustVisionError
-from trustvision.explain._utils import TargetType, eval_mode, resolve_target
+from trustvision._utils.images import TargetType, eval_mode, resolve_target
 
 __all__ = [
     "Counterfactual",

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from trustvision.errors import TrustVisionError
-from trustvision.explain._utils import (
+from trustvision._utils.images import (
     BaselineType,
     TargetType,
     as_pair,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from trustvision._device import resolve_device
+from trustvision._utils.device import resolve_device
 from trustvision.data._base import random_subset
 from trustvision.errors import TrustVisionError
 

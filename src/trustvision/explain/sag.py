@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from trustvision.errors import TrustVisionError
-from trustvision.explain._utils import (
+from trustvision._utils.images import (
     BaselineType,
     as_pair,
     check_inputs,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Callable, Sequence
 
-from trustvision._registry import Registry
+from trustvision._utils.registry import Registry
 from trustvision.models._base import ImageClassifier
 
 __all__ = [

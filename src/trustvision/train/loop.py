@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from trustvision._device import resolve_device
+from trustvision._utils.device import resolve_device
 from trustvision.errors import TrustVisionError
 from trustvision.train.augment import Augment
 from trustvision.train.input_dropout import check_keep_prob, drop_pixels
