@@ -18,7 +18,7 @@ from trustvision.models._base import ImageClassifier
 
 __all__ = [
     "ImageClassifier", "create", "list_models", "register_model", "save", "load",
-    "check_compatible", "Ensemble", "list_zoo",
+    "check_compatible", "Ensemble", "list_zoo", "is_generative",
 ]
 
 # name -> factory(num_classes, in_chans, image_size, **kw) -> ImageClassifier
@@ -78,6 +78,7 @@ def create(
 # Importing the modules registers their models.
 from trustvision.models import feedforward as _feedforward  # noqa: E402,F401
 from trustvision.models import generative as _generative  # noqa: E402,F401
+from trustvision.models.generative import is_generative  # noqa: E402
 from trustvision.models.checkpoint import list_zoo, load, save  # noqa: E402
 from trustvision.models.ensemble import Ensemble  # noqa: E402
 from trustvision.models.validate import check_compatible  # noqa: E402
