@@ -10,7 +10,20 @@ from registry import register, training_run, zoo_workload
 
 TRAIN_BATCH = 64
 INFER_BATCH = 256
-GC_ZOO = ("ibinn-small-digits", "ibinn-small-textures")
+
+
+def _generative_zoo() -> list[str]:
+    """The built zoo entries (without ``zoo:``) whose architecture is a generative classifier."""
+    try:
+        from trustvision import models
+
+        return [e["name"].split(":", 1)[1] for e in models.list_zoo()
+                if models.is_generative(e["architecture"])]
+    except Exception:  # zoo not built or models not importable
+        return []
+
+
+GC_ZOO = tuple(_generative_zoo())
 
 
 def _train_ib(model, x, y):

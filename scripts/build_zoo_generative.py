@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from trustvision.evaluate.calibration import expected_calibration_error  # noqa: E402
 from trustvision.evaluate.ood import build_ood_sets, evaluate_ood  # noqa: E402
+from trustvision.models import is_generative  # noqa: E402
 from build_zoo import build_all, save_entry, train_recipe  # noqa: E402 (scripts/ is on sys.path)
 
 RECIPES: dict[str, dict] = {
@@ -64,7 +65,7 @@ def train_entry(r: dict, seed: int, device: str, progress: bool, label: str = ""
     metrics["ece_15"] = expected_calibration_error(_probs(model, x_test), y_test, n_bins=15)
     x_val, y_val = val_set.tensors()  # the split the recipe was chosen on
     metrics["val_ece_15"] = expected_calibration_error(_probs(model, x_val), y_val, n_bins=15)
-    if hasattr(model, "log_px"):
+    if is_generative(model):
         with torch.no_grad():
             metrics["test_bits_per_dim"] = float(model.bits_per_dim(x_test).mean())
         other = "faces" if r["data"] != "faces" else "textures"

@@ -102,25 +102,9 @@ def zoo_cmd(
 
 def _parse_model_kw(items: list[str] | None) -> dict:
     """``["widths=16,32", "dropout=0.1"]`` -> ``{"widths": [16, 32], "dropout": 0.1}``."""
-    import json
+    from trustvision._utils.keyvalue import parse_key_values
 
-    def value(text: str):
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
-
-    out: dict = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise TrustVisionError(f"--model-kw expects KEY=VALUE, got {item!r}; e.g. --model-kw dropout=0.1")
-        raw = raw.strip()
-        if "," in raw and not raw.startswith(("[", "{", '"')):
-            out[key.strip()] = [value(v.strip()) for v in raw.split(",")]
-        else:
-            out[key.strip()] = value(raw)
-    return out
+    return parse_key_values(items, "--model-kw", "dropout=0.1")
 
 
 @app.command("train")
@@ -159,7 +143,9 @@ def train_cmd(
     out_dir = Path(out) if out else Path("runs") / f"{model.replace(':', '-')}-{data.replace(':', '-').replace('/', '-')}"
     model_kwargs = _parse_model_kw(model_kw)
     if beta is not None:
-        if not model.startswith("ibinn-") or model.endswith("-ff"):
+        from trustvision.models import is_generative  # decided by the registered class
+
+        if not is_generative(model):
             raise TrustVisionError(f"--beta applies to generative classifiers (ibinn-small, ibinn-cifar, "
                                    f"ibinn-imagenet), not {model!r}; drop --beta")
         if not beta >= 0:
@@ -203,12 +189,69 @@ def _audit_device(device: str) -> str:
     return str(resolve_device(device))
 
 
+def _parse_check_options(items: list[str] | None) -> dict[str, str]:
+    """``["explanations.n=4"]`` -> ``{"explanations.n": "4"}`` (values parsed by the checks' Options)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        check, dot, name = key.strip().partition(".")
+        if not sep or not dot or not check or not name:
+            raise TrustVisionError(f"--option expects CHECK.KEY=VALUE, got {item!r}; e.g. --option explanations.n=4")
+        out[f"{check}.{name}"] = value.strip()
+    return out
+
+
+def _list_checks_text() -> str:
+    from trustvision import audit
+
+    lines = []
+    for name in audit.list_checks():
+        cls = audit.get_check(name)
+        lines.append(f"{name:<16} {cls.title}{'' if cls.default else '  (not run by default)'}")
+        for key, opt in cls.options.items():
+            value, allowed = opt.resolved_default(), opt.resolved_choices()
+            default = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            choices = f"; one of {', '.join(map(str, allowed))}" if allowed else ""
+            lines.append(f"    --option {name}.{key}=<{opt.type_name}>  {opt.help} (default {default}{choices})")
+    return "\n".join(lines)
+
+
+def _command_line(ctx, fixed: dict[str, list[str]]) -> str:
+    """The command as run: ``fixed`` options first (resolved values), then every other parameter
+    the user set to a non-default value, in the command's declaration order."""
+    import shlex
+
+    argv = ["trustvision", ctx.info_name or ctx.command.name]
+    for flag, values in fixed.items():
+        for v in values:
+            argv += [flag, v]
+    fixed_flags = set(fixed)
+    for param in ctx.command.params:
+        if getattr(param, "param_type_name", "") != "option" or param.name is None:
+            continue
+        flag = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        if flag in fixed_flags:
+            continue
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or (param.multiple and not value):
+            continue
+        if param.is_flag:
+            if value:
+                argv.append(flag)
+            continue
+        for v in (value if param.multiple else [value]):
+            argv += [flag, str(v)]
+    return shlex.join(argv)
+
+
 @app.command("audit")
 def audit_cmd(
+    ctx: typer.Context,
     model: list[str] = typer.Option(None, "--model", "-m", help="Checkpoint path or zoo:NAME (repeatable or comma separated; default: the zoo models of the dataset)."),
     data: str = typer.Option(None, "--data", "-d", help="Dataset name (default: the dataset the models were trained on, else digits)."),
     out: str = typer.Option("trustvision-report", "--out", "--output", "-o", help="Output folder for report.html, results.json and per-check results."),
     checks: str = typer.Option(None, "--checks", help="Comma-separated checks to run (default: all default checks; see --list-checks)."),
+    option: list[str] = typer.Option(None, "--option", "-O", help="A check option CHECK.KEY=VALUE (repeatable; --list-checks lists them), e.g. explanations.n=4."),
     compare: str = typer.Option(None, "--compare", help="A second model (checkpoint or zoo:NAME) given to the checks for comparison."),
     n_max: int = typer.Option(None, "--n-max", min=1, help="Use at most N images of each split (a seeded random subset)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available)."),
@@ -216,7 +259,7 @@ def audit_cmd(
     n_bins: int = typer.Option(15, "--n-bins", min=1, help="Equal-width confidence bins for ECE/MCE."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the checks and of --n-max subsets."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
-    list_checks_: bool = typer.Option(False, "--list-checks", help="List the available checks and exit."),
+    list_checks_: bool = typer.Option(False, "--list-checks", help="List the available checks with their options and exit."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
     """Audit models on a dataset: writes OUT/report.html (self-contained) and OUT/results.json.
@@ -224,16 +267,13 @@ def audit_cmd(
     Rerunning the same command reuses every finished check, so an interrupted audit resumes.
     Exit status: 0 all checks done, 1 some checks failed (see the report), 2 bad input.
     """
-    import shlex
-
     from trustvision import audit, models as tv_models
 
     if list_checks_:
-        for name in audit.list_checks():
-            cls = audit.get_check(name)
-            typer.echo(f"{name:<16} {cls.title}{'' if cls.default else '  (not run by default)'}")
+        typer.echo(_list_checks_text())
         return
     check_names = [c.name for c in audit.resolve_checks(checks)]
+    check_options = _parse_check_options(option)
     names = _split_names(model)
     if not names:
         dataset = data or "digits"
@@ -256,19 +296,14 @@ def audit_cmd(
     def load_split(split: str):
         return tv_data.load(data, split=split, root=data_dir)
 
-    splits = audit.LazySplits(load_split)
-    argv = ["trustvision", "audit"] + [a for n in dict.fromkeys(names) for a in ("--model", n)]
-    argv += ["--data", data, "--out", out]
-    if checks:
-        argv += ["--checks", ",".join(check_names)]
-    if compare:
-        argv += ["--compare", compare]
-    if n_max:
-        argv += ["--n-max", str(n_max)]
-    result = audit.run_audit(
-        loaded, splits, out, checks=check_names, device=dev, seed=seed, compare=cmp,
-        options={"n_max": n_max, "batch_size": batch_size, "n_bins": n_bins},
-        progress=not no_progress, command=shlex.join(argv), dataset_name=data,
+    command = _command_line(ctx, {
+        "--model": list(dict.fromkeys(names)), "--data": [data], "--out": [out],
+        **({"--checks": [",".join(check_names)]} if checks else {}),
+    })
+    result = audit.run(
+        loaded, audit.LazySplits(load_split), checks=check_names, out=out, device=dev, seed=seed, compare=cmp,
+        options={"n_max": n_max, "batch_size": batch_size, "n_bins": n_bins, **check_options},
+        progress=not no_progress, command=command, dataset_name=data,
     )
     for m in result.results["models"]:
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m["metrics"].items())
@@ -299,36 +334,51 @@ def report_cmd(
 # --- explain --------------------------------------------------------------------------------
 
 
-@app.command("explain")
+class _ExplainCommand(typer.core.TyperCommand):
+    """Fills in the ``--method`` help from the explanation registry when help is shown (the
+    methods are imported only then, which keeps ``trustvision --help`` fast)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        from trustvision.cli_explain import method_help
+
+        for param in self.params:
+            if param.name == "method":
+                param.help = method_help()
+        super().format_help(ctx, formatter)
+
+
+@app.command("explain", cls=_ExplainCommand)
 def explain_cmd(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint path or zoo:NAME."),
     data: str = typer.Option(..., "--data", "-d", help="Dataset name (see `trustvision data`)."),
-    method: str = typer.Option("igos++", "--method", help="igos, igos++, saliency, integrated-gradients, gradcam, occlusion, likelihood-ratio (generative classifiers) or sag."),
+    method: str = typer.Option("igos++", "--method", help="Explanation method (see trustvision.explain.list_methods)."),
     n: int = typer.Option(16, "--n", help="Number of (seeded, random) images to explain."),
     out: str = typer.Option("explanations", "--out", "--output", "-o", help="Output folder."),
     split: str = typer.Option("test", "--split", help="Dataset split: train, val or test."),
     target: str = typer.Option("predicted", "--target", help="Explain the 'predicted' class or the true 'label'."),
-    iterations: int = typer.Option(None, "--iterations", help="I-GOS/iGOS++ iterations (default 15)."),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Most images per forward/backward pass (I-GOS/iGOS++)."),
-    grid: int = typer.Option(None, "--grid", help="SAG patches per side (default 7, fewer for small images)."),
+    method_kw: list[str] = typer.Option(None, "--method-kw", help="A keyword of the method KEY=VALUE (repeatable), e.g. --method-kw n_masks=500 for rise; unknown keywords are refused."),
+    iterations: int = typer.Option(None, "--iterations", help="I-GOS/iGOS++ iterations (default 15); same as --method-kw iterations=N."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Most images per forward/backward pass (the methods' internal_batch_size)."),
+    grid: int = typer.Option(None, "--grid", help="SAG patches per side (default 7, fewer for small images); same as --method-kw grid=N."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the image sample and of the I-GOS noise."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image sample and of the method (I-GOS noise, RISE masks)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
 ) -> None:
     """Explain N test images: PNG overlays + heatmaps.npy + scores.json (deletion/insertion AUCs);
     --method sag writes structured attention graphs (PNG, SVG, JSON)."""
-    from trustvision.explain.run import run_explain
+    from trustvision.cli_explain import parse_method_kw, run_explain
 
     res = run_explain(model, data, method, n, out, split=split, target=target, device=device, seed=seed,
-                      iterations=iterations, internal_batch_size=batch_size, grid=grid, data_root=data_dir)
+                      iterations=iterations, internal_batch_size=batch_size, grid=grid, data_root=data_dir,
+                      method_kw=parse_method_kw(method_kw))
     if "summary" in res:
         s = res["summary"]
         typer.echo(f"{method} on {res['n']} images: deletion AUC {s['deletion_mean']:.4f} +- {s['deletion_std']:.4f} "
                    f"(lower is better), insertion AUC {s['insertion_mean']:.4f} +- {s['insertion_std']:.4f} "
                    f"(higher is better)")
     else:
-        found = sum(bool(r.get("roots")) for r in res["images"])
-        typer.echo(f"sag on {res['n']} images (grid {res['grid']}): roots found for {found}")
+        typer.echo(f"{method} on {res['n']} images: one {res['kind']} per image (PNG, SVG, JSON) in "
+                   f"{out}/{res['method']}")
     flagged = sum(r["low_confidence"] or r["wrong_prediction"] for r in res["images"])
     if flagged:
         typer.echo(f"warning: {flagged} images have low confidence or a wrong prediction; their explanations are unreliable")

@@ -39,7 +39,7 @@ def trained():
 def test_generative_audit_with_twin(tmp_path, trained):
     gc, ff = trained
     res = run_audit({"gc": gc}, "digits", tmp_path, checks=["ood", "generative"], compare=ff,
-                    options={"n_max": 120, "ood_n": 60}, progress=False)
+                    options={"n_max": 120, "ood.n": 60, "generative.ood_n": 60}, progress=False)
     out = json.loads((tmp_path / "results.json").read_text())
     (m,) = out["models"]
     ood = m["checks"]["ood"]

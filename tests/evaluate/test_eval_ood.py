@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from trustvision.evaluate import ood
+from trustvision.models import GenerativeClassifier
 
 
 def test_metrics_hand_computed():
@@ -42,16 +43,28 @@ def test_metrics_match_sklearn():
     assert json.loads(json.dumps(m.to_dict()))["n_in"] == 300
 
 
-class _Gauss(nn.Module):
-    """A 'generative model' whose log p(x) is a standard normal density in pixel space."""
+class _Gauss(GenerativeClassifier):
+    """A 'generative model' whose log p(x) is a standard normal density in pixel space (z = x)."""
 
     def __init__(self):
-        super().__init__()
+        super().__init__(num_classes=2, in_chans=1, image_size=4)
         self.w = nn.Parameter(torch.zeros(1))
 
     def log_px(self, x):
         d = x[0].numel()
         return -0.5 * x.flatten(1).pow(2).sum(1) - 0.5 * d * np.log(2 * np.pi) + self.w
+
+    def log_px_given_y(self, x):
+        return (self.log_px(x) + np.log(2.0))[:, None].expand(-1, 2)
+
+    def latent(self, x):
+        return x.flatten(1), torch.zeros(len(x))
+
+    def invert(self, z):
+        return z.view(-1, 1, 4, 4)
+
+    def sample(self, y, n=1, temperature=1.0, generator=None):
+        return torch.randn(n, 1, 4, 4, generator=generator).mul(temperature).clamp(0, 1)
 
     def bits_per_dim(self, x):
         return 8 - self.log_px(x) / (x[0].numel() * np.log(2))
@@ -119,3 +132,34 @@ def test_evaluate_ood_rows_and_convention():
     assert res.get("typicality", "wide")["auroc"] > 0.95
     assert "positive" in res.convention
     json.dumps(res.to_dict())
+
+
+def test_evaluate_ood_only_gives_generative_classifiers_the_likelihood_detectors():
+    """A model with a log_px method that is not a GenerativeClassifier gets max-softmax only."""
+
+    class _Duck(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _Gauss()
+
+        def log_px(self, x):
+            return self.inner.log_px(x)
+
+        def forward(self, x):
+            return self.inner(x)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 4, 4, generator=g)
+    res = ood.evaluate_ood(_Duck(), x, x, {"u": torch.rand(20, 1, 4, 4, generator=g)})
+    assert {r["detector"] for r in res.rows} == {"max_softmax"} and res.typicality == {}
+
+
+def test_build_ood_sets_accepts_a_plain_torch_dataset():
+    from torch.utils.data import TensorDataset
+
+    from trustvision import data
+
+    digits = data.load("digits", split="test")
+    x, y = digits.tensors()
+    plain = ood.build_ood_sets(TensorDataset(x, y), names=["inverted"])
+    assert torch.equal(plain["inverted"], ood.build_ood_sets(digits, names=["inverted"])["inverted"])

@@ -51,21 +51,26 @@ def test_gradcam_shape_and_sign(tiny_cnn):
         explain.get("gradcam")(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)))
 
 
-# likelihood-ratio needs a generative classifier: tested in test_explain_generative.py
-@pytest.mark.parametrize("name", [m for m in explain.list_methods() if m != "likelihood-ratio"])
+# methods a plain CNN cannot serve (likelihood-ratio needs a generative classifier) are tested
+# in their own files (test_explain_generative.py)
+@pytest.mark.parametrize("name", [m for m in explain.list_methods() if not explain.get(m).requires
+                                  or m == "gradcam"])
 def test_every_method_has_one_signature(name, tiny_cnn):
     x = torch.rand(2, 1, 8, 8)
-    kw = {"iterations": 2, "ig_steps": 2} if name.startswith("igos") else {}
-    a = explain.get(name)(tiny_cnn).attribute(x, target=None, **kw)
+    fast = {"iterations": 2, "ig_steps": 2, "n_masks": 20}
+    kw = {k: v for k, v in fast.items() if k in explain.get(name).keywords()}
+    a = explain.get(name)(tiny_cnn).attribute(x, target=None, seed=0, internal_batch_size=None, **kw)
     assert a.shape == (2, 1, 8, 8)
     assert torch.isfinite(a).all()
 
 
 def test_registry_names_and_errors():
+    # list_methods() lists the heatmap methods (SAG, a graph method, only with kind=None)
     assert explain.list_methods() == sorted(
         ["gradcam", "igos", "igos++", "integrated-gradients", "likelihood-ratio", "occlusion",
-         "saliency"]
+         "rise", "saliency"]
     )
+    assert explain.list_methods(kind=None) == sorted(explain.list_methods() + ["sag"])
     assert explain.get("igos++") is explain.IGOSPlusPlus
     with pytest.raises(TrustVisionError, match="did you mean 'igos\\+\\+'"):
         explain.get("igos+")

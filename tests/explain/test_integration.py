@@ -38,13 +38,14 @@ def test_audit_check(digits_model):
     net, _ = digits_model
     splits = {s: data.load("digits", split=s) for s in ("train", "val", "test")}
     ctx = AuditContext(model=net, model_name="m", datasets=splits,
-                       options={"explain_n": 3, "sag_n": 1, "explain_iterations": 3})
+                       check_options={"n": 3, "sag_n": 1, "iterations": 3})
     res = get_check("explanations")().run(ctx)
     methods = res.data["methods"]
-    assert set(methods) == {"igos", "igos++", "saliency", "integrated-gradients", "gradcam", "occlusion"}
+    assert list(methods) == ["igos", "igos++", "saliency", "integrated-gradients", "gradcam", "occlusion",
+                             "rise"]
     for m in methods.values():
         assert len(m["deletion_auc"]) == 3 and 0 <= m["insertion_mean"] <= 1
-    assert len(res.tables["faithfulness"]["rows"]) == 6
+    assert len(res.tables["faithfulness"]["rows"]) == 7
     assert {"heatmaps", "sag_0"} <= set(res.figures)
     assert res.data["sag"][0]["grid"] == [4, 4]
     json.dumps(res.data)

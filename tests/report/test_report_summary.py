@@ -23,8 +23,8 @@ def default_audit(tmp_path_factory):
         pytest.skip("digits zoo not built (scripts/build_zoo*.py)")
     out = tmp_path_factory.mktemp("audit")
     run_audit({n: models.load(n) for n in names}, "digits", out, checks=default_checks(), progress=False,
-              options={"n_max": 80, "ood_n": 40, "explain_n": 2, "sag_n": 1, "explain_iterations": 2,
-                       "counterfactual_n": 2})
+              options={"n_max": 80, "ood.n": 40, "generative.ood_n": 40, "explanations.n": 2,
+                       "explanations.sag_n": 1, "explanations.iterations": 2, "generative.counterfactual_n": 2})
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -82,7 +82,14 @@ def test_ood_cells_are_the_primary_detectors_auroc(default_audit):
 
 def test_folded_and_unknown_metrics():
     """The temperature and the twin gap sit under their host value; an unknown metric keeps a column."""
-    results = {"options": {"n_bins": 10}, "models": [
+    results = {"options": {"n_bins": 10}, "metrics": {  # what the checks declared, as the audit stores it
+        "Accuracy": {"better": "higher", "legend": "top-1 accuracy on the test split."},
+        "ECE": {"better": "lower", "legend": "expected calibration error with 10 equal-width bins."},
+        "ECE after TS": {"better": "lower", "legend": "the same after temperature scaling."},
+        "Temperature": {"better": None, "legend": "the fitted temperature.", "fold_into": "ECE after TS",
+                        "note_format": "T = {:.2f}"},
+        "Accuracy gap to twin": {"better": None, "legend": "the difference to the feed-forward twin.",
+                                 "fold_into": "Accuracy", "note_format": "{:+.4f} vs twin"}}, "models": [
         {"key": "a", "name": "a", "metrics": {"Accuracy": 0.9, "ECE": 0.05, "ECE after TS": 0.02, "Temperature": 1.5,
                                              "Accuracy gap to twin": -0.01, "Mean confidence": 0.8},
          "checks": {"conf": {"status": "ok", "title": "Mean <confidence>", "metrics": {"Mean confidence": 0.8}}}},

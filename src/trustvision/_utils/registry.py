@@ -33,6 +33,14 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T) -> None:
         self.register(name)(obj)
 
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (tests and interactive sessions); an unknown name is a no-op."""
+        self._items.pop(name, None)
+
+    def lookup(self, name: str) -> T | None:
+        """The object registered as ``name``, or None (no error)."""
+        return self._items.get(name)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

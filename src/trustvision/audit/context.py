@@ -7,13 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from trustvision.data._base import ImageDataset, TensorImageDataset
+from trustvision.data import SPLITS, ImageDataset, TensorImageDataset
 
 __all__ = ["AuditContext", "LazySplits", "SPLITS"]
-
-SPLITS = ("train", "val", "test")
 
 
 class LazySplits(Mapping):
@@ -105,7 +103,7 @@ class AuditContext:
                 offset = SPLITS.index(split) if split in SPLITS else len(SPLITS)
                 g = torch.Generator().manual_seed(int(self.seed) + offset)
                 idx = torch.randperm(len(full), generator=g)[: int(n_max)].sort().values
-                self._subsets[split] = _subset(full, idx)
+                self._subsets[split] = full.subset(idx)
         return self._subsets[split]
 
     @property
@@ -133,16 +131,6 @@ class AuditContext:
         """Softmax probabilities (N, K) and labels (N,) on ``dataset(split)`` (cached)."""
         z, y = self.logits(split, compare=compare)
         return torch.softmax(z.double(), dim=1).float(), y
-
-
-def _subset(ds: ImageDataset, idx: torch.Tensor) -> ImageDataset:
-    if isinstance(ds, TensorImageDataset):
-        images, labels = ds.tensors()
-        return TensorImageDataset(images[idx], labels[idx], ds.classes, ds.name, ds.split)
-    sub = Subset(ds, idx.tolist())
-    for attr in ("name", "split", "classes", "image_size", "num_channels"):
-        setattr(sub, attr, getattr(ds, attr))
-    return sub  # type: ignore[return-value]
 
 
 @torch.no_grad()

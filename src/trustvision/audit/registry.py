@@ -25,6 +25,7 @@ Example (a new check is one file in ``trustvision/audit/checks/``; every module 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -51,7 +52,9 @@ class Option:
     """One declared option of a check: ``type`` (int, float, str, bool or list = a list of
     strings, comma-separated on the command line), ``default``, ``help``; optional ``choices``
     (allowed values; for lists, allowed items) and ``min`` / ``max`` bounds for numbers.
-    ``affects_results=False`` keeps it out of the stored result's fingerprint."""
+    ``affects_results=False`` keeps it out of the stored result's fingerprint. ``default`` and
+    ``choices`` may be zero-argument callables, read when the audit runs (e.g. every method of
+    a registry, including those registered after the check)."""
 
     type: type
     default: Any
@@ -60,6 +63,13 @@ class Option:
     min: float | None = None
     max: float | None = None
     affects_results: bool = True
+
+    def resolved_default(self) -> Any:
+        return self.default() if callable(self.default) else self.default
+
+    def resolved_choices(self) -> tuple | None:
+        c = self.choices() if callable(self.choices) else self.choices
+        return None if c is None else tuple(c)
 
     @property
     def type_name(self) -> str:
@@ -100,11 +110,12 @@ class Option:
                 out = t(value)
         except (TypeError, ValueError):
             raise TrustVisionError(f"option {where} takes a {self.type_name}, got {value!r}") from None
-        if self.choices is not None:
-            bad = [v for v in (out if t is list else [out]) if v not in self.choices]
+        choices = self.resolved_choices()
+        if choices is not None:
+            bad = [v for v in (out if t is list else [out]) if v not in choices]
             if bad:
                 raise TrustVisionError(f"option {where} does not accept {bad[0]!r}; use "
-                                       f"{', '.join(map(str, self.choices))}")
+                                       f"{', '.join(map(str, choices))}")
         if self.min is not None and t in (int, float) and out < self.min:
             raise TrustVisionError(f"option {where} must be >= {self.min}, got {out}")
         if self.max is not None and t in (int, float) and out > self.max:
@@ -112,9 +123,10 @@ class Option:
         return out
 
     def describe(self) -> dict:
-        d = {"type": self.type_name, "default": self.default, "help": self.help}
-        if self.choices is not None:
-            d["choices"] = list(self.choices)
+        d = {"type": self.type_name, "default": self.resolved_default(), "help": self.help}
+        choices = self.resolved_choices()
+        if choices is not None:
+            d["choices"] = list(choices)
         return d
 
 
@@ -183,6 +195,23 @@ class Check:
     options: dict[str, Option] = {}
     #: declared headline metrics: name (or pattern with one ``{wildcard}``) -> Metric
     metrics: dict[str, Metric] = {}
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        run = cls.__dict__.get("run")
+        if run is not None and not getattr(run, "_fills_options", False):
+
+            @functools.wraps(run)
+            def run_with_defaults(self, ctx):
+                # options not given (e.g. a context built by hand) take their declared defaults
+                declared = type(self).options
+                missing = {k: o.resolved_default() for k, o in declared.items() if k not in ctx.check_options}
+                if missing:
+                    ctx.check_options = {**missing, **ctx.check_options}
+                return run(self, ctx)
+
+            run_with_defaults._fills_options = True  # type: ignore[attr-defined]
+            cls.run = run_with_defaults
 
     @classmethod
     def metric_info(cls, key: str, values: Mapping[str, Any] | None = None) -> dict | None:
@@ -281,7 +310,7 @@ def resolve_check_options(
         if not sep or not check or not key:
             raise TrustVisionError(f"option {k!r} must be CHECK.KEY=VALUE, e.g. explanations.n=4")
         flat[(check, key)] = v
-    out = {c.name: {k: o.default for k, o in c.options.items()} for c in classes}
+    out = {c.name: {k: o.resolved_default() for k, o in c.options.items()} for c in classes}
     for (check, key), value in flat.items():
         cls = get_check(check)
         if key not in cls.options:

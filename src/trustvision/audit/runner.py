@@ -1,8 +1,25 @@
 """Run audit checks over models, store each finished check, write ``results.json`` and the report.
 
-Rerunning the same audit skips every check whose stored record has the same fingerprint, so an
-interrupted audit resumes where it stopped. A check that raises is recorded as an error (in
-``results.json`` and the report) and the audit goes on.
+:func:`run` is the Python entry point (``trustvision.audit.run(model, dataset)``): it takes
+``nn.Module`` s and torch ``Dataset`` s / ``DataLoader`` s as Captum, Quantus and Deepchecks users
+have them, returns the results as Python objects and writes files only when ``out`` is given.
+``trustvision audit`` is a thin layer over it. Rerunning the same audit into the same ``out``
+skips every check whose stored record has the same fingerprint, so an interrupted audit resumes
+where it stopped. A check that raises is recorded as an error (in ``results.json`` and the
+report) and the audit goes on.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from torch.utils.data import TensorDataset
+    >>> from trustvision import audit
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.rand(40, 1, 4, 4, generator=g)
+    >>> y = (x.mean((1, 2, 3)) > 0.5).long()
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    >>> res = audit.run(net, TensorDataset(x, y), checks="accuracy,calibration")
+    >>> sorted(res.metrics[res.model_names[0]])
+    ['Accuracy', 'ECE', 'ECE after TS', 'Temperature']
 """
 
 from __future__ import annotations
@@ -22,8 +39,16 @@ from rich.markup import escape
 
 import trustvision
 from trustvision.audit.context import AuditContext, LazySplits
-from trustvision.audit.registry import Check, CheckResult, default_checks, get_check, list_checks
+from trustvision.audit.registry import (
+    Check,
+    CheckResult,
+    default_checks,
+    get_check,
+    list_checks,
+    resolve_check_options,
+)
 from trustvision.audit.store import (
+    MemoryStore,
     ResultStore,
     atomic_write_json,
     fingerprint,
@@ -31,14 +56,17 @@ from trustvision.audit.store import (
     safe_key,
     to_jsonable,
 )
-from trustvision.data._base import ImageDataset
+from trustvision.data import ImageDataset
 from trustvision.errors import TrustVisionError
 
-__all__ = ["AuditModel", "AuditResult", "run_audit", "SCHEMA_VERSION", "DEFAULT_OPTIONS", "resolve_checks"]
+__all__ = [
+    "AuditModel", "AuditResult", "run", "run_audit", "SCHEMA_VERSION", "DEFAULT_OPTIONS",
+    "resolve_checks", "split_options",
+]
 
 #: version of the results.json layout (bump on incompatible changes)
 SCHEMA_VERSION = 1
-#: options every audit has; checks may read more keys from ``ctx.options``
+#: options every audit has; each check declares its own (``Check.options``, keys ``check.key``)
 DEFAULT_OPTIONS: dict[str, Any] = {"n_max": None, "batch_size": 256, "n_bins": 15}
 # options that never change a check's numbers (left out of fingerprints)
 _NON_RESULT_OPTIONS = {"batch_size"}
@@ -55,19 +83,56 @@ class AuditModel:
 
 @dataclass
 class AuditResult:
-    """Outcome of :func:`run_audit`: paths, the results dict, and how many checks failed/ran/were reused."""
+    """Outcome of :func:`run`: the results (the content of ``results.json``) as Python objects,
+    the figures, where files were written (``None`` without ``out``) and how many checks
+    failed / ran / were reused.
 
-    out_dir: Path
-    results_path: Path
+    ``metrics``: model name -> {metric: value}; ``records(model)``: check name -> record (status,
+    data, tables, summary, ...); ``figure(model, check, name)``: the PNG bytes of one figure.
+    """
+
+    out_dir: Path | None
+    results_path: Path | None
     report_path: Path | None
     results: dict = field(repr=False)
     n_errors: int = 0
     n_computed: int = 0
     n_cached: int = 0
+    figures: dict[tuple[str, str], dict[str, bytes]] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.n_errors == 0
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m["name"] for m in self.results["models"]]
+
+    @property
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        return {m["name"]: dict(m["metrics"]) for m in self.results["models"]}
+
+    def _model(self, model: str) -> dict:
+        for m in self.results["models"]:
+            if model in (m["name"], m["key"]):
+                return m
+        raise TrustVisionError(f"no model {model!r} in this audit; it has {', '.join(self.model_names)}")
+
+    def records(self, model: str | None = None) -> dict[str, dict]:
+        """Check name -> record of ``model`` (name or key; default: the only / first model)."""
+        m = self._model(model) if model is not None else self.results["models"][0]
+        return m["checks"]
+
+    def figure(self, model: str, check: str, name: str) -> bytes:
+        """PNG bytes of figure ``name`` of ``check`` for ``model``."""
+        m = self._model(model)
+        figs = self.figures.get((m["key"], check), {})
+        if name in figs:
+            return figs[name]
+        rel = (m["checks"].get(check, {}).get("figures") or {}).get(name)
+        if rel is None or self.out_dir is None:
+            raise KeyError((model, check, name))
+        return (self.out_dir / rel).read_bytes()
 
 
 def resolve_checks(names: Sequence[str] | str | None) -> list[type[Check]]:
@@ -86,18 +151,6 @@ def resolve_checks(names: Sequence[str] | str | None) -> list[type[Check]]:
     classes = [get_check(n) for n in dict.fromkeys(names)]
     order = {n: i for i, n in enumerate(list_checks())}
     return sorted(classes, key=lambda c: order[c.name])
-
-
-def _as_audit_models(models) -> list[AuditModel]:
-    if isinstance(models, Mapping):
-        items = [AuditModel(str(k), v, str(k)) for k, v in models.items()]
-    elif isinstance(models, torch.nn.Module):
-        items = [AuditModel(type(models).__name__, models, "")]
-    else:
-        items = [m if isinstance(m, AuditModel) else AuditModel(str(m[0]), m[1], str(m[0])) for m in models]
-    if not items:
-        raise TrustVisionError("no models to audit; pass --model PATH or zoo:NAME")
-    return items
 
 
 def _unique_keys(names: list[str]) -> list[str]:
@@ -119,18 +172,10 @@ def _check_compatible(model: torch.nn.Module, ds: ImageDataset) -> None:
     check_compatible(model, ds)
 
 
-def _labels(ds) -> list[int]:
-    if callable(getattr(ds, "tensors", None)):
-        return torch.as_tensor(ds.tensors()[1]).long().flatten().tolist()
-    for attr in ("labels", "targets"):
-        if getattr(ds, attr, None) is not None:
-            return torch.as_tensor(getattr(ds, attr)).long().flatten().tolist()
-    return [int(ds[i][1]) for i in range(len(ds))]
-
-
 def _dataset_info(datasets: LazySplits, name: str) -> dict:
     test = datasets["test"]
-    labels = _labels(test)
+    labels = getattr(test, "labels", None)
+    labels = torch.as_tensor(labels if labels is not None else test.tensors()[1]).long().flatten().tolist()
     info = {
         "name": name,
         "classes": [str(c) for c in test.classes],
@@ -183,7 +228,21 @@ def _tracker(progress) -> Callable[..., Iterable]:
     return track
 
 
-def _run_one(check: Check, ctx: AuditContext) -> tuple[dict, dict[str, bytes]]:
+def _metric_info(check: type[Check], keys, values: Mapping[str, Any]) -> dict[str, dict]:
+    """The declared metadata of every metric ``check`` emitted (undeclared ones get a neutral entry)."""
+    out = {}
+    for key in keys:
+        info = check.metric_info(key, values)
+        if info is None:
+            info = {"better": None, "legend": f"headline number of the {check.title or check.name} check "
+                                              "(see its section below).",
+                    "fold_into": None, "note_format": "{:.4g}", "group": None, "pattern": key,
+                    "wildcard": None, "check": check.name}
+        out[key] = info
+    return out
+
+
+def _run_one(check: Check, ctx: AuditContext, values: Mapping[str, Any]) -> tuple[dict, dict[str, bytes]]:
     from trustvision.report.figures import figure_to_png
 
     t0 = time.perf_counter()
@@ -197,9 +256,12 @@ def _run_one(check: Check, ctx: AuditContext) -> tuple[dict, dict[str, bytes]]:
         "title": check.title,
         "description": check.description,
         "version": check.version,
+        "options": to_jsonable(ctx.check_options),
         "summary": result.summary,
         "data": to_jsonable(result.data),
         "metrics": to_jsonable(result.metrics),
+        "metric_info": _metric_info(type(check), result.metrics, values),
+        "notes": to_jsonable(result.notes),
         "tables": to_jsonable(result.tables),
         "duration_s": round(time.perf_counter() - t0, 3),
         "computed_at": _now(),
@@ -211,73 +273,171 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def run_audit(
+def split_options(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``options`` -> (audit options, check options).
+
+    Keys of :data:`DEFAULT_OPTIONS` are audit options; ``"check.key"`` keys and ``check ->
+    {key: value}`` mappings are check options (validated later by the checks' declarations).
+    Anything else is a one-line :class:`TrustVisionError`.
+    """
+    audit_opts, check_opts = {}, {}
+    for k, v in (options or {}).items():
+        k = str(k)
+        if k in DEFAULT_OPTIONS:
+            audit_opts[k] = v
+        elif "." in k or isinstance(v, Mapping):
+            check_opts[k] = v
+        else:
+            raise TrustVisionError(
+                f"unknown audit option {k!r}; audit options are {', '.join(DEFAULT_OPTIONS)}, check options "
+                "are CHECK.KEY (e.g. explanations.n; `trustvision audit --list-checks` lists them)")
+    n_max = audit_opts.get("n_max")
+    if n_max is not None and (isinstance(n_max, bool) or not isinstance(n_max, int) or n_max < 1):
+        raise TrustVisionError(f"n_max must be a positive integer or None, got {n_max!r}")
+    for key, lo in (("batch_size", 1), ("n_bins", 1)):
+        v = audit_opts.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            raise TrustVisionError(f"{key} must be an integer >= {lo}, got {v!r}")
+    return audit_opts, check_opts
+
+
+def _as_splits(data, classes, name: str | None) -> tuple[LazySplits, str]:
+    """A registered name, ``{split: dataset}``, a LazySplits or one dataset (the test split)."""
+    if isinstance(data, str):
+        from trustvision import data as _data
+
+        ds_name = data
+        return LazySplits(lambda s: _data.load(ds_name, split=s)), ds_name
+    if isinstance(data, LazySplits):
+        return data, name or getattr(data["test"], "name", "dataset")
+    from trustvision.data import SPLITS, as_image_dataset
+
+    if isinstance(data, Mapping):
+        unknown = [k for k in data if k not in SPLITS]
+        if unknown:
+            raise TrustVisionError(f"unknown split {unknown[0]!r}; give a mapping of {', '.join(SPLITS)}")
+        if "test" not in data:
+            raise TrustVisionError("the data has no 'test' split; give {'test': dataset, ...} or one dataset")
+        splits = {s: as_image_dataset(d, classes=classes, name=name, split=s) for s, d in data.items()}
+    else:
+        splits = {"test": as_image_dataset(data, classes=classes, name=name, split="test")}
+    return LazySplits(splits), name or getattr(splits["test"], "name", None) or "dataset"
+
+
+def _as_model(obj, key: str | None, splits: LazySplits, wrap_kw: dict) -> AuditModel:
+    from trustvision import models as _models
+
+    if isinstance(obj, AuditModel):
+        return obj
+    if isinstance(obj, str):
+        return AuditModel(key or obj, _models.load(obj), obj)
+    if isinstance(obj, torch.nn.Module):
+        label = key or type(obj).__name__
+        if not isinstance(obj, _models.ImageClassifier):
+            example = splits["test"].subset(list(range(min(2, len(splits["test"]))))).tensors()[0]
+            obj = _models.wrap(obj, example=example, **wrap_kw)
+        return AuditModel(label, obj, "")
+    raise TrustVisionError(f"cannot audit a {type(obj).__name__}; pass an nn.Module, a checkpoint path or zoo:NAME")
+
+
+def _as_models(models, splits: LazySplits, wrap_kw: dict) -> list[AuditModel]:
+    if isinstance(models, Mapping):
+        items = [_as_model(v, str(k), splits, wrap_kw) for k, v in models.items()]
+    elif isinstance(models, (torch.nn.Module, str, AuditModel)) or not isinstance(models, (list, tuple)):
+        items = [_as_model(models, None, splits, wrap_kw)]
+    else:
+        items = []
+        for m in models:
+            if isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], str):
+                items.append(_as_model(m[1], m[0], splits, wrap_kw))
+            else:
+                items.append(_as_model(m, None, splits, wrap_kw))
+    if not items:
+        raise TrustVisionError("no models to audit; pass --model PATH or zoo:NAME")
+    return items
+
+
+def run(
     models,
-    dataset: str | Mapping[str, ImageDataset],
-    out: str | Path,
-    *,
+    data,
     checks: Sequence[str] | str | None = None,
     options: Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
     device: str = "cpu",
+    *,
     seed: int = 0,
-    compare: AuditModel | torch.nn.Module | None = None,
-    progress: bool = True,
+    compare=None,
+    progress: bool = False,
     command: str | None = None,
     render: bool = True,
+    classes: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     dataset_name: str | None = None,
 ) -> AuditResult:
-    """Audit ``models`` on ``dataset`` with ``checks``; write ``out/results.json`` and ``out/report.html``.
+    """Audit ``models`` on ``data`` with ``checks``; results as Python objects, files only with ``out``.
 
     Args:
-        models: ``{name: model}``, a list of :class:`AuditModel`, or a single model.
-        dataset: a registered dataset name (splits loaded on demand), ``{"train"|"val"|"test": ImageDataset}``
-            or a :class:`LazySplits`.
-        out: output directory (created); per-check records live in ``out/checks``.
+        models: an ``nn.Module`` (a trustvision model, or any module taking [0, 1] images and
+            returning logits: it is wrapped with :func:`trustvision.models.wrap`, ``num_classes``
+            inferred from one forward pass unless given, ``mean``/``std`` applied inside when
+            given), a checkpoint path or ``zoo:NAME``, a list of these or of ``(name, model)``
+            pairs, or ``{name: model}``.
+        data: a registered dataset name (splits loaded on demand), one dataset (used as the test
+            split: an ``ImageDataset``, a torch ``Dataset`` of (image, label) pairs such as a
+            ``TensorDataset``, a ``DataLoader`` or an ``(images, labels)`` tuple; images float
+            (N, C, H, W) in [0, 1]), or ``{"train"|"val"|"test": dataset}``.
         checks: check names (list or comma-separated); ``None`` runs the default checks.
-        options: overrides of :data:`DEFAULT_OPTIONS` (``n_max`` limits every split to a seeded subset).
+        options: audit options (``n_max``: a seeded subset of each split, ``batch_size``,
+            ``n_bins``) and check options as ``"check.key": value`` (or ``check: {key: value}``);
+            unknown keys are one-line errors.
+        out: output directory: per-check records in ``out/checks`` (an audit into the same folder
+            resumes), ``out/results.json`` and ``out/report.html``. ``None``: nothing is written.
         device: torch device for inference.
         seed: seed passed to checks (``ctx.seed``) and used for ``n_max`` subsets.
-        compare: optional second model given to every check as ``ctx.compare``.
+        compare: an optional second model given to every check as ``ctx.compare``.
         progress: show rich progress bars on stderr.
-        command: the command line, shown in the report header.
-        render: also write ``report.html``.
-        dataset_name: display name of the dataset (default: ``dataset`` if a name, else the test split's name).
+        command: the command line recorded in results.json and shown in the report.
+        render: write ``report.html`` (only with ``out``).
+        classes: class names when ``data`` carries none.
+        dataset_name: display name of the dataset.
 
     Returns:
         An :class:`AuditResult`; ``n_errors`` counts checks that raised (the audit still finished).
 
     Raises:
-        TrustVisionError: unknown check, incompatible model and dataset, missing split.
+        TrustVisionError: unknown check or option, incompatible model and dataset, missing split,
+            bad data (images outside [0, 1], wrong shape).
     """
     check_classes = resolve_checks(checks)
-    audit_models = _as_audit_models(models)
-    opts = {**DEFAULT_OPTIONS, **dict(options or {})}
-    out = Path(out)
-    if isinstance(dataset, str):
-        from trustvision import data as _data
-
-        name = dataset
-        splits = LazySplits(lambda s: _data.load(name, split=s))
-    else:
-        splits = dataset if isinstance(dataset, LazySplits) else LazySplits(dataset)
-        name = dataset_name or getattr(splits["test"], "name", "dataset")
+    audit_opts, check_opt_overrides = split_options(options)
+    check_opts = resolve_check_options(check_classes, check_opt_overrides)
+    opts = {**DEFAULT_OPTIONS, **audit_opts}
+    splits, name = _as_splits(data, classes, dataset_name)
+    wrap_kw = {"num_classes": num_classes, "mean": mean, "std": std}
+    audit_models = _as_models(models, splits, wrap_kw)
     ds_info = _dataset_info(splits, name)
 
-    cmp_model = compare.model if isinstance(compare, AuditModel) else compare
-    cmp_name = None
-    if compare is not None:
-        cmp_name = compare.name if isinstance(compare, AuditModel) else type(compare).__name__
-    for am in audit_models + ([AuditModel(cmp_name, cmp_model)] if cmp_model is not None else []):
+    cmp = None if compare is None else _as_model(compare, None, splits, wrap_kw)
+    cmp_model = cmp.model if cmp is not None else None
+    cmp_name = cmp.name if cmp is not None else None
+    for am in audit_models + ([cmp] if cmp is not None else []):
         am.model.to(device).eval()
         _check_compatible(am.model, splits["test"])
     cmp_fp = model_fingerprint(cmp_model) if cmp_model is not None else None
 
-    store = ResultStore(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        out = Path(out)
+        store: ResultStore | MemoryStore = ResultStore(out)
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        store = MemoryStore()
     result_opts = {k: v for k, v in opts.items() if k not in _NON_RESULT_OPTIONS}
     keys = _unique_keys([am.name for am in audit_models])
     model_records, errors = [], []
     n_computed = n_cached = 0
+    all_figures: dict[tuple[str, str], dict[str, bytes]] = {}
 
     with _make_progress(progress) as prog:
         overall = prog.add_task("audit", total=len(audit_models) * len(check_classes))
@@ -292,6 +452,7 @@ def run_audit(
             records: dict[str, dict] = {}
             for cls in check_classes:
                 check = cls()
+                ctx.check_options = dict(check_opts[cls.name])
                 prog.update(overall, description=escape(f"{am.name}: {check.name}"))
                 base = {"check": check.name, "title": check.title, "description": check.description}
                 try:
@@ -306,8 +467,10 @@ def run_audit(
                     records[check.name] = {**base, "status": "skipped", "reason": reason}
                     prog.advance(overall)
                     continue
+                fp_opts = {k: v for k, v in ctx.check_options.items() if cls.options[k].affects_results}
                 fp = fingerprint({"check": check.name, "version": check.version, "model": mfp,
-                                  "dataset": ds_info["fingerprint"], "options": result_opts, "seed": seed,
+                                  "dataset": ds_info["fingerprint"], "options": result_opts,
+                                  "check_options": fp_opts, "seed": seed,
                                   "compare": cmp_fp if check.uses_compare else None})
                 stored = store.load(key, check.name, fp)
                 if stored is not None:
@@ -316,7 +479,7 @@ def run_audit(
                     _log(prog, progress, f"[dim]reused[/] {check.name} for {escape(am.name)}")
                 else:
                     try:
-                        record, figures = _run_one(check, ctx)
+                        record, figures = _run_one(check, ctx, {**opts, **ctx.check_options})
                     except KeyboardInterrupt:
                         raise
                     except Exception as exc:  # noqa: BLE001 - recorded, the audit goes on
@@ -326,6 +489,8 @@ def run_audit(
                              f"[red]failed[/] {check.name} for {escape(am.name)}: {escape(_format_exc(exc))}")
                     else:
                         records[check.name] = {**store.save(key, check.name, fp, record, figures), "cached": False}
+                        if isinstance(store, MemoryStore):
+                            all_figures[(key, check.name)] = figures
                         n_computed += 1
                         _log(prog, progress, f"[green]done[/] {check.name} for {escape(am.name)} "
                                              f"({record['duration_s']:.1f}s)")
@@ -336,6 +501,12 @@ def run_audit(
                     metrics.update(rec.get("metrics") or {})
             model_records.append({**info, "metrics": metrics, "checks": records})
 
+    metric_meta: dict[str, dict] = {}
+    for m in model_records:
+        for rec in m["checks"].values():
+            if rec.get("status") == "ok":
+                for k, v in (rec.get("metric_info") or {}).items():
+                    metric_meta.setdefault(k, v)
     ds_info["splits"] = {s: len(d) for s, d in splits.loaded().items()}
     results = {
         "schema_version": SCHEMA_VERSION,
@@ -344,25 +515,35 @@ def run_audit(
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "created": _now(),
-        "command": command or "trustvision.audit.run_audit(...)",
+        "command": command or "trustvision.audit.run(...)",
         "device": str(device),
         "seed": int(seed),
         "status": "errors" if errors else "ok",
         "options": opts,
-        "checks": [{"name": c.name, "title": c.title, "description": c.description, "version": c.version}
+        "checks": [{**c.describe(), "options": to_jsonable(check_opts[c.name]),
+                    "option_types": {k: o.describe() for k, o in c.options.items()}}
                    for c in check_classes],
+        "metrics": metric_meta,
         "datasets": [ds_info],
         "models": model_records,
         "errors": errors,
     }
-    results_path = atomic_write_json(out / "results.json", results)
-    report_path = None
-    if render:
-        from trustvision.report.html import render_report
+    results = to_jsonable(results)
+    results_path = report_path = None
+    if out is not None:
+        results_path = atomic_write_json(out / "results.json", results)
+        if render:
+            from trustvision.report.html import render_report
 
-        report_path = render_report(out)
+            report_path = render_report(out)
     return AuditResult(out_dir=out, results_path=results_path, report_path=report_path, results=results,
-                       n_errors=len(errors), n_computed=n_computed, n_cached=n_cached)
+                       n_errors=len(errors), n_computed=n_computed, n_cached=n_cached, figures=all_figures)
+
+
+def run_audit(models, dataset, out: str | Path | None, **kw) -> AuditResult:
+    """:func:`run` with the output folder as third argument (``run_audit(models, data, out, ...)``)."""
+    progress = kw.pop("progress", True)
+    return run(models, dataset, out=out, progress=progress, **kw)
 
 
 def _log(progress, enabled: bool, message: str) -> None:

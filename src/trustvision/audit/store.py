@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ from trustvision._utils.io import atomic_write_bytes, atomic_write_json, to_json
 
 __all__ = [
     "ResultStore",
+    "MemoryStore",
     "atomic_write_bytes",
     "atomic_write_json",
     "to_jsonable",
@@ -109,3 +109,17 @@ class ResultStore:
             if old.is_dir() and stale:
                 shutil.rmtree(old, ignore_errors=True)
         return record
+
+
+class MemoryStore:
+    """A store that keeps nothing between runs: used when an audit writes no files (``out=None``).
+
+    ``save`` returns the record with ``figures`` mapping each name to ``memory:<name>``; the PNG
+    bytes are kept by the caller (:class:`~trustvision.audit.runner.AuditResult.figures`).
+    """
+
+    def load(self, model_key: str, check: str, fp: str) -> dict | None:
+        return None
+
+    def save(self, model_key: str, check: str, fp: str, record: dict, figures: dict[str, bytes]) -> dict:
+        return {**record, "fingerprint": fp, "figures": {name: f"memory:{name}" for name in figures}}

@@ -14,19 +14,19 @@ import inspect
 from typing import Callable
 
 from trustvision._utils.registry import Registry
-from trustvision.data._base import ImageDataset, TensorImageDataset
+from trustvision.data._base import SPLITS, ImageDataset, TensorImageDataset, random_subset
 from trustvision.errors import TrustVisionError
 
 __all__ = [
     "ImageDataset",
     "TensorImageDataset",
     "SPLITS",
+    "as_image_dataset",
+    "random_subset",
     "load",
     "list_datasets",
     "register_dataset",
 ]
-
-SPLITS = ("train", "val", "test")
 
 # name -> loader(split, root, download, **kwargs) -> ImageDataset
 _DATASETS: Registry[Callable[..., ImageDataset]] = Registry("dataset", "`trustvision data`")
@@ -92,3 +92,4 @@ def load(
 from trustvision.data import embedded as _embedded  # noqa: E402,F401
 from trustvision.data import shortcut  # noqa: E402,F401
 from trustvision.data import torchvision_sets as _torchvision_sets  # noqa: E402,F401
+from trustvision.data.adapt import as_image_dataset  # noqa: E402

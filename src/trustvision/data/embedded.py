@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from trustvision.data import register_dataset
-from trustvision.data._base import TensorImageDataset
+from trustvision.data._base import SPLITS, TensorImageDataset
 
 __all__ = [
     "SPLIT_FRACTIONS",
@@ -37,7 +37,6 @@ __all__ = [
     "digits_arrays",
 ]
 
-SPLITS = ("train", "val", "test")
 #: Fractions of every class that go to train / val / test.
 SPLIT_FRACTIONS = (0.60, 0.15, 0.25)
 #: Seed of every deterministic split in this package.
@@ -202,6 +201,8 @@ class TexturesDataset(TensorImageDataset):
     Attributes: ``origins`` int64 (N, 2) top-left (row, column) of each patch in its photo,
     ``bands`` {class name: (first row, end row)} of the band this split was cut from.
     """
+
+    per_item = ("origins",)
 
     def __init__(self, images, labels, classes, split, origins, bands):
         super().__init__(images, labels, classes, "textures", split)

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from trustvision.data import register_dataset
-from trustvision.data._base import TensorImageDataset
-from trustvision.data.embedded import SPLITS, digits_arrays, stratified_split
+from trustvision.data._base import SPLITS, TensorImageDataset
+from trustvision.data.embedded import digits_arrays, stratified_split
 from trustvision.errors import TrustVisionError
 
 __all__ = ["DEFAULT_CONFLICT_FRACTION", "MARKER_POSITIONS", "MARKER_VALUE", "ShortcutDataset", "add_markers"]
@@ -71,6 +71,8 @@ def add_markers(
 
 class ShortcutDataset(TensorImageDataset):
     """Digits with planted markers; ``masks`` (N,1,H,W) float32 and ``marked`` (N,) bool."""
+
+    per_item = ("masks", "marked")
 
     def __init__(self, images, labels, classes, split, masks, marked, return_mask=False):
         super().__init__(images, labels, classes, "shortcut-digits", split)

@@ -21,6 +21,7 @@ Images are uint8 in memory and become float32 (C, H, W) in [0, 1] when indexed.
 
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import os
@@ -32,8 +33,8 @@ import numpy as np
 import torch
 
 from trustvision.data import register_dataset
-from trustvision.data._base import ImageDataset
-from trustvision.data.embedded import SPLIT_FRACTIONS, SPLITS, stratified_split
+from trustvision.data._base import SPLITS, ImageDataset, _as_indices
+from trustvision.data.embedded import SPLIT_FRACTIONS, stratified_split
 from trustvision.errors import TrustVisionError
 
 __all__ = [
@@ -102,6 +103,17 @@ class ArrayImageDataset(ImageDataset):
     def __getitem__(self, idx: int):
         image = self.data[self.indices[idx]].to(torch.float32).div_(255.0)
         return image, int(self.labels[idx])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All exposed images as float32 (N, C, H, W) in [0, 1] and their labels (N,)."""
+        return self.data[self.indices].to(torch.float32).div_(255.0), self.labels.clone()
+
+    def subset(self, indices) -> "ArrayImageDataset":
+        """The items at ``indices``, sharing the uint8 array (no pixels are copied)."""
+        idx = _as_indices(indices, len(self))
+        out = copy.copy(self)
+        out.indices, out.labels, out.classes = self.indices[idx], self.labels[idx], list(self.classes)
+        return out
 
 
 def _split_official(

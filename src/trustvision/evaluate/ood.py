@@ -226,13 +226,6 @@ def _convert(x: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Ten
     return x.clamp(0, 1).contiguous()
 
 
-def _tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(ds, "tensors"):
-        return ds.tensors()
-    xs, ys = zip(*[ds[i] for i in range(len(ds))])
-    return torch.stack(xs), torch.as_tensor(ys)
-
-
 def build_ood_sets(id_test, names: Sequence[str] = OOD_SETS, n: int | None = None,
                    seed: int = 0) -> dict[str, torch.Tensor]:
     """OOD images (M, C, H, W) in [0, 1] shaped like the in-distribution set ``id_test``.
@@ -246,7 +239,7 @@ def build_ood_sets(id_test, names: Sequence[str] = OOD_SETS, n: int | None = Non
     from trustvision import data
     from trustvision.errors import TrustVisionError
 
-    x_id, _ = _tensors(id_test)
+    x_id, _ = data.as_image_dataset(id_test).tensors()
     c, size = x_id.shape[1], tuple(x_id.shape[2:])
     n = len(x_id) if n is None else int(n)
     g = torch.Generator().manual_seed(int(seed))
@@ -255,7 +248,7 @@ def build_ood_sets(id_test, names: Sequence[str] = OOD_SETS, n: int | None = Non
         if name == getattr(id_test, "name", None):
             continue
         if name in ("faces", "textures"):
-            x, _ = _tensors(data.load(name, split="test"))
+            x, _ = data.load(name, split="test").tensors()
             x = _convert(x, c, size)
         elif name == "uniform":
             x = torch.rand(n, c, *size, generator=g)
@@ -299,13 +292,15 @@ def evaluate_ood(model, x_train: torch.Tensor, x_test: torch.Tensor,
                  batch_size: int = 256) -> OODResult:
     """Score ID test and every OOD set with each applicable detector and compute the metrics.
 
-    Generative models (with ``log_px``) get ``log_px``, ``typicality`` (threshold from
-    ``x_train``) and ``complexity``; every model gets ``max_softmax``; ``compare`` (e.g. the
-    feed-forward twin) adds ``max_softmax (compare)``.
+    Generative classifiers (:func:`trustvision.models.is_generative`) get ``log_px``,
+    ``typicality`` (threshold from ``x_train``) and ``complexity``; every model gets
+    ``max_softmax``; ``compare`` (e.g. the feed-forward twin) adds ``max_softmax (compare)``.
     """
+    from trustvision.models import is_generative
+
     detectors: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     result = OODResult()
-    if hasattr(model, "log_px"):
+    if is_generative(model):
         test = TypicalityTest(model, alpha, batch_size).fit(x_train)
         result.typicality = {"mean_l_x": test.mean, "std_l_x": test.std,
                              "threshold": test.threshold, "alpha": alpha}

@@ -2,7 +2,9 @@
 
 Saliency (Simonyan et al. 2014), Integrated Gradients (Sundararajan et al. ICML 2017), Grad-CAM
 (Selvaraju et al. ICCV 2017, conv nets only) and Occlusion (Zeiler & Fergus ECCV 2014), each a
-thin class with the same ``attribute(inputs, target=None, **kw)`` verb as :class:`IGOS`.
+thin :class:`~trustvision.explain.Explainer` with the same ``attribute(inputs, target=None, *,
+seed=0, internal_batch_size=None, **method_kw)`` verb as :class:`IGOS` (all four are
+deterministic: ``seed`` is accepted and unused; an unknown keyword is a one-line error).
 Channel reduction: saliency takes the max |gradient| over channels (Simonyan et al.); integrated
 gradients and occlusion sum the attributions over channels (signed; positive = supports the
 class); Grad-CAM is ReLU'd and upsampled bilinearly to the input size.
@@ -20,20 +22,21 @@ from trustvision._utils.images import (
     BaselineType,
     TargetType,
     check_inputs,
+    chunks,
     eval_mode,
     make_baseline,
     resolve_target,
     upsample,
 )
 
+from trustvision.explain._base import Explainer
+
 __all__ = ["Saliency", "IntegratedGradients", "GradCAM", "Occlusion", "last_conv_layer"]
 
 
-class _CaptumMethod:
-    name = "captum"
-
-    def __init__(self, model: nn.Module):
-        self.model = model
+class _CaptumMethod(Explainer, register=False):
+    kind = "heatmap"
+    in_audit = True
 
     def _prepare(self, inputs: torch.Tensor, target: TargetType) -> tuple[torch.Tensor, torch.Tensor]:
         x = check_inputs(inputs).detach()
@@ -44,14 +47,17 @@ class _CaptumMethod:
 class Saliency(_CaptumMethod):
     """Gradient magnitude |d logit_c / d x| (Simonyan et al.), max over channels: (N, 1, H, W)."""
 
-    name = "saliency"
+    name, title, order = "saliency", "Saliency", 20
 
-    def attribute(self, inputs: torch.Tensor, target: TargetType = None, **_: object) -> torch.Tensor:
+    def attribute(self, inputs: torch.Tensor, target: TargetType = None, *, seed: int = 0,
+                  internal_batch_size: int | None = None) -> torch.Tensor:
+        """``internal_batch_size``: most images per backward pass (None = all)."""
         from captum.attr import Saliency as _Saliency
 
         with eval_mode(self.model):
             x, t = self._prepare(inputs, target)
-            a = _Saliency(self.model).attribute(x, target=t, abs=True)
+            a = torch.cat([_Saliency(self.model).attribute(x[sl], target=t[sl], abs=True)
+                           for sl in chunks(x.shape[0], internal_batch_size)])
         return a.amax(dim=1, keepdim=True).detach()
 
 
@@ -59,17 +65,19 @@ class IntegratedGradients(_CaptumMethod):
     """Integrated gradients of the logit of class c from ``baselines`` (default zero) to x,
     summed over channels: (N, 1, H, W). Completeness: the sum equals f(x) - f(baseline)."""
 
-    name = "integrated-gradients"
+    name, title, order = "integrated-gradients", "Integrated gradients", 21
 
     def attribute(
         self,
         inputs: torch.Tensor,
         target: TargetType = None,
+        *,
+        seed: int = 0,
+        internal_batch_size: int | None = None,
         baselines: BaselineType = "zero",
         n_steps: int = 50,
-        internal_batch_size: int | None = None,
-        **_: object,
     ) -> torch.Tensor:
+        """``internal_batch_size``: most path points per forward/backward (Captum's knob)."""
         from captum.attr import IntegratedGradients as _IG
 
         with eval_mode(self.model):
@@ -95,19 +103,25 @@ def last_conv_layer(model: nn.Module) -> nn.Module:
 class GradCAM(_CaptumMethod):
     """Grad-CAM on ``layer`` (default: the last Conv2d), ReLU'd, upsampled to (N, 1, H, W)."""
 
-    name = "gradcam"
+    name, title, order = "gradcam", "Grad-CAM", 22
+    requires = ("conv",)
 
     def __init__(self, model: nn.Module, layer: nn.Module | None = None):
-        super().__init__(model)
+        # with an explicit layer the model needs no Conv2d
+        super().__init__(model, check_requirements=layer is None)
         self.layer = layer if layer is not None else last_conv_layer(model)
 
-    def attribute(self, inputs: torch.Tensor, target: TargetType = None, **_: object) -> torch.Tensor:
+    def attribute(self, inputs: torch.Tensor, target: TargetType = None, *, seed: int = 0,
+                  internal_batch_size: int | None = None) -> torch.Tensor:
+        """``internal_batch_size``: most images per forward/backward pass (None = all)."""
         from captum.attr import LayerGradCam
 
         with eval_mode(self.model):
             x, t = self._prepare(inputs, target)
-            a = LayerGradCam(self.model, self.layer).attribute(x, target=t, relu_attributions=True)
-        return upsample(a.detach().float(), x.shape[-2:])
+            cam = LayerGradCam(self.model, self.layer)
+            a = torch.cat([cam.attribute(x[sl], target=t[sl], relu_attributions=True).detach()
+                           for sl in chunks(x.shape[0], internal_batch_size)])
+        return upsample(a.float(), x.shape[-2:])
 
 
 class Occlusion(_CaptumMethod):
@@ -115,18 +129,20 @@ class Occlusion(_CaptumMethod):
     channels: (N, 1, H, W). ``window=None`` = about a fourteenth of the image side (16 at
     224 px, 2 at 8 px), stride half the window."""
 
-    name = "occlusion"
+    name, title, order = "occlusion", "Occlusion", 23
 
     def attribute(
         self,
         inputs: torch.Tensor,
         target: TargetType = None,
+        *,
+        seed: int = 0,
+        internal_batch_size: int | None = None,
         baselines: BaselineType = "zero",
         window: int | Sequence[int] | None = None,
         stride: int | Sequence[int] | None = None,
-        internal_batch_size: int | None = None,
-        **_: object,
     ) -> torch.Tensor:
+        """``internal_batch_size``: most occluded images per forward pass (default 64 per image)."""
         from captum.attr import Occlusion as _Occlusion
 
         with eval_mode(self.model):

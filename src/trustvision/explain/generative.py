@@ -5,8 +5,9 @@ gradients and class-conditional samples.
   mean (``z_t = z + t * (mu_target - mu_source)``, ``t`` in [0, 1]) and invert every step: the image
   sequence shows what must change for the model to see the target class; the last image minus
   ``x`` is the pixel difference.
-- :class:`LikelihoodRatioGradient`: ``d/dx [log p(x|y1) - log p(x|y2)]`` as a heatmap
-  (Captum contract: ``attribute(inputs, target) -> (N, 1, H, W)``, the channel-summed gradient;
+- :class:`LikelihoodRatioGradient`: ``d/dx [log p(x|y1) - log p(x|y2)]`` as a heatmap (the
+  registered ``likelihood-ratio`` :class:`~trustvision.explain.Explainer`, ``requires =
+  ("generative",)``: ``attribute(inputs, target) -> (N, 1, H, W)``, the channel-summed gradient;
   ``reduce=None`` keeps (N, C, H, W)). ``y2`` defaults to the most likely other class.
 - :func:`sample_grid`: ``n`` class-conditional samples per class at a given temperature.
 
@@ -22,7 +23,8 @@ from typing import Sequence
 import torch
 
 from trustvision.errors import TrustVisionError
-from trustvision._utils.images import TargetType, eval_mode, resolve_target
+from trustvision._utils.images import TargetType, check_inputs, chunks, eval_mode, resolve_target
+from trustvision.explain._base import Explainer
 
 __all__ = [
     "Counterfactual",
@@ -93,19 +95,25 @@ class LatentCounterfactual:
                               images[:, -1] - inputs, src, tgt)
 
 
-class LikelihoodRatioGradient:
+class LikelihoodRatioGradient(Explainer):
     """Heatmap of ``d/dx [log p(x|y1) - log p(x|y2)]`` (higher = pushes towards y1)."""
 
-    def __init__(self, model):
-        _require_generative(model)
-        self.model = model
+    name, title, order = "likelihood-ratio", "Likelihood ratio", 30
+    kind = "heatmap"
+    requires = ("generative",)
+    in_audit = False
 
-    def attribute(self, inputs: torch.Tensor, target: TargetType = None,
-                  other: TargetType = None, reduce: str | None = "sum") -> torch.Tensor:
+    def attribute(self, inputs: torch.Tensor, target: TargetType = None, *, seed: int = 0,
+                  internal_batch_size: int | None = None, other: TargetType = None,
+                  reduce: str | None = "sum") -> torch.Tensor:
         """Gradients for ``target`` (y1, default: predicted) against ``other`` (y2, default: the
         most likely other class). ``reduce="sum"`` sums channels -> (N, 1, H, W); ``"abs"`` sums
-        absolute values; ``None`` keeps (N, C, H, W)."""
+        absolute values; ``None`` keeps (N, C, H, W). Deterministic (``seed`` is unused);
+        ``internal_batch_size``: most images per forward/backward pass (None = all)."""
+        if reduce not in ("sum", "abs", None):
+            raise TrustVisionError(f"unknown reduce {reduce!r}; use 'sum', 'abs' or None")
         m = self.model
+        inputs = check_inputs(inputs)
         with eval_mode(m):
             y1 = resolve_target(m, inputs, target)
             if other is None:
@@ -115,17 +123,19 @@ class LikelihoodRatioGradient:
                 y2 = logits.argmax(1)
             else:
                 y2 = resolve_target(m, inputs, other)
-            x = inputs.detach().clone().requires_grad_(True)
-            lp = m.log_px_given_y(x)
-            ratio = lp.gather(1, y1.view(-1, 1)) - lp.gather(1, y2.view(-1, 1))
-            (grad,) = torch.autograd.grad(ratio.sum(), x)
+            grads = []
+            for sl in chunks(inputs.shape[0], internal_batch_size):
+                x = inputs[sl].detach().clone().requires_grad_(True)
+                lp = m.log_px_given_y(x)
+                ratio = lp.gather(1, y1[sl].view(-1, 1)) - lp.gather(1, y2[sl].view(-1, 1))
+                (g,) = torch.autograd.grad(ratio.sum(), x)
+                grads.append(g)
+            grad = torch.cat(grads)
         if reduce == "sum":
             return grad.sum(1, keepdim=True)
         if reduce == "abs":
             return grad.abs().sum(1, keepdim=True)
-        if reduce is None:
-            return grad
-        raise TrustVisionError(f"unknown reduce {reduce!r}; use 'sum', 'abs' or None")
+        return grad
 
 
 @torch.no_grad()

@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
@@ -42,46 +41,13 @@ from trustvision._utils.images import (
     resolve_target,
     upsample,
 )
+from trustvision.explain._base import ExplanationInfo, ExplanationWarning, Explainer
 
 __all__ = ["IGOS", "IGOSPlusPlus", "ExplanationInfo", "ExplanationWarning", "total_variation"]
 
 ARMIJO_C1 = 1e-4  # sufficient-decrease constant
 ARMIJO_SHRINK = 0.2  # step *= 0.2 on failure
 MIN_STEP = 1e-5  # give up when the largest cell change falls below this
-
-
-class ExplanationWarning(UserWarning):
-    """Raised (as a warning) when an explanation is likely unreliable for some images."""
-
-
-@dataclass
-class ExplanationInfo:
-    """Per-image diagnostics of one ``attribute`` call (lists of length N) plus pass counts.
-
-    ``low_confidence[i]``: the model's probability of the explained class is below the
-    threshold; ``not_predicted[i]``: the explained class is not the model's prediction (e.g. a
-    wrong prediction when the target is the true label). I-GOS works poorly in both cases.
-    ``forward_backward_passes`` / ``forward_passes`` count single-image evaluations in total.
-    """
-
-    target: list[int]
-    target_probability: list[float]
-    predicted: list[int]
-    low_confidence: list[bool]
-    not_predicted: list[bool]
-    final_loss: list[float]
-    forward_backward_passes: int = 0
-    forward_passes: int = 0
-    line_search_failures: list[int] = field(default_factory=list)
-
-    @property
-    def unreliable(self) -> list[bool]:
-        return [a or b for a, b in zip(self.low_confidence, self.not_predicted)]
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["unreliable"] = self.unreliable
-        return d
 
 
 def total_variation(mask: torch.Tensor) -> torch.Tensor:
@@ -102,7 +68,7 @@ def _weighted_tv(mask_up: torch.Tensor, image: torch.Tensor, sigma: float) -> to
     return (dv.mean(1) if dv.shape[1] else zero) + (dh.mean(1) if dh.shape[1] else zero)
 
 
-class _MaskExplainer:
+class _MaskExplainer(Explainer, register=False):
     """Shared machinery: batched integrated gradients of the class score w.r.t. masks, and a
     projected descent with a per-image Armijo line search. Subclasses define the state (one or
     two masks), the objective and the heatmap.
@@ -115,14 +81,14 @@ class _MaskExplainer:
             does not depend on it, only the number of sequential model calls does.
     """
 
-    name = "mask"
+    kind = "heatmap"
+    in_audit = True
     n_masks = 1
 
     def __init__(self, model: nn.Module, low_confidence: float = 0.5, line_search_group: int = 4):
-        self.model = model
+        super().__init__(model)
         self.low_confidence = float(low_confidence)
         self.line_search_group = int(line_search_group)
-        self.last_info: ExplanationInfo | None = None
 
     # -- pieces a subclass defines ---------------------------------------------------------
 
@@ -149,16 +115,17 @@ class _MaskExplainer:
         self,
         inputs: torch.Tensor,
         target: TargetType = None,
+        *,
+        seed: int = 0,
+        internal_batch_size: int | None = None,
         baselines: BaselineType = "blur",
         mask_size: int | Sequence[int] | None = None,
         iterations: int = 15,
         ig_steps: int = 20,
         l1: float = 1.0,
         l2: float | None = None,
-        internal_batch_size: int | None = None,
         noise: float | None = None,
         initial_step: float | None = None,
-        seed: int = 0,
         return_info: bool = False,
         return_mask: bool = False,
     ):
@@ -244,12 +211,12 @@ class _MaskExplainer:
         bad = [i for i, u in enumerate(info.unreliable) if u]
         if bad:
             warnings.warn(
-                f"{self.name}: {len(bad)} of {n} images are explained for a class the model does "
+                f"{self.title}: {len(bad)} of {n} images are explained for a class the model does "
                 f"not predict or gives probability < {self.low_confidence} (images {bad[:10]}"
                 f"{'...' if len(bad) > 10 else ''}); their heatmaps are unreliable "
                 "(see ExplanationInfo.unreliable)",
                 ExplanationWarning,
-                stacklevel=2,
+                stacklevel=3,  # the caller of attribute (through the keyword check)
             )
         return (heat, info) if return_info else heat
 
@@ -382,7 +349,7 @@ class IGOS(_MaskExplainer):
     Cost: ``ig_steps`` forward+backward passes per image and iteration, plus line-search forwards.
     """
 
-    name = "I-GOS"
+    name, title, order = "igos", "I-GOS", 10
     n_masks = 1
 
     def _terms(self, z):
@@ -413,7 +380,7 @@ class IGOSPlusPlus(_MaskExplainer):
     iteration, plus line-search forwards (4 per image and trial step).
     """
 
-    name = "iGOS++"
+    name, title, order = "igos++", "iGOS++", 11
     n_masks = 2
     bilateral_sigma = 0.01
 

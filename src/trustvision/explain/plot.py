@@ -6,10 +6,12 @@ save PNG or SVG or embed them in a report.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the package
+    from matplotlib.figure import Figure
 
 __all__ = ["image_to_numpy", "normalise_heatmap", "overlay_figure", "heatmap_grid"]
 
@@ -39,8 +41,10 @@ def _draw(ax, image: torch.Tensor, heat: torch.Tensor | None, title: str) -> Non
     ax.set_yticks([])
 
 
-def overlay_figure(image: torch.Tensor, heatmap: torch.Tensor, title: str = "") -> Figure:
+def overlay_figure(image: torch.Tensor, heatmap: torch.Tensor, title: str = "") -> "Figure":
     """The image and the image with the heatmap overlaid (jet, alpha 0.5), side by side."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(4.4, 2.3), dpi=100, layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     _draw(ax1, image, None, "image")
@@ -52,8 +56,10 @@ def heatmap_grid(
     images: torch.Tensor,
     heatmaps: Mapping[str, torch.Tensor],
     titles: Sequence[str] | None = None,
-) -> Figure:
+) -> "Figure":
     """Rows = images (N, C, H, W), columns = the image then one heatmap (N, 1, H, W) per method."""
+    from matplotlib.figure import Figure
+
     n = images.shape[0]
     cols = 1 + len(heatmaps)
     fig = Figure(figsize=(1.6 * cols, 1.6 * n + 0.3), dpi=100, layout="constrained")

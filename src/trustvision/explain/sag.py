@@ -4,7 +4,11 @@ Reference:
     Shitole, Li, Kahng, Tadepalli, Fern. "One Explanation is Not Enough: Structured Attention
     Graphs for Image Classification." NeurIPS 2021.
 
-The image is cut into a ``grid`` x ``grid`` lattice of patches (patch ``r * grid + c``). A patch
+Registered as the ``sag`` method of kind ``"graph"``: ``SAG(model).attribute(images)`` returns one
+:class:`SAGResult` per image (``explain(image)`` explains one image).
+
+The image is cut into a ``grid`` x ``grid`` lattice of patches (patch ``r * grid + c``; default:
+7 x 7 as in the paper, ``min(H, W) // 2`` per side for images under 14 pixels). A patch
 set S is *sufficient* when the image showing only S (the other patches replaced by the baseline)
 keeps p_c >= ``threshold`` x p_c(full image). A beam search from the empty set adds one of the
 ``successors`` unused patches ranked most important by a coarse I-GOS heatmap (2 iterations at
@@ -24,6 +28,8 @@ Example:
     >>> res = SAG(Mean(), grid=2).explain(torch.ones(1, 8, 8), target=0)
     >>> len(res.roots[0]) > 0
     True
+    >>> [r.grid for r in SAG(Mean()).attribute(torch.ones(2, 1, 8, 8), target=0)]
+    [(4, 4), (4, 4)]
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from torch import nn
 from trustvision.errors import TrustVisionError
 from trustvision._utils.images import (
     BaselineType,
+    TargetType,
     as_pair,
     check_inputs,
     chunks,
@@ -49,9 +56,10 @@ from trustvision._utils.images import (
     patch_masks,
     resolve_target,
 )
-from trustvision.explain.igos import IGOS, ExplanationWarning
+from trustvision.explain._base import ExplanationWarning, Explainer
+from trustvision.explain.igos import IGOS
 
-__all__ = ["SAG", "SAGResult"]
+__all__ = ["SAG", "SAGResult", "auto_grid"]
 
 PatchSet = tuple[int, ...]
 
@@ -87,6 +95,13 @@ class SAGResult:
     #: drawing limits of :meth:`figure` (the graph itself keeps every node)
     draw_levels: int = field(default=4, repr=False)
     draw_per_level: int = field(default=8, repr=False)
+
+    def summary(self) -> dict:
+        """The few numbers of one image worth a line in a table: its roots, the diverse ones
+        and the forward passes spent."""
+        return {"roots": [list(r) for r in self.roots],
+                "diverse_roots": [list(self.roots[k]) for k in self.diverse],
+                "forward_passes": self.forward_passes}
 
     def to_json(self) -> dict:
         """A JSON-serialisable dict (the image itself is left out)."""
@@ -206,12 +221,20 @@ class SAGResult:
         return out
 
 
-class SAG:
+def auto_grid(height: int, width: int) -> tuple[int, int]:
+    """The default patch grid: 7 x 7 (the paper's, at 224 px), ``min(H, W) // 2`` per side for
+    images under 14 pixels (4 x 4 patches of 2 x 2 pixels on 8 x 8 digits)."""
+    g = min(7, max(1, min(height, width) // 2))
+    return (g, g)
+
+
+class SAG(Explainer):
     """Structured attention graphs for one image at a time, every search step batched.
 
     Args:
         model: classifier taking [0, 1] images (N, C, H, W) and returning logits.
-        grid: patches per side (7 at 224 px in the paper) or (rows, cols).
+        grid: patches per side or (rows, cols); ``None`` or 0 = :func:`auto_grid` of each image
+            (7 x 7 as in the paper for images of 14 pixels and more).
         threshold: a set is sufficient when p_c(S) >= threshold * p_c(image) (0.9).
         beam_width: beam states kept per depth (3); successors: patches tried per state (15).
         max_roots: stop after this many roots (10). show: roots drawn and put in the graph (3).
@@ -220,10 +243,14 @@ class SAG:
         max_nodes: safety cap on graph size. batch_size: most images per forward pass.
     """
 
+    name, title, order = "sag", "SAG", 50
+    kind = "graph"
+    in_audit = False
+
     def __init__(
         self,
         model: nn.Module,
-        grid: int | Sequence[int] = 7,
+        grid: int | Sequence[int] | None = None,
         threshold: float = 0.9,
         beam_width: int = 3,
         successors: int = 15,
@@ -234,10 +261,8 @@ class SAG:
         max_nodes: int = 300,
         batch_size: int | None = 256,
     ):
-        self.model = model
-        self.grid = as_pair(grid)
-        if min(self.grid) < 1:
-            raise TrustVisionError(f"grid must be positive, got {grid!r}")
+        super().__init__(model)
+        self.grid = self._check_grid(grid)
         self.threshold = float(threshold)
         self.beam_width = int(beam_width)
         self.successors = int(successors)
@@ -248,6 +273,39 @@ class SAG:
         self.max_nodes = int(max_nodes)
         self.batch_size = batch_size
 
+    @staticmethod
+    def _check_grid(grid: int | Sequence[int] | None) -> tuple[int, int] | None:
+        if grid is None or (isinstance(grid, int) and grid == 0):
+            return None
+        pair = as_pair(grid)
+        if min(pair) < 1:
+            raise TrustVisionError(f"grid must be positive (or 0 = automatic), got {grid!r}")
+        return pair
+
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        target: TargetType = None,
+        *,
+        seed: int = 0,
+        internal_batch_size: int | None = None,
+        grid: int | Sequence[int] | None = None,
+    ) -> list[SAGResult]:
+        """One :class:`SAGResult` per image of ``inputs`` (N, C, H, W) in [0, 1], for class
+        ``target`` (default: the predicted class).
+
+        ``seed``: seed of the noise of the coarse I-GOS ranking; ``internal_batch_size``: most
+        patch sets per forward pass (default: the constructor's ``batch_size``); ``grid``: patch
+        grid of this call (default: the constructor's; 0 = automatic).
+        """
+        x = check_inputs(inputs).detach()
+        g = self._check_grid(grid) if grid is not None else self.grid
+        with eval_mode(self.model):
+            t = resolve_target(self.model, x, target)
+        return [self._explain(x[i : i + 1], int(t[i]), seed=seed, grid=g,
+                              batch_size=internal_batch_size or self.batch_size)
+                for i in range(x.shape[0])]
+
     # One batched forward over many patch sets.
     @torch.no_grad()
     def _score(self, sets: list[PatchSet]) -> torch.Tensor:
@@ -257,8 +315,8 @@ class SAG:
             if s:
                 ind[i, list(s)] = 1
         out = torch.empty(len(sets), device=c["x"].device)
-        for sl in chunks(len(sets), self.batch_size):
-            m = patch_masks(ind[sl], self.grid, c["x"].shape[-2:]).to(c["x"].dtype)
+        for sl in chunks(len(sets), c["batch_size"]):
+            m = patch_masks(ind[sl], c["grid"], c["x"].shape[-2:]).to(c["x"].dtype)
             phi = c["x"] * m + c["b"] * (1 - m)
             out[sl] = torch.softmax(self.model(phi), dim=1)[:, c["t"]]
         c["passes"] += len(sets)
@@ -280,16 +338,22 @@ class SAG:
 
     def explain(self, image: torch.Tensor, target: int | None = None) -> SAGResult:
         """The SAG of one image (C, H, W) or (1, C, H, W) in [0, 1] for class ``target``
-        (default: the predicted class)."""
-        start = time.perf_counter()
+        (default: the predicted class); ``attribute`` explains a batch."""
         x = check_inputs(image).detach()
         if x.shape[0] != 1:
             raise TrustVisionError(
-                f"SAG.explain takes one image, got a batch of {x.shape[0]}; call it per image"
+                f"SAG.explain takes one image, got a batch of {x.shape[0]}; call it per image "
+                "or use SAG.attribute"
             )
-        gh, gw = self.grid
+        return self._explain(x, target, seed=0, grid=self.grid, batch_size=self.batch_size)
+
+    def _explain(self, x: torch.Tensor, target: int | None, *, seed: int,
+                 grid: tuple[int, int] | None, batch_size: int | None) -> SAGResult:
+        start = time.perf_counter()
+        grid = grid or auto_grid(*x.shape[-2:])
+        gh, gw = grid
         if gh > x.shape[-2] or gw > x.shape[-1]:
-            raise TrustVisionError(f"grid {self.grid} is finer than the image {tuple(x.shape[-2:])}")
+            raise TrustVisionError(f"grid {grid} is finer than the image {tuple(x.shape[-2:])}")
         with eval_mode(self.model):
             t = int(resolve_target(self.model, x, target)[0])
             b = make_baseline(x, self.baseline)
@@ -297,10 +361,12 @@ class SAG:
             with warnings.catch_warnings():  # the reliability of the target is reported below
                 warnings.simplefilter("ignore", ExplanationWarning)
                 imp = igos.attribute(
-                    x, target=t, baselines=b, mask_size=self.grid, iterations=2, return_mask=True
+                    x, target=t, baselines=b, mask_size=grid, iterations=2, return_mask=True,
+                    seed=seed,
                 ).flatten().cpu()
             heat_passes = igos.last_info.forward_backward_passes + igos.last_info.forward_passes
-            self._ctx = dict(x=x, b=b, t=t, n_patches=gh * gw, passes=0)
+            self._ctx = dict(x=x, b=b, t=t, n_patches=gh * gw, passes=0, grid=grid,
+                             batch_size=batch_size)
             with torch.no_grad():
                 probs = torch.softmax(self.model(x), dim=1)[0]
             p_full, predicted = float(probs[t]), int(probs.argmax())
@@ -316,7 +382,7 @@ class SAG:
         self._ctx = {}
         baseline_name = self.baseline if isinstance(self.baseline, str) else "tensor"
         return SAGResult(
-            target=t, probability=p_full, predicted=predicted, grid=self.grid, threshold=self.threshold,
+            target=t, probability=p_full, predicted=predicted, grid=grid, threshold=self.threshold,
             baseline=str(baseline_name), roots=roots, root_confidence=rel, diverse=diverse,
             shown=shown, graph=graph, importance=imp.tolist(), forward_passes=passes,
             heatmap_passes=heat_passes, seconds=time.perf_counter() - start,

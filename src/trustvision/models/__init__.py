@@ -11,14 +11,16 @@ Example:
 from __future__ import annotations
 
 import copy
+import typing
 from typing import Callable, Sequence
 
 from trustvision._utils.registry import Registry
-from trustvision.models._base import ImageClassifier
+from trustvision.models._base import GenerativeClassifier, ImageClassifier, is_generative
 
 __all__ = [
-    "ImageClassifier", "create", "list_models", "register_model", "save", "load",
-    "check_compatible", "Ensemble", "list_zoo", "is_generative",
+    "ImageClassifier", "GenerativeClassifier", "create", "list_models", "register_model",
+    "model_class", "save", "load", "check_compatible", "Ensemble", "list_zoo", "is_generative",
+    "wrap",
 ]
 
 # name -> factory(num_classes, in_chans, image_size, **kw) -> ImageClassifier
@@ -47,6 +49,32 @@ def register_model(name: str | None = None, *, prefix: bool = False):
 def list_models() -> list[str]:
     """Names accepted by :func:`create` (prefixed entries shown as ``prefix:NAME``)."""
     return _MODELS.names() + [f"{p}:NAME" for p in sorted(_PREFIXED)]
+
+
+def _factory(name: str) -> Callable[..., ImageClassifier] | None:
+    if ":" in name and name.split(":", 1)[0] in _PREFIXED:
+        return _PREFIXED[name.split(":", 1)[0]]
+    return _MODELS.get(name) if name in _MODELS else None
+
+
+def model_class(name: str) -> type | None:
+    """The class that the factory of architecture ``name`` returns, read from its return
+    annotation (e.g. ``IBINN`` for ``"ibinn-small"``), without building a model; None when the
+    name is unknown or its factory has no resolvable class annotation.
+
+    Example:
+        >>> from trustvision import models
+        >>> models.model_class("ibinn-small").__name__
+        'IBINN'
+    """
+    fn = _factory(name)
+    if fn is None:
+        return None
+    try:
+        hint = typing.get_type_hints(fn).get("return")
+    except Exception:  # an annotation that does not resolve
+        return None
+    return hint if isinstance(hint, type) else None
 
 
 def create(
@@ -78,7 +106,7 @@ def create(
 # Importing the modules registers their models.
 from trustvision.models import feedforward as _feedforward  # noqa: E402,F401
 from trustvision.models import generative as _generative  # noqa: E402,F401
-from trustvision.models.generative import is_generative  # noqa: E402
 from trustvision.models.checkpoint import list_zoo, load, save  # noqa: E402
 from trustvision.models.ensemble import Ensemble  # noqa: E402
 from trustvision.models.validate import check_compatible  # noqa: E402
+from trustvision.models.wrapped import wrap  # noqa: E402

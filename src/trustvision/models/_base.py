@@ -1,13 +1,16 @@
-"""The classifier contract: [0,1] images in, logits out, normalisation inside."""
+"""The classifier contracts: [0,1] images in, logits out, normalisation inside; and the
+generative classifier's densities, latents and samples on top."""
 
 from __future__ import annotations
 
+import abc
+import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["ImageClassifier"]
+__all__ = ["ImageClassifier", "GenerativeClassifier", "is_generative"]
 
 
 class ImageClassifier(nn.Module):
@@ -56,3 +59,73 @@ class ImageClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.features(x))
+
+
+class GenerativeClassifier(ImageClassifier, metaclass=abc.ABCMeta):
+    """Base class of classifiers that model ``p(x|y)``: an invertible map ``x -> z`` and a
+    class-conditional density on ``z`` (e.g. the IB-INN, :class:`trustvision.models.generative.IBINN`).
+
+    Every :class:`ImageClassifier` method works as usual (``forward`` returns logits, e.g.
+    ``log p(y|x)``). Subclasses implement the generative side; densities are in nats over
+    images in [0, 1]^D with ``D = C * H * W`` (the normalisation's log-det included):
+
+    * ``log_px(x)`` -> (N,): ``log p(x)``;
+    * ``log_px_given_y(x)`` -> (N, K): ``log p(x|y)`` for every class;
+    * ``latent(x)`` -> ``(z (N, D), logdet (N,))``: the latent and ``log|det dz/dx|``;
+    * ``invert(z)`` -> images (N, C, H, W) in input space;
+    * ``sample(y, n=1, temperature=1.0, generator=None)`` -> images (M, C, H, W) in [0, 1].
+
+    ``bits_per_dim(x)`` follows from ``log_px`` and D. A subclass that leaves one of these
+    out cannot be instantiated (``TypeError``). :func:`is_generative` tests for this class.
+    """
+
+    @abc.abstractmethod
+    def log_px(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p(x)`` (N,), nats over [0, 1]^D."""
+
+    @abc.abstractmethod
+    def log_px_given_y(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p(x|y)`` for every class, (N, K), nats over [0, 1]^D."""
+
+    @abc.abstractmethod
+    def latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, logdet)``: latents (N, D) and ``log|det dz/dx|`` (N,)."""
+
+    @abc.abstractmethod
+    def invert(self, z: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) for latents (N, D) (the inverse of :meth:`latent`)."""
+
+    @abc.abstractmethod
+    def sample(self, y: int | torch.Tensor, n: int = 1, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Class-conditional samples (M, C, H, W) in [0, 1]: ``n`` of class ``y`` (an int) or one
+        per label of a tensor ``y``; ``temperature`` scales the latent noise."""
+
+    def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Bits per dimension of 8-bit images, ``8 - log p(x) / (D ln 2)``, (N,).
+
+        The density over [0, 1]^D is converted to the 256-level pixel scale (``+ D log 256``).
+        """
+        dim = self.in_chans * self.image_size[0] * self.image_size[1]
+        return 8.0 - self.log_px(x) / (dim * math.log(2.0))
+
+
+def is_generative(model: nn.Module | str) -> bool:
+    """True when ``model`` is (or wraps, via ``.module`` as DistributedDataParallel does) a
+    :class:`GenerativeClassifier`.
+
+    ``model`` may also be a registered architecture name (e.g. ``"ibinn-small"``): then the class
+    its factory returns (its return annotation, see :func:`trustvision.models.model_class`)
+    decides; unknown names give False.
+
+    Example:
+        >>> from trustvision import models
+        >>> models.is_generative("ibinn-small"), models.is_generative("ibinn-small-ff")
+        (True, False)
+    """
+    if isinstance(model, str):
+        from trustvision.models import model_class
+
+        cls = model_class(model)
+        return isinstance(cls, type) and issubclass(cls, GenerativeClassifier)
+    return isinstance(getattr(model, "module", model), GenerativeClassifier)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from trustvision.models import register_model
-from trustvision.models._base import ImageClassifier
+from trustvision.models._base import GenerativeClassifier, ImageClassifier, is_generative
 from trustvision.models.inn_blocks import (
     CouplingBlock,
     DCTPooling,
@@ -46,6 +46,7 @@ from trustvision.models.inn_blocks import (
     conv_subnet,
     fc_subnet,
 )
+from trustvision.models.mixture import ib_loss, mixture_log_density, perturb_inputs
 
 __all__ = [
     "IBINN",
@@ -55,9 +56,6 @@ __all__ = [
     "is_generative",
     "reestimate_batchnorm",
 ]
-
-_LOG_2PI = math.log(2.0 * math.pi)
-
 
 def build_flow(
     in_chans: int,
@@ -166,24 +164,16 @@ class GaussianMixtureHead(nn.Module):
         coef = self.mu_coef if labels is None else self.mu_coef[labels]
         return torch.cat([mu, coef @ self.mu_basis.t()], dim=1)
 
+    def log_density(self, z: torch.Tensor, logdet: torch.Tensor | None = None):
+        """:func:`trustvision.models.mixture.mixture_log_density` of ``z`` (N, D) under this
+        mixture: ``scores`` (N, K), and with ``logdet`` (N,) also ``log_px_given_y`` and ``log_px``."""
+        return mixture_log_density(z, self.mu, self.log_weights(), logdet,
+                                   mu_basis=self.mu_basis, mu_coef=self.mu_coef)
+
     def scores(self, z: torch.Tensor) -> torch.Tensor:
-        """``-0.5 * ||z - mu_y||^2 + log w_y`` for every class, shape (N, K).
-
-        Computed as ``z.mu_y - 0.5 ||mu_y||^2 - 0.5 ||z||^2`` so that the low-rank means never
-        materialise a (K, D) matrix.
-        """
-        zf = z[:, : self.full_dims]
-        s = zf @ self.mu.t() - 0.5 * (self.mu ** 2).sum(1)
-        if self.mu_basis is not None:
-            proj = z[:, self.full_dims:] @ self.mu_basis  # (N, r)
-            gram = self.mu_basis.t() @ self.mu_basis  # (r, r)
-            s = s + proj @ self.mu_coef.t() - 0.5 * ((self.mu_coef @ gram) * self.mu_coef).sum(1)
-        return s - 0.5 * (z ** 2).sum(1, keepdim=True) + self.log_weights()
-
-
-def is_generative(model: nn.Module) -> bool:
-    """True when ``model`` is (or wraps) an IB-INN generative classifier."""
-    return isinstance(getattr(model, "module", model), IBINN)
+        """``-0.5 * ||z - mu_y||^2 + log w_y`` for every class, shape (N, K) (low-rank means
+        never materialise a (K, D) matrix)."""
+        return self.log_density(z).scores
 
 
 @torch.no_grad()
@@ -252,8 +242,9 @@ class _FlowClassifier(ImageClassifier):
         reestimate_batchnorm(self, loader)
 
 
-class IBINN(_FlowClassifier):
-    """The IB-INN generative classifier (see the module docstring).
+class IBINN(_FlowClassifier, GenerativeClassifier):
+    """The IB-INN generative classifier (see the module docstring); a
+    :class:`~trustvision.models.GenerativeClassifier`.
 
     Args:
         num_classes, in_chans, image_size: as every trustvision model.
@@ -261,11 +252,12 @@ class IBINN(_FlowClassifier):
             the invertible backbone (:func:`build_flow`).
         low_rank: rank of the class means outside the pooled dimensions (None: full means).
         learn_weights: train the class log-weights (else a uniform prior).
-        beta: Information Bottleneck trade-off (see ``train.ib_loss``): ``inf`` = cross-entropy
-            only; ``1 / D`` (D = C*H*W) = the exact class-conditional likelihood ``p(x|y)``;
+        beta: Information Bottleneck trade-off (see :mod:`trustvision.models.mixture`):
+            ``inf`` = cross-entropy only; ``1 / D`` (D = C*H*W) = the exact class-conditional likelihood ``p(x|y)``;
             0 = the label-free mixture likelihood ``p(x)``, which never sees the labels and so
             cannot classify (chance accuracy); 1 (default) = the IB-INN trade-off.
-        label_smoothing, noise, dequantize: IB-loss training settings (see ``train.ib_loss``).
+        label_smoothing, noise, dequantize: IB-loss training settings (see
+            :mod:`trustvision.models.mixture`).
         mean_lr: learning-rate multiplier of the means and log-weights (no weight decay on them).
         seed: draws the fixed orthogonal mixings and the initial means.
     """
@@ -295,20 +287,11 @@ class IBINN(_FlowClassifier):
     # -- generative side ------------------------------------------------------------------------
     def log_px_given_y(self, x: torch.Tensor) -> torch.Tensor:
         """``log p(x|y)`` for every class, (N, K), in nats, density over [0, 1]^D."""
-        z, logdet = self.latent(x)
-        s = self.gmm.scores(z) - self.gmm.log_weights()
-        return s - 0.5 * self.dim * _LOG_2PI + logdet.unsqueeze(1)
+        return self.gmm.log_density(*self.latent(x)).log_px_given_y
 
     def log_px(self, x: torch.Tensor) -> torch.Tensor:
         """``log p(x) = logsumexp_y [log p(x|y) + log w_y]``, (N,), nats over [0, 1]^D."""
-        return torch.logsumexp(self.log_px_given_y(x) + self.gmm.log_weights(), dim=1)
-
-    def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
-        """Bits per dimension of 8-bit images, ``8 - log p(x) / (D ln 2)``, (N,).
-
-        The density over [0, 1]^D is converted to the 256-level pixel scale (``+ D log 256``).
-        """
-        return 8.0 - self.log_px(x) / (self.dim * math.log(2.0))
+        return self.gmm.log_density(*self.latent(x)).log_px
 
     @torch.no_grad()
     def sample(self, y: int | torch.Tensor, n: int = 1, temperature: float = 1.0,
@@ -329,9 +312,8 @@ class IBINN(_FlowClassifier):
 
     # -- training hooks (used by trustvision.train.fit) --------------------------------------------
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """IB loss on dequantised, noised inputs; returns ``(loss, logits)``."""
-        from trustvision.train.ib_loss import ib_loss, perturb_inputs
-
+        """IB loss (:func:`trustvision.models.mixture.ib_loss`) on dequantised, noised inputs;
+        returns ``(loss, logits)``."""
         z, logdet = self.latent(perturb_inputs(x, self.dequantize, self.noise))
         scores = self.gmm.scores(z)
         out = ib_loss(scores, self.gmm.log_weights(), logdet, y, dim=self.dim, beta=self.beta,

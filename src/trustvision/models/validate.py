@@ -5,28 +5,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trustvision.data import ImageDataset, as_image_dataset
 from trustvision.errors import TrustVisionError
 
 __all__ = ["check_compatible"]
 
 
-def _labels(dataset) -> torch.Tensor:
-    """All labels of ``dataset`` as a 1-D long tensor (fast paths: ``tensors()``, ``labels``)."""
-    if callable(getattr(dataset, "tensors", None)):
-        return torch.as_tensor(dataset.tensors()[1]).long().flatten()
+def _labels(dataset: ImageDataset) -> torch.Tensor:
+    """All labels of ``dataset`` as a 1-D long tensor (fast path: a ``labels``/``targets``
+    attribute, else ``dataset.tensors()``)."""
     labels = getattr(dataset, "labels", None)
     if labels is None:
         labels = getattr(dataset, "targets", None)
     if labels is not None:
         return torch.as_tensor(labels).long().flatten()
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+    return dataset.tensors()[1].long().flatten()
 
 
-def _sample_batch(dataset, n: int) -> torch.Tensor:
-    n = min(n, len(dataset))
-    if callable(getattr(dataset, "tensors", None)):
-        return dataset.tensors()[0][:n].float()
-    return torch.stack([torch.as_tensor(dataset[i][0]) for i in range(n)]).float()
+def _sample_batch(dataset: ImageDataset, n: int) -> torch.Tensor:
+    return dataset.subset(range(min(n, len(dataset)))).tensors()[0].float()
 
 
 def _size(s) -> tuple[int, int]:
@@ -38,10 +35,14 @@ def check_compatible(model: nn.Module, dataset, n: int = 8) -> None:
 
     Checks, in order: channel count (``model.in_chans`` vs ``dataset.num_channels``), image size
     (``model.image_size`` vs ``dataset.image_size``), labels in ``range(model.num_classes)``
-    (all labels are scanned, via ``dataset.tensors()`` or ``dataset.labels`` when present), and
+    (all labels are scanned, via ``dataset.labels`` when present, else ``dataset.tensors()``), and
     that the model maps a batch of ``n`` images (N, C, H, W) to logits of shape (N, num_classes).
     Attributes the model lacks are skipped; the model's train/eval mode is left unchanged.
+    A dataset that is not an :class:`~trustvision.data.ImageDataset` goes through
+    :func:`trustvision.data.as_image_dataset` first.
     """
+    if not isinstance(dataset, ImageDataset):
+        dataset = as_image_dataset(dataset)
     name = getattr(dataset, "name", "the dataset")
     in_chans = getattr(model, "in_chans", None)
     channels = getattr(dataset, "num_channels", None)

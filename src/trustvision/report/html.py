@@ -15,49 +15,12 @@ from typing import Any
 
 import jinja2
 
-from trustvision.audit.checks.ood import SUMMARY_SETS, primary_detector
-from trustvision.audit.store import atomic_write_bytes
+from trustvision._utils.io import atomic_write_bytes
 from trustvision.errors import TrustVisionError
 from trustvision.report.figures import png_data_uri
 
 __all__ = ["render_report", "render_html", "load_results", "summary_table"]
 
-#: Summary-table columns known to the report: metric key -> (header, better, legend). ``better`` is
-#: "higher", "lower" or None; the legend says what the number is (``{n_bins}`` is filled in).
-_COLUMNS: dict[str, tuple[str, str | None, str | None]] = {
-    "Accuracy": ("Accuracy", "higher", "top-1 accuracy on the test split{gap}."),
-    "ECE": ("ECE", "lower", "expected calibration error on top-1 confidence with {n_bins} "
-                            "equal-width bins (0 = confidence matches accuracy)."),
-    "ECE after TS": ("ECE after TS", "lower", "the same after temperature scaling fitted on the "
-                                              "validation split; the fitted temperature T is under "
-                                              "the value (T > 1: the model was overconfident, "
-                                              "T < 1: underconfident)."),
-    **{f"OOD AUROC vs {s}": (f"OOD AUROC vs {s}", "higher", None) for s in SUMMARY_SETS},
-    "Bits/dim": ("Bits/dim", "lower", "negative log-likelihood of the test images in bits per "
-                                      "dimension (8-bit scale); generative classifiers only."),
-}
-_OOD_NAMES = {"uniform": "uniform noise", "faces": "face photos", "textures": "textures"}
-_OOD_LEGEND = ("AUROC for telling the test images (positive) from out-of-distribution images of "
-               "the same shape: {sets} (0.5 = chance, 1 = perfect), scored by the model's own "
-               "primary detector, named under the value: typicality = two-tailed typicality test "
-               "on -log p(x)/D (generative classifiers), max-softmax = maximum class probability "
-               "(every other classifier). All detectors and OOD sets are in each model's "
-               "out-of-distribution section.")
-#: Metric families whose key names the explanation method in parentheses, e.g. "Insertion AUC (iGOS++)".
-_FAMILIES: dict[str, tuple[str | None, str]] = {
-    "Insertion AUC": ("higher", "class probability integrated while the {method} heatmap's most "
-                                "important cells are revealed on a blurred image (mean over the "
-                                "explained test images; high = the heatmap finds the evidence)."),
-    "Deletion AUC": ("lower", "the same while those cells are blurred away (low = removing what the "
-                              "heatmap points at destroys the prediction)."),
-}
-#: Metrics shown as a small note under another column's value instead of a column of their own.
-_FOLDED: dict[str, tuple[str, str]] = {
-    "Temperature": ("ECE after TS", "T = {:.2f}"),
-    "Accuracy gap to twin": ("Accuracy", "{:+.4f} vs twin"),
-}
-_GAP_NOTE = ("; with --compare, the difference to the feed-forward twin is under the value "
-             "(positive = this model is more accurate)")
 _ARROWS = {"higher": "\u2191", "lower": "\u2193"}
 
 
@@ -107,88 +70,97 @@ def _check_counts(model: dict) -> str:
     return ", ".join(parts)
 
 
-def _ood_detector(model: dict) -> str | None:
-    """The detector behind the model's "OOD AUROC vs <set>" metrics, read from its ood check data."""
-    rec = (model.get("checks") or {}).get("ood") or {}
-    rows = (rec.get("data") or {}).get("rows") if rec.get("status") == "ok" else None
-    if not rows:
-        return None
-    return primary_detector(str(r.get("detector")) for r in rows).replace("_", "-")
+def _direction(better: str | None) -> str:
+    return {"higher": "\u2191 higher is better; ", "lower": "\u2193 lower is better; "}.get(better or "", "")
 
 
-def _family(key: str) -> tuple[str, str] | None:
-    """("Insertion AUC", "iGOS++") for "Insertion AUC (iGOS++)"; None if ``key`` is no known family."""
-    for fam in _FAMILIES:
-        if key.startswith(fam + " (") and key.endswith(")"):
-            return fam, key[len(fam) + 2: -1]
+def _fallback_info(key: str, models: list[dict]) -> dict:
+    owners = [c.get("title") or name for m in models for name, c in (m.get("checks") or {}).items()
+              if key in (c.get("metrics") or {})]
+    return {"better": None, "legend": f"headline number of the {owners[0] if owners else 'audit'} check "
+                                      "(see its section below).", "fold_into": None, "group": None}
+
+
+def _note(model: dict, key: str) -> str | None:
+    for c in (model.get("checks") or {}).values():
+        if key in (c.get("metrics") or {}) and isinstance(c.get("notes"), dict):
+            note = c["notes"].get(key)
+            if note:
+                return str(note)
     return None
 
 
-def _direction(better: str | None) -> str:
-    return {"higher": "\u2191 higher is better; ", "lower": "\u2193 lower is better; "}.get(better or "", "")
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def summary_table(results: dict) -> dict:
     """The summary table of an audit: one row per model, one column per headline number.
 
-    Columns come from the models' ``metrics`` (each check's ``CheckResult.metrics``) in first-seen
-    order; diagnostics that only qualify another number (the fitted temperature, the accuracy gap to
-    the ``--compare`` twin) are shown small under that number instead of in a column of their own,
-    and the OOD columns name the detector under each value. Returns ``{"columns": [{"key",
-    "header", "better"}], "rows": [{"model": model_record, "cells": [{"value", "note"}]}],
-    "legend": [(term, explanation)]}``; ``better`` is "higher", "lower" or None.
+    Everything comes from the metadata the checks declared and the audit stored in results.json
+    (``results["metrics"]``: per metric key its direction ``better``, ``legend``, ``fold_into``
+    / ``note_format`` and ``group``; each check record's ``notes``): columns in first-seen order;
+    a metric with ``fold_into`` is shown small under its host's value (its legend appended to the
+    host's); metrics of one ``group`` share one legend entry; a record's note for a metric (e.g.
+    the OOD detector) is shown under the value. Metrics without metadata get a neutral column.
+    Returns ``{"columns": [{"key", "header", "better"}], "rows": [{"model": model_record,
+    "cells": [{"value", "note"}]}], "legend": [(term, explanation)]}``.
     """
     models = results.get("models", [])
-    n_bins = (results.get("options") or {}).get("n_bins", 15)
+    meta = results.get("metrics") if isinstance(results.get("metrics"), dict) else {}
     keys: list[str] = []
     for m in models:
         for k in m.get("metrics") or {}:
             if k not in keys:
                 keys.append(k)
-    folded = {k: host for k, (host, _) in _FOLDED.items() if k in keys and host in keys}
+    info = {k: {**_fallback_info(k, models), **(meta.get(k) or {})} for k in keys}
+    folded = {k: i["fold_into"] for k, i in info.items() if i.get("fold_into") in keys and i["fold_into"] != k}
     columns: list[dict[str, Any]] = []
     legend: list[tuple[str, str]] = [
         ("Model", "links to the model's section; architecture, parameter count and training data under the name."),
     ]
-    gap = any("Accuracy gap to twin" in (m.get("metrics") or {}) for m in models)
-    ood_keys = [k for k in keys if k.startswith("OOD AUROC vs ")]
+    groups_done: set[str] = set()
     for key in keys:
         if key in folded:
             continue
-        fam = _family(key)
-        if key in _COLUMNS:
-            header, better, text = _COLUMNS[key]
-            if text is not None:
-                text = text.format(n_bins=n_bins, gap=_GAP_NOTE if gap else "")
-        elif fam is not None:
-            header, (better, text) = key, _FAMILIES[fam[0]]
-            text = text.format(method=fam[1])
+        i = info[key]
+        better = i.get("better") if i.get("better") in ("higher", "lower") else None
+        columns.append({"key": key, "header": key, "better": better})
+        group = i.get("group")
+        if group:
+            if group in groups_done:
+                continue
+            groups_done.add(group)
+            members = [k for k in keys if info[k].get("group") == group and k not in folded]
+            pattern = str(i.get("pattern") or key)
+            prefix, _, rest = pattern.partition("{")
+            suffix = rest.partition("}")[2] if rest else ""
+            wild = [str(info[k].get("wildcard") or k) for k in members]
+            term = prefix + " / ".join(wild) + suffix if rest else " / ".join(members)
         else:
-            header, better = key, None
-            owners = [c.get("title") or name for m in models for name, c in (m.get("checks") or {}).items()
-                      if key in (c.get("metrics") or {})]
-            text = f"headline number of the {owners[0] if owners else 'audit'} check (see its section below)."
-        columns.append({"key": key, "header": header, "better": better})
-        if key in ood_keys:
-            if key == ood_keys[0]:
-                sets = [k[len("OOD AUROC vs "):] for k in ood_keys]
-                text = _OOD_LEGEND.format(sets=", ".join(_OOD_NAMES.get(x, x) for x in sets))
-                legend.append(("OOD AUROC vs " + " / ".join(sets), _direction(better) + text))
-            continue
-        legend.append((header, _direction(better) + text))
+            term = key
+        text = str(i.get("legend") or "")
+        extra = [str(info[f].get("legend") or "") for f, host in folded.items() if host == key]
+        text = " ".join([text] + [_cap(e) for e in extra if e]).strip()
+        legend.append((term, _direction(better) + text))
     legend.append(("Checks", "how many checks finished (done), failed, or do not apply to the model (n/a)."))
     legend.append(("\u2014", "not measured for this model (the check does not apply to it, or failed)."))
     rows = []
     for m in models:
         metrics = m.get("metrics") or {}
-        detector = _ood_detector(m)
         cells = []
         for col in columns:
             value = metrics.get(col["key"])
-            notes = [fmt.format(metrics[k]) for k, (host, fmt) in _FOLDED.items()
-                     if folded.get(k) == col["key"] and isinstance(metrics.get(k), (int, float))]
-            if col["key"] in ood_keys and value is not None and detector:
-                notes.append(detector)
+            notes = []
+            for k, host in folded.items():
+                if host == col["key"] and isinstance(metrics.get(k), (int, float)):
+                    try:
+                        notes.append(str(info[k].get("note_format") or "{:.4g}").format(metrics[k]))
+                    except (ValueError, IndexError, KeyError):
+                        notes.append(_fmt(metrics[k]))
+            note = _note(m, col["key"]) if value is not None else None
+            if note:
+                notes.append(note)
             cells.append({"value": value, "note": ", ".join(notes) or None})
         rows.append({"model": m, "cells": cells})
     return {"columns": columns, "rows": rows, "legend": legend}

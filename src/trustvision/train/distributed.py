@@ -4,14 +4,18 @@ There is one training loop: :func:`trustvision.train.fit` becomes data-parallel 
 the process was started by ``torchrun`` (``WORLD_SIZE > 1``) or a process group is already
 initialised. For example, on 4 GPUs (or 4 CPU processes with ``--device cpu``, gloo backend)::
 
-    torchrun --nproc_per_node 4 -m trustvision.cli train --model ibinn-small --data digits \\
+    torchrun --nproc_per_node 4 -m trustvision train --model ibinn-small --data digits \\
         --device cuda --epochs 40 --out runs/ibinn-ddp
+
+(``-m trustvision.cli train`` works the same.)
 
 This module holds the small helpers the loop uses: :func:`setup` joins the process group from
 torchrun's environment (gloo on the CPU, nccl on CUDA; ``--device cuda`` becomes
 ``cuda:LOCAL_RANK``), :func:`shard_order` gives every rank its part of each epoch's permutation,
 and :func:`rank` / :func:`world_size` / :func:`shutdown` for callers such as the CLI.
-``python -m trustvision.train.distributed ARGS`` is an alias of ``trustvision train ARGS``.
+``python -m trustvision.train.distributed ARGS`` is an alias of ``trustvision train ARGS``; it
+goes through :mod:`trustvision.__main__`, looked up at run time, since the training layer does not
+import the command line.
 """
 
 from __future__ import annotations
@@ -139,9 +143,10 @@ def shutdown() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``torchrun ... -m trustvision.train.distributed ARGS`` = ``trustvision train ARGS``."""
-    from trustvision.cli import main as cli_main
+    import importlib
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    entry = importlib.import_module("trustvision.__main__")  # the top layer, found at run time
+    return entry.main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,104 +1,12 @@
-"""The Information Bottleneck loss of IB-INN generative classifiers.
+"""The Information Bottleneck loss of IB-INN generative classifiers (re-exported).
 
-Per example, with ``s_y = -0.5 * ||z - mu_y||^2 + log w_y`` (the Gaussian constant dropped),
-D the data dimension and ``y_ls`` the label-smoothed one-hot target:
-
-    L_X   = [-logsumexp_y s_y - log|det J|] / D
-    L_Y   = sum_y y_ls,y * (log_softmax_y(s) - log w_y)
-    total = 2 / (1 + beta) * L_X - 2 * beta / (1 + beta) * L_Y
-
-What beta means (D = data dimension; hard labels, no smoothing):
-
-- ``beta = inf``: only ``-2 L_Y``, a cross-entropy on the Gaussian-mixture logits (a purely
-  discriminative model; the density is not trained).
-- ``beta = 0``: only ``2 L_X``, the likelihood of the *label-free* mixture
-  ``p(x) = sum_y w_y p(x|y)``. The labels are never used, so the class means are not tied to
-  the classes: the model **cannot classify** (chance accuracy). It is a density model only.
-- ``beta = 1/D``: exactly the *class-conditional* likelihood. Since
-  ``log p(y|x) - log w_y = log p(x|y) - log p(x)``, per example
-  ``L_X - L_Y / D = -log p(x|y) / D - 0.5 ln(2 pi)``, hence
-  ``total(1/D) = 2 / (1 + 1/D) * (-log p(x|y) / D - 0.5 ln(2 pi))``: maximum likelihood of
-  ``p(x|y)`` with the true label (what "beta -> 0, pure class-conditional likelihood" in the
-  papers refers to). Use ``beta = 1 / (C * H * W)``, e.g. ``1/64`` for 8x8 grey digits.
-- ``beta = 1`` (default) weights the classification term D times more than the class-conditional
-  likelihood does: the IB-INN trade-off between calibration/OOD detection and accuracy.
-
-Reference: Ardizzone et al., "Training Normalizing Flows with the Information Bottleneck for
-Competitive Generative Classification", NeurIPS 2020, eqs. (8)-(10).
+The loss lives next to the model, in :mod:`trustvision.models.mixture` (pure functions on
+tensors, with the Gaussian-mixture density it is written on); this module keeps
+``from trustvision.train.ib_loss import ib_loss`` working.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-import torch
+from trustvision.models.mixture import IBLoss, ib_loss, ib_weights, perturb_inputs, smooth_labels
 
 __all__ = ["IBLoss", "ib_loss", "ib_weights", "smooth_labels", "perturb_inputs"]
-
-
-@dataclass
-class IBLoss:
-    """Batch means: ``loss`` (the total, differentiable), ``l_x`` and ``l_y`` (detached floats)."""
-
-    loss: torch.Tensor
-    l_x: float
-    l_y: float
-
-
-def ib_weights(beta: float) -> tuple[float, float]:
-    """The factors ``(2 / (1 + beta), 2 * beta / (1 + beta))`` of ``L_X`` and ``-L_Y``."""
-    beta = float(beta)
-    if beta < 0 or math.isnan(beta):
-        raise ValueError(f"beta must be >= 0 (or inf), got {beta}")
-    if math.isinf(beta):
-        return 0.0, 2.0
-    return 2.0 / (1.0 + beta), 2.0 * beta / (1.0 + beta)
-
-
-def smooth_labels(y: torch.Tensor, num_classes: int, smoothing: float,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One-hot (N, K) targets with ``smoothing`` mass spread uniformly over all K classes."""
-    onehot = torch.nn.functional.one_hot(y, num_classes).to(dtype)
-    return onehot * (1.0 - smoothing) + smoothing / num_classes
-
-
-def ib_loss(scores: torch.Tensor, log_w: torch.Tensor, logdet: torch.Tensor, y: torch.Tensor,
-            *, dim: int, beta: float = 1.0, label_smoothing: float = 0.05) -> IBLoss:
-    """IB loss from mixture scores (batch mean).
-
-    Args:
-        scores: (N, K) ``-0.5 * ||z - mu_y||^2 + log w_y``.
-        log_w: (K,) class log-weights ``log w_y``.
-        logdet: (N,) ``log|det J|`` of the map from the input to z.
-        y: (N,) integer labels.
-        dim: D, the number of dimensions of z (L_X is per dimension).
-        beta: trade-off; ``float('inf')`` = pure cross-entropy, ``1 / dim`` = the exact
-            class-conditional likelihood, 0 = label-free mixture likelihood (cannot classify).
-        label_smoothing: mass spread uniformly over the classes in the target.
-    """
-    if scores.ndim != 2 or logdet.shape != scores.shape[:1]:
-        raise ValueError("scores must be (N, K) and logdet (N,)")
-    a, b = ib_weights(beta)
-    l_x = (-torch.logsumexp(scores, dim=1) - logdet) / dim
-    target = smooth_labels(y, scores.shape[1], label_smoothing, scores.dtype)
-    l_y = (target * (torch.log_softmax(scores, dim=1) - log_w)).sum(dim=1)
-    total = torch.zeros((), dtype=scores.dtype, device=scores.device)
-    if a:
-        total = total + a * l_x.mean()
-    if b:
-        total = total - b * l_y.mean()
-    return IBLoss(total, float(l_x.detach().mean()), float(l_y.detach().mean()))
-
-
-def perturb_inputs(x: torch.Tensor, dequantize: float = 1 / 256, noise: float = 0.01,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform dequantisation ``+ U(0, dequantize)`` plus Gaussian noise ``N(0, noise^2)``."""
-    out = x
-    if dequantize > 0:
-        out = out + dequantize * torch.rand(x.shape, generator=generator, device=x.device,
-                                            dtype=x.dtype)
-    if noise > 0:
-        out = out + noise * torch.randn(x.shape, generator=generator, device=x.device,
-                                        dtype=x.dtype)
-    return out

@@ -51,6 +51,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from trustvision._utils.device import resolve_device
+from trustvision.data import TensorImageDataset
 from trustvision.errors import TrustVisionError
 from trustvision.train.augment import Augment
 from trustvision.train.input_dropout import check_keep_prob, drop_pixels
@@ -123,10 +124,10 @@ def iter_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images (B,C,H,W), labels (B,))`` on ``device``, in ``order`` (indices) if given.
 
-    Datasets with a ``tensors()`` method (in-memory sets) are sliced directly; others go through a
-    single-process DataLoader.
+    In-memory datasets (:class:`~trustvision.data.TensorImageDataset`) are sliced from their
+    ``tensors()``; others are streamed through a single-process DataLoader (never read whole).
     """
-    if hasattr(dataset, "tensors"):
+    if isinstance(dataset, TensorImageDataset):
         images, labels = dataset.tensors()
         n = int(labels.shape[0])
         idx_all = torch.arange(n) if order is None else order
@@ -289,6 +290,159 @@ class _Progress:
             self._progress.console.print(msg, highlight=False)
 
 
+# --- one run's pieces: resume, one epoch, the training state ----------------------------------
+
+
+@dataclass
+class _Run:
+    """The fixed settings of one :func:`fit` call, shared by its helpers."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_set: Dataset
+    config: dict
+    dev: torch.device
+    rank: int
+    world: int
+    out_dir: Path | None
+    fork_devices: list
+    seed: int
+    epochs: int
+    lr: float
+    sched: str
+    batch_size: int
+    augment: Augment | None
+    keep_prob: float | None
+    fill: torch.Tensor | float
+    grad_clip: float | None
+    progress: bool
+    step_module: nn.Module | None = None  # _LossModule(model), wrapped in DDP when distributed
+
+    @property
+    def main_rank(self) -> bool:
+        return self.rank == 0
+
+
+def _step_module(model: nn.Module, dev: torch.device, world: int) -> nn.Module:
+    """``forward(x, y) -> (loss, logits)`` of ``model`` (:class:`_LossModule`), in
+    DistributedDataParallel when there are several processes."""
+    module: nn.Module = _LossModule(model)
+    if world > 1:
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # the constructor broadcasts rank 0's parameters and buffers: identical start. Buffers
+        # are not re-broadcast every step (rank 0's BatchNorm statistics are its own either
+        # way); they are copied from rank 0 after every epoch instead.
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                   inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+        module = DistributedDataParallel(
+            module, device_ids=[dev.index] if dev.type == "cuda" else None, **{no_sync: False})
+    return module
+
+
+def _resume(run: _Run, state: dict) -> tuple[int, list[EpochStats]]:
+    """Restore the model, optimizer and this rank's RNG state from a training state; returns
+    ``(epochs already done, their history)``."""
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise TrustVisionError(
+            f"the training state in {run.out_dir} belongs to a different model "
+            f"({str(exc).splitlines()[0][:80]}); choose another --out"
+        ) from None
+    rng_cpu, rng_cuda = state["rng_torch"], state.get("rng_cuda")
+    if run.world > 1:
+        rng_cpu, rng_cuda = state["rng_ranks"][run.rank]
+    torch.set_rng_state(rng_cpu.cpu())
+    if run.fork_devices and rng_cuda is not None:
+        torch.cuda.set_rng_state(rng_cuda.cpu(), run.fork_devices[0])
+    return int(state["epoch"]), [EpochStats(**h) for h in state["history"]]
+
+
+def _train_one_epoch(run: _Run, epoch: int, bar: _Progress,
+                     last_good: int | None) -> tuple[float, float, float]:
+    """Train epoch ``epoch`` (0-based) on this rank's share of its seeded permutation; returns
+    ``(lr factor, mean train loss, train accuracy)`` over all ranks. A non-finite loss stops
+    training through the NaN guard (:func:`_diverged`) with ``last_good`` as the kept epoch."""
+    from trustvision.train import distributed  # imported here: `python -m` runs that module
+
+    factor = _lr_factor(run.sched, epoch, run.epochs)
+    for g in run.optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+    gen = _epoch_generator(run.seed, epoch)
+    order = distributed.shard_order(torch.randperm(len(run.train_set), generator=gen),
+                                    run.batch_size, run.rank, run.world)
+    if run.rank:  # augmentation and input-dropout draws of this rank's own images
+        gen = torch.Generator().manual_seed(run.seed * 1_000_003 + int(epoch) + 7_919 * run.rank)
+    local_bs = run.batch_size // run.world
+    steps = math.ceil(len(order) / local_bs)
+    task = bar.start(epoch + 1, run.epochs, steps)
+    run.step_module.train()
+    dev = run.dev
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), device=dev, dtype=torch.long)
+    seen = 0
+    for step, (x, y) in enumerate(iter_batches(run.train_set, local_bs, dev, order)):
+        if run.augment is not None:
+            x = run.augment(x, gen)
+        if run.keep_prob is not None:
+            x = drop_pixels(x, run.keep_prob, run.fill, gen)
+        loss, logits = run.step_module(x, y)
+        check = loss.detach().clone()
+        if run.world > 1:  # a non-finite loss on any rank stops every rank
+            dist.all_reduce(check)
+        if not torch.isfinite(check):
+            _diverged(run.model, run.out_dir, last_good, epoch, step, float(check), run.lr,
+                      run.grad_clip, dev, run.world, run.main_rank, run.train_set, run.config)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if run.grad_clip is not None:
+            nn.utils.clip_grad_norm_(run.model.parameters(), run.grad_clip)
+        run.optimizer.step()
+        b = int(y.shape[0])
+        loss_sum += loss.detach() * b
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += b
+        if run.progress and run.main_rank:
+            bar.advance(task, f"loss {float(check) / run.world:.4f}")
+    if run.world > 1:
+        totals = torch.stack([loss_sum.double(), correct.double(),
+                              torch.tensor(float(seen), dtype=torch.float64, device=dev)])
+        dist.all_reduce(totals)
+        loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
+        _broadcast_state(run.model, params=False)  # BatchNorm statistics of rank 0
+    return factor, float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1)
+
+
+def _save_state(run: _Run, epochs_done: int, history: list[EpochStats]) -> None:
+    """Write ``out/train_state.pt`` atomically (rank 0): model, optimizer, every rank's RNG
+    state and the history after ``epochs_done`` epochs."""
+    rng_cuda = torch.cuda.get_rng_state(run.fork_devices[0]) if run.fork_devices else None
+    rng_ranks = None
+    if run.world > 1:
+        rng_ranks = [None] * run.world
+        dist.all_gather_object(rng_ranks, (torch.get_rng_state(), rng_cuda))
+    if run.main_rank:
+        _save_atomic(
+            {
+                "format": "trustvision-train-state",
+                "format_version": 1,
+                "epoch": epochs_done,
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "rng_torch": torch.get_rng_state(),
+                "rng_cuda": rng_cuda,
+                **({"rng_ranks": rng_ranks} if run.world > 1 else {}),
+                "history": [asdict(h) for h in history],
+                "config": run.config,
+            },
+            run.out_dir / STATE_FILE,
+        )
+
+
 # --- fit ----------------------------------------------------------------------------------------
 
 
@@ -389,46 +543,21 @@ def fit(
     fill = fill.detach().clone() if isinstance(fill, torch.Tensor) else 0.0
     history: list[EpochStats] = []
     start_epoch = 0
-    n = len(train_set)
-    local_bs = batch_size // world
     extra: dict[str, Any] = {}
 
     fork_devices = [] if dev.type != "cuda" else [dev.index if dev.index is not None else torch.cuda.current_device()]
+    run = _Run(model=model, optimizer=optimizer, train_set=train_set, config=config, dev=dev,
+               rank=rank, world=world, out_dir=out_dir, fork_devices=fork_devices, seed=int(seed),
+               epochs=epochs, lr=lr, sched=sched, batch_size=batch_size, augment=augment,
+               keep_prob=keep_prob, fill=fill, grad_clip=grad_clip, progress=progress)
     with torch.random.fork_rng(devices=fork_devices):
         # rank 0 draws the model's own randomness (noise, dropout) exactly as a single process;
         # the other ranks get their own streams
         torch.manual_seed(seed if rank == 0 else int(seed) * 1_000_003 + 7_919 * rank)
         if state is not None:
-            try:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-            except (RuntimeError, ValueError, KeyError) as exc:
-                raise TrustVisionError(
-                    f"the training state in {out_dir} belongs to a different model "
-                    f"({str(exc).splitlines()[0][:80]}); choose another --out"
-                ) from None
-            rng_cpu, rng_cuda = state["rng_torch"], state.get("rng_cuda")
-            if world > 1:
-                rng_cpu, rng_cuda = state["rng_ranks"][rank]
-            torch.set_rng_state(rng_cpu.cpu())
-            if fork_devices and rng_cuda is not None:
-                torch.cuda.set_rng_state(rng_cuda.cpu(), fork_devices[0])
-            start_epoch = int(state["epoch"])
-            history = [EpochStats(**h) for h in state["history"]]
+            start_epoch, history = _resume(run, state)
 
-        step_module: nn.Module = _LossModule(model)
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # the constructor broadcasts rank 0's parameters and buffers: identical start. Buffers
-            # are not re-broadcast every step (rank 0's BatchNorm statistics are its own either
-            # way); they are copied from rank 0 after every epoch instead.
-            import inspect
-
-            no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
-                       inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
-            step_module = DistributedDataParallel(
-                step_module, device_ids=[dev.index] if dev.type == "cuda" else None, **{no_sync: False})
+        run.step_module = _step_module(model, dev, world)
 
         last_good: int | None = start_epoch or None
         with _Progress(progress and main_rank, progress_label) as bar:
@@ -436,82 +565,21 @@ def fit(
                 bar.log(f"{progress_label}resuming after epoch {start_epoch}/{epochs} from {out_dir}")
             for epoch in range(start_epoch, epochs):
                 t0 = time.perf_counter()
-                factor = _lr_factor(sched, epoch, epochs)
-                for g in optimizer.param_groups:
-                    g["lr"] = g["base_lr"] * factor
-                gen = _epoch_generator(seed, epoch)
-                order = distributed.shard_order(torch.randperm(n, generator=gen), batch_size, rank, world)
-                if rank:  # augmentation and input-dropout draws of this rank's own images
-                    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) + 7_919 * rank)
-                steps = math.ceil(len(order) / local_bs)
-                task = bar.start(epoch + 1, epochs, steps)
-                step_module.train()
-                loss_sum = torch.zeros((), device=dev)
-                correct = torch.zeros((), device=dev, dtype=torch.long)
-                seen = 0
-                for step, (x, y) in enumerate(iter_batches(train_set, local_bs, dev, order)):
-                    if augment is not None:
-                        x = augment(x, gen)
-                    if keep_prob is not None:
-                        x = drop_pixels(x, keep_prob, fill, gen)
-                    loss, logits = step_module(x, y)
-                    check = loss.detach().clone()
-                    if world > 1:  # a non-finite loss on any rank stops every rank
-                        dist.all_reduce(check)
-                    if not torch.isfinite(check):
-                        _diverged(model, out_dir, last_good, epoch, step, float(check), lr, grad_clip,
-                                  dev, world, main_rank, train_set, config)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if grad_clip is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                    optimizer.step()
-                    b = int(y.shape[0])
-                    loss_sum += loss.detach() * b
-                    correct += (logits.detach().argmax(1) == y).sum()
-                    seen += b
-                    if progress and main_rank:
-                        bar.advance(task, f"loss {float(check) / world:.4f}")
-                if world > 1:
-                    totals = torch.stack([loss_sum.double(), correct.double(),
-                                          torch.tensor(float(seen), dtype=torch.float64, device=dev)])
-                    dist.all_reduce(totals)
-                    loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
-                    _broadcast_state(model, params=False)  # BatchNorm statistics of rank 0
+                factor, train_loss, train_acc = _train_one_epoch(run, epoch, bar, last_good)
                 val_acc = None
                 if val_set is not None and len(val_set) > 0:
                     val_acc = evaluate_accuracy(model, val_set, eval_batch_size, dev)
                 stats = EpochStats(
                     epoch=epoch + 1,
                     lr=float(lr * factor),
-                    train_loss=float(loss_sum) / max(seen, 1),
-                    train_accuracy=float(correct) / max(seen, 1),
+                    train_loss=train_loss,
+                    train_accuracy=train_acc,
                     val_accuracy=val_acc,
                     seconds=time.perf_counter() - t0,
                 )
                 history.append(stats)
                 if out_dir is not None:
-                    rng_cuda = torch.cuda.get_rng_state(fork_devices[0]) if fork_devices else None
-                    rng_ranks = None
-                    if world > 1:
-                        rng_ranks = [None] * world
-                        dist.all_gather_object(rng_ranks, (torch.get_rng_state(), rng_cuda))
-                    if main_rank:
-                        _save_atomic(
-                            {
-                                "format": "trustvision-train-state",
-                                "format_version": 1,
-                                "epoch": epoch + 1,
-                                "model": model.state_dict(),
-                                "optimizer": optimizer.state_dict(),
-                                "rng_torch": torch.get_rng_state(),
-                                "rng_cuda": rng_cuda,
-                                **({"rng_ranks": rng_ranks} if world > 1 else {}),
-                                "history": [asdict(h) for h in history],
-                                "config": config,
-                            },
-                            out_dir / STATE_FILE,
-                        )
+                    _save_state(run, epoch + 1, history)
                     last_good = epoch + 1
                 val_txt = "" if val_acc is None else f"  val acc {val_acc:.4f}"
                 procs = f"  ({world} processes)" if world > 1 else ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trustvision.audit.context import AuditContext
-from trustvision.audit.registry import Check, CheckResult, register_check
+from trustvision.audit.registry import Check, CheckResult, Metric, register_check
 from trustvision.evaluate.accuracy import confusion_matrix, confusion_matrix_figure, per_class_accuracy, top1_accuracy
 
 __all__ = ["AccuracyCheck"]
@@ -18,6 +18,7 @@ class AccuracyCheck(Check):
         "normalised per row). Higher accuracy is better."
     )
     order = 0
+    metrics = {"Accuracy": Metric("higher", "top-1 accuracy on the test split.")}
 
     def run(self, ctx: AuditContext) -> CheckResult:
         probs, labels = ctx.predict("test")

@@ -8,7 +8,7 @@ import torch
 from matplotlib.figure import Figure
 
 from trustvision.audit.context import AuditContext
-from trustvision.audit.registry import Check, CheckResult, register_check
+from trustvision.audit.registry import Check, CheckResult, Metric, register_check
 from trustvision.errors import TrustVisionError
 from trustvision.evaluate.calibration import (
     expected_calibration_error,
@@ -34,6 +34,14 @@ class CalibrationCheck(Check):
         "in 1/T), then the test metrics recomputed with softmax(logits / T). Lower ECE, MCE and NLL are better."
     )
     order = 10
+    metrics = {
+        "ECE": Metric("lower", "expected calibration error on top-1 confidence with {n_bins} equal-width bins "
+                               "(0 = confidence matches accuracy)."),
+        "ECE after TS": Metric("lower", "the same after temperature scaling fitted on the validation split."),
+        "Temperature": Metric(None, "the fitted temperature T is under the value (T > 1: the model was "
+                                    "overconfident, T < 1: underconfident).",
+                              fold_into="ECE after TS", note_format="T = {:.2f}"),
+    }
 
     def run(self, ctx: AuditContext) -> CheckResult:
         n_bins = int(ctx.option("n_bins", 15))

@@ -1,31 +1,37 @@
-"""The ``explanations`` check: heatmaps of every method side by side, their deletion/insertion
-faithfulness (mean +- std per method) and structured attention graphs for a few images."""
+"""The ``explanations`` check: heatmaps of every registered method side by side, their
+deletion/insertion faithfulness (mean +- std per method) and structured attention graphs for a few
+images."""
 
 from __future__ import annotations
 
-import time
-import warnings
-
-import torch
-
+from trustvision import explain
 from trustvision.audit.context import AuditContext
-from trustvision.audit.registry import Check, CheckResult, register_check
-from trustvision.data._base import random_subset
+from trustvision.audit.registry import Check, CheckResult, Metric, Option, register_check
 from trustvision.errors import TrustVisionError
+from trustvision.explain.sag import auto_grid
 
-__all__ = ["ExplanationsCheck", "DEFAULT_METHODS"]
+__all__ = ["ExplanationsCheck", "default_methods"]
 
-DEFAULT_METHODS = ("igos", "igos++", "saliency", "integrated-gradients", "gradcam", "occlusion")
+#: seed offset of the explained images (``ctx.generator(offset=404)``)
+SAMPLE_OFFSET = 404
+
+
+def default_methods() -> list[str]:
+    """Every registered heatmap method with ``in_audit``, by ``order`` then name (today: igos,
+    igos++, saliency, integrated-gradients, gradcam, occlusion, rise)."""
+    classes = [explain.get(n) for n in explain.list_methods("heatmap")]
+    return [c.name for c in sorted((c for c in classes if c.in_audit), key=lambda c: (c.order, c.name))]
 
 
 @register_check("explanations")
 class ExplanationsCheck(Check):
     title = "Explanations"
     description = (
-        "Where does the model look? For a seeded sample of test images (option explain_n, default "
-        "8) each method's heatmap for the predicted class: I-GOS and iGOS++ (mask optimisation "
-        "with integrated gradients; Qi et al. 2020, Khorram et al. 2021), saliency, integrated "
-        "gradients, Grad-CAM and occlusion. Faithfulness by deletion/insertion (Petsiuk et al. "
+        "Where does the model look? For a seeded sample of test images (option n, default 8) each "
+        "registered heatmap method's heatmap for the predicted class: I-GOS and iGOS++ (mask "
+        "optimisation with integrated gradients; Qi et al. 2020, Khorram et al. 2021), saliency, "
+        "integrated gradients, Grad-CAM, occlusion and RISE (random masks weighted by the class "
+        "probability; Petsiuk et al. 2018). Faithfulness by deletion/insertion (Petsiuk et al. "
         "2018): cells are removed from (deletion) or revealed on (insertion) a blurred baseline in "
         "the heatmap's order and the class probability is integrated over the fraction changed "
         "(trapezoid rule); lower deletion AUC and higher insertion AUC are better. Structured "
@@ -34,75 +40,86 @@ class ExplanationsCheck(Check):
         "where the model's confidence is low: such images are flagged."
     )
     order = 60
-    version = 1
+    version = 2
+    options = {
+        "n": Option(int, 8, "test images explained (a seeded sample)", min=1),
+        "methods": Option(list, default_methods, "heatmap methods, in this order (default: every registered "
+                                                 "heatmap method marked in_audit)",
+                          choices=lambda: tuple(explain.list_methods("heatmap"))),
+        "iterations": Option(int, 15, "iterations of the I-GOS family (given to the methods that declare an "
+                                      "`iterations` keyword)", min=0),
+        "sag_n": Option(int, 2, "images explained by a structured attention graph", min=0),
+        "sag_grid": Option(int, 0, "SAG patches per side (0 = automatic: 7, or min(H, W) // 2 for small "
+                                   "images)", min=0),
+    }
+    metrics = {
+        "Insertion AUC ({method})": Metric(
+            "higher", "class probability integrated while the {method} heatmap's most important cells are "
+                      "revealed on a blurred image (mean over the explained test images; high = the heatmap "
+                      "finds the evidence)."),
+        "Deletion AUC ({method})": Metric(
+            "lower", "the same while those cells are blurred away (low = removing what the heatmap points "
+                     "at destroys the prediction)."),
+    }
 
     def run(self, ctx: AuditContext) -> CheckResult:
-        from trustvision import explain
         from trustvision.evaluate.faithfulness import deletion_insertion
         from trustvision.explain.plot import heatmap_grid
 
-        n = int(ctx.option("explain_n", 8))
-        methods = ctx.option("explain_methods", DEFAULT_METHODS)
-        if isinstance(methods, str):
-            methods = [m.strip() for m in methods.split(",") if m.strip()]
-        methods = list(methods)
-        iterations = int(ctx.option("explain_iterations", 15))
-        sag_n = int(ctx.option("sag_n", 2))
+        n = int(ctx.option("n"))
+        methods = list(ctx.option("methods"))
+        iterations = int(ctx.option("iterations"))
+        sag_n = int(ctx.option("sag_n"))
+        sag_grid = int(ctx.option("sag_grid"))
         model = ctx.model
-        x, y, _ = random_subset(ctx.dataset("test"), n, ctx.generator(offset=404))
-        x = x.to(ctx.device)
-        with torch.no_grad():
-            probs = torch.softmax(model(x), dim=1)
-        pred = probs.argmax(1)
-        conf = probs.max(1).values
+        sample = explain.draw_sample(model, ctx.dataset("test"), n, generator=ctx.generator(offset=SAMPLE_OFFSET),
+                                     device=ctx.device)
+        x, pred, conf = sample.images, sample.predicted, sample.confidence
 
-        heatmaps: dict[str, torch.Tensor] = {}
+        heatmaps = {}
         per_method: dict[str, dict] = {}
         skipped: dict[str, str] = {}
-        labels_for: dict[str, str] = {"igos": "I-GOS", "igos++": "iGOS++"}
+        titles_of: dict[str, str] = {}
         for name in methods:
             try:
-                explainer = explain.get(name)(model)
+                cls = explain.get(name)
             except TrustVisionError as exc:
                 skipped[name] = str(exc)
                 continue
-            kw = {"iterations": iterations, "seed": ctx.seed} if name in ("igos", "igos++") else {}
-            t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                h = explainer.attribute(x, target=pred, **kw)
-            seconds = time.perf_counter() - t0
-            fi = deletion_insertion(model, x, h, target=pred, baseline="blur")
-            s = fi.summary()
-            heatmaps[labels_for.get(name, name)] = h.cpu()
+            reason = cls.unmet_requirement(model)
+            if reason is not None:
+                skipped[name] = reason
+                continue
+            kw = {"iterations": iterations} if "iterations" in cls.keywords() else {}
+            res = explain.explain_images(model, sample, cls, seed=ctx.seed, method_kw=kw,
+                                         faithfulness=deletion_insertion)
+            heatmaps[cls.title] = res.heatmaps.cpu()
+            titles_of[name] = cls.title
             per_method[name] = {
-                "seconds_per_image": seconds / x.shape[0],
-                "deletion_auc": fi.deletion_auc,
-                "insertion_auc": fi.insertion_auc,
-                **s,
+                "seconds_per_image": res.seconds / x.shape[0],
+                "deletion_auc": res.deletion_auc,
+                "insertion_auc": res.insertion_auc,
+                **res.faithfulness,
             }
-            info = getattr(explainer, "last_info", None)
-            if info is not None:
-                per_method[name]["unreliable"] = info.unreliable
+            if res.unreliable is not None:
+                per_method[name]["unreliable"] = res.unreliable
 
-        titles = [
-            f"{ctx.classes[int(p)] if int(p) < len(ctx.classes) else int(p)} ({float(c):.2f})"
-            for p, c in zip(pred.cpu(), conf.cpu())
-        ]
+        image_titles = [f"{sample.class_name(int(p))} ({float(c):.2f})" for p, c in zip(pred.cpu(), conf.cpu())]
         show = min(6, x.shape[0])
         figures = {}
         if heatmaps:
             figures["heatmaps"] = heatmap_grid(
-                x[:show].cpu(), {k: v[:show] for k, v in heatmaps.items()}, titles[:show]
+                x[:show].cpu(), {k: v[:show] for k, v in heatmaps.items()}, image_titles[:show]
             )
 
         sags = []
-        h_img, w_img = x.shape[-2:]
-        grid = int(ctx.option("sag_grid", min(7, max(1, min(h_img, w_img) // 2))))
-        for i in range(min(sag_n, x.shape[0])):
-            res = explain.SAG(model, grid=grid).explain(x[i], target=int(pred[i]))
-            sags.append(res.to_json())
-            figures[f"sag_{i}"] = res.figure()
+        grid = (sag_grid, sag_grid) if sag_grid else auto_grid(*x.shape[-2:])
+        if sag_n > 0:
+            sag = explain.explain_images(model, sample.take(sag_n), explain.SAG, seed=ctx.seed,
+                                         method_kw={"grid": grid})
+            for i, res in enumerate(sag.results):
+                sags.append(res.to_json())
+                figures[f"sag_{i}"] = res.figure()
 
         rows = [
             [name, m["deletion_mean"], m["deletion_std"], m["insertion_mean"], m["insertion_std"],
@@ -117,26 +134,26 @@ class ExplanationsCheck(Check):
             + (f"; most faithful (insertion - deletion AUC): {best}" if best else "")
             + (f"; {sum(low)} images with confidence < 0.5 (heatmaps unreliable)" if any(low) else "")
             + (f"; skipped: {', '.join(skipped)}" if skipped else "")
-            + (f"; {len(sags)} structured attention graphs at grid {grid}" if sags else "")
+            + (f"; {len(sags)} structured attention graphs at grid {grid[0]}" if sags else "")
             + "."
         )
         metrics = {}
         for name in ("igos++", "igos"):
             if name in per_method:
-                metrics[f"Insertion AUC ({labels_for[name]})"] = per_method[name]["insertion_mean"]
-                metrics[f"Deletion AUC ({labels_for[name]})"] = per_method[name]["deletion_mean"]
+                metrics[f"Insertion AUC ({titles_of[name]})"] = per_method[name]["insertion_mean"]
+                metrics[f"Deletion AUC ({titles_of[name]})"] = per_method[name]["deletion_mean"]
                 break
         return CheckResult(
             data={
                 "n_images": int(x.shape[0]),
                 "predicted": pred.cpu().tolist(),
-                "labels": y.tolist(),
+                "labels": sample.labels.tolist(),
                 "confidence": conf.cpu().tolist(),
                 "low_confidence": low,
                 "methods": per_method,
                 "skipped": skipped,
                 "sag": sags,
-                "sag_grid": grid,
+                "sag_grid": grid[0] if grid[0] == grid[1] else list(grid),
             },
             figures=figures,
             summary=summary,

@@ -12,8 +12,8 @@ import torch
 
 from trustvision.audit.checks.ood import CONVENTION, ood_table, run_ood
 from trustvision.audit.context import AuditContext
-from trustvision.audit.registry import Check, CheckResult, register_check
-from trustvision.data._base import random_subset
+from trustvision.audit.registry import Check, CheckResult, Metric, Option, register_check
+from trustvision.data import random_subset
 from trustvision.evaluate.calibration import expected_calibration_error
 from trustvision.explain.generative import (
     LatentCounterfactual,
@@ -21,7 +21,7 @@ from trustvision.explain.generative import (
     sample_grid,
     sample_grid_figure,
 )
-from trustvision.models.generative import is_generative
+from trustvision.models import is_generative
 
 __all__ = ["GenerativeCheck"]
 
@@ -39,6 +39,19 @@ class GenerativeCheck(Check):
     )
     order = 45
     uses_compare = True
+    options = {
+        "counterfactual_n": Option(int, 4, "test images shown with latent counterfactuals", min=1),
+        "samples_per_class": Option(int, 8, "class-conditional samples per class", min=1),
+        "temperature": Option(float, 0.8, "sampling temperature", min=0.0),
+        "ood_n": Option(int, 500, "most images per OOD set", min=1),
+    }
+    metrics = {
+        "Bits/dim": Metric("lower", "negative log-likelihood of the test images in bits per dimension (8-bit "
+                                    "scale); generative classifiers only."),
+        "Accuracy gap to twin": Metric(None, "with --compare, the difference to the feed-forward twin is under "
+                                             "the value (positive = this model is more accurate).",
+                                       fold_into="Accuracy", note_format="{:+.4f} vs twin"),
+    }
 
     def applies_to(self, ctx: AuditContext) -> bool:
         return is_generative(ctx.model)
@@ -48,18 +61,18 @@ class GenerativeCheck(Check):
         classes = ctx.classes
         test = ctx.dataset("test")
         batch = int(ctx.option("batch_size", 256))
-        x_all = test.tensors()[0] if hasattr(test, "tensors") else torch.stack(
-            [test[i][0] for i in range(len(test))])
+        x_all = test.tensors()[0]
         with torch.no_grad():
             bpd = torch.cat([model.bits_per_dim(x_all[i: i + batch].to(dev)).cpu()
                              for i in range(0, len(x_all), batch)])
-        samples = sample_grid(model, n=8, temperature=0.8, seed=ctx.seed)
-        x, _, _ = random_subset(test, int(ctx.option("counterfactual_n", 4)), ctx.generator(77))
+        samples = sample_grid(model, n=ctx.option("samples_per_class"), temperature=ctx.option("temperature"),
+                              seed=ctx.seed)
+        x, _, _ = random_subset(test, ctx.option("counterfactual_n"), ctx.generator(77))
         x = x.to(dev)
         with torch.no_grad():
             second = model(x).topk(2, dim=1).indices[:, 1]
         cf = LatentCounterfactual(model).attribute(x, target=second, steps=6)
-        res = run_ood(ctx)
+        res = run_ood(ctx, n=ctx.option("ood_n"))
 
         probs, y = ctx.predict("test")
         gc = {"accuracy": float((probs.argmax(1) == y).float().mean()),

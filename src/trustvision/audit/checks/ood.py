@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from matplotlib.figure import Figure
 
 from trustvision.audit.context import AuditContext
-from trustvision.audit.registry import Check, CheckResult, register_check
+from trustvision.audit.registry import Check, CheckResult, Metric, Option, register_check
 from trustvision.evaluate.ood import OOD_SETS, OODResult, build_ood_sets, evaluate_ood
 
 __all__ = ["OODCheck", "run_ood", "ood_table", "ood_figure", "primary_detector", "SUMMARY_SETS"]
@@ -20,23 +19,26 @@ __all__ = ["OODCheck", "run_ood", "ood_table", "ood_figure", "primary_detector",
 #: OOD sets whose AUROC goes to the report's summary table (one column each)
 SUMMARY_SETS = ("uniform", "faces", "textures")
 
+OOD_LEGEND = ("AUROC for telling the test images (positive) from out-of-distribution images of the same "
+              "shape (0.5 = chance, 1 = perfect), scored by the model's own primary detector, named under "
+              "the value: typicality = two-tailed typicality test on -log p(x)/D (generative "
+              "classifiers), max-softmax = maximum class probability (every other classifier). All "
+              "detectors and OOD sets are in each model's out-of-distribution section.")
+
 CONVENTION = ("Higher score = more in-distribution; the in-distribution test images are the "
               "positive class for AUROC, AUPR-In and FPR at 95% TPR (OpenOOD uses the opposite).")
 
 
-def _images(ds) -> torch.Tensor:
-    if hasattr(ds, "tensors"):
-        return ds.tensors()[0]
-    return torch.stack([ds[i][0] for i in range(len(ds))])
+def run_ood(ctx: AuditContext, sets=OOD_SETS, n: int = 500) -> OODResult:
+    """OOD evaluation of ``ctx.model`` (and ``ctx.compare``) on ``sets`` built from the test split,
+    each at most ``n`` images."""
+    from trustvision.models import is_generative
 
-
-def run_ood(ctx: AuditContext, sets=OOD_SETS) -> OODResult:
-    """OOD evaluation of ``ctx.model`` (and ``ctx.compare``) on ``sets`` built from the test split."""
     test = ctx.dataset("test")
-    x_test = _images(test)
-    n = int(ctx.option("ood_n", min(len(x_test), 500)))
-    ood_sets = build_ood_sets(test, names=sets, n=n, seed=ctx.seed)
-    x_train = _images(ctx.dataset("train"))
+    x_test = test.tensors()[0]
+    ood_sets = build_ood_sets(test, names=sets, n=min(len(x_test), int(n)), seed=ctx.seed)
+    # the training images set the typicality threshold: only generative classifiers need them
+    x_train = ctx.dataset("train").tensors()[0] if is_generative(ctx.model) else x_test[:0]
     batch = int(ctx.option("batch_size", 256))
     model, cmp = ctx.model, ctx.compare
     return evaluate_ood(model, x_train, x_test, ood_sets, compare=cmp, batch_size=batch)
@@ -91,9 +93,14 @@ class OODCheck(Check):
     order = 40
     version = 2  # 2: summary metrics "OOD AUROC vs <set>" (primary detector), not one per detector
     uses_compare = True
+    options = {
+        "n": Option(int, 500, "most images per OOD set (all ID test images are used)", min=1),
+        "sets": Option(list, list(OOD_SETS), "OOD sets to build", choices=tuple(OOD_SETS)),
+    }
+    metrics = {"OOD AUROC vs {set}": Metric("higher", OOD_LEGEND, group="OOD AUROC")}
 
     def run(self, ctx: AuditContext) -> CheckResult:
-        res = run_ood(ctx)
+        res = run_ood(ctx, sets=ctx.option("sets"), n=ctx.option("n"))
         best = max(res.rows, key=lambda r: r["auroc"])
         worst = min(res.rows, key=lambda r: r["auroc"])
         summary = (f"Best detector/set: {best['detector']} on {best['ood_set']} (AUROC "
@@ -101,12 +108,14 @@ class OODCheck(Check):
                    f"(AUROC {worst['auroc']:.3f}). {CONVENTION}")
         # one summary number per OOD set, from the model's own primary detector (named in the
         # report from data["rows"] with primary_detector), so all models share the same columns
-        metrics = {}
+        metrics, notes = {}, {}
         main = primary_detector(r["detector"] for r in res.rows)
         for s in SUMMARY_SETS:
             try:
                 metrics[f"OOD AUROC vs {s}"] = res.get(main, s)["auroc"]
+                notes[f"OOD AUROC vs {s}"] = main.replace("_", "-")
             except KeyError:
                 pass
         return CheckResult(data=res.to_dict(), figures={"auroc": ood_figure(res)}, summary=summary,
-                           metrics=metrics, tables={"OOD detection (ID = positive)": ood_table(res)})
+                           metrics=metrics, notes=notes,
+                           tables={"OOD detection (ID = positive)": ood_table(res)})

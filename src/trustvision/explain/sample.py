@@ -1,0 +1,268 @@
+"""Explain a seeded sample of a dataset with one registered method (the CLI and the audit use it).
+
+:func:`draw_sample` draws ``n`` images without replacement (seeded) and records the model's
+predictions; :func:`explain_images` explains them with one method; :func:`explain_sample` does
+both. Heatmap methods are scored by a faithfulness function passed in by the caller
+(``faithfulness=trustvision.evaluate.faithfulness.deletion_insertion``: deletion and insertion
+AUCs, Petsiuk et al. BMVC 2018), since the explain layer sits below ``trustvision.evaluate``;
+other kinds (SAG) keep their per-image results.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from trustvision.data import TensorImageDataset
+    >>> ds = TensorImageDataset(torch.rand(10, 1, 8, 8), torch.arange(10) % 3, ["a", "b", "c"], "toy", "test")
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    >>> res = explain_sample(net, ds, "saliency", 4, seed=1)
+    >>> tuple(res.heatmaps.shape), len(res.rows()), res.indices.tolist() == sorted(res.indices.tolist())
+    ((4, 1, 8, 8), 4, True)
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from trustvision._utils.images import eval_mode
+from trustvision.data import random_subset
+from trustvision.errors import TrustVisionError
+from trustvision.explain._base import ExplanationInfo, Explainer, check_keywords, get
+
+__all__ = ["Sample", "SampleExplanation", "draw_sample", "explain_images", "explain_sample", "TARGETS"]
+
+#: what is explained: the model's predicted class or the true label
+TARGETS = ("predicted", "label")
+#: images whose explained class has a lower probability are flagged as low-confidence
+LOW_CONFIDENCE = 0.5
+
+
+@dataclass
+class Sample:
+    """``n`` images of a dataset and the model's view of them.
+
+    ``images`` (n, C, H, W) in [0, 1] on the model's device; ``labels`` and ``indices`` (n,) on the
+    CPU (indices into the dataset, ascending); ``predicted``, ``targets`` (the explained class per
+    image), ``target_probability`` and ``confidence`` (the top-1 probability), (n,) on the device;
+    ``classes``: the dataset's class names.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    predicted: torch.Tensor
+    targets: torch.Tensor
+    target_probability: torch.Tensor
+    confidence: torch.Tensor
+    classes: list[str]
+
+    def take(self, k: int) -> "Sample":
+        """The first ``k`` images of the sample (and their predictions)."""
+        return Sample(self.images[:k], self.labels[:k], self.indices[:k], self.predicted[:k],
+                      self.targets[:k], self.target_probability[:k], self.confidence[:k], self.classes)
+
+    def class_name(self, c: int) -> str:
+        return self.classes[c] if 0 <= c < len(self.classes) else str(c)
+
+    def rows(self) -> list[dict]:
+        """Per image: index, label, predicted, target, target_probability, low_confidence,
+        wrong_prediction (JSON-ready)."""
+        p = self.target_probability.cpu().tolist()
+        pred, t = self.predicted.cpu().tolist(), self.targets.cpu().tolist()
+        return [{"index": int(i), "label": int(y), "predicted": int(pr), "target": int(tt),
+                 "target_probability": float(pt), "low_confidence": bool(pt < LOW_CONFIDENCE),
+                 "wrong_prediction": bool(pr != y)}
+                for i, y, pr, tt, pt in zip(self.indices.tolist(), self.labels.tolist(), pred, t, p)]
+
+
+@dataclass
+class SampleExplanation:
+    """One method's explanations of a :class:`Sample`.
+
+    ``heatmaps`` (n, 1, H, W) for heatmap methods, else ``results`` (one per image);
+    ``deletion_auc`` / ``insertion_auc`` (lists of n) and ``faithfulness`` (their mean and std)
+    when a faithfulness function was given; ``unreliable`` (n flags) and ``info`` when the method
+    reports an :class:`~trustvision.explain.ExplanationInfo`; ``seconds``: time spent in
+    ``attribute``.
+    """
+
+    method: str
+    title: str
+    kind: str
+    sample: Sample
+    heatmaps: torch.Tensor | None = None
+    results: list | None = None
+    deletion_auc: list[float] | None = None
+    insertion_auc: list[float] | None = None
+    faithfulness: dict | None = None
+    unreliable: list[bool] | None = None
+    info: ExplanationInfo | None = None
+    seconds: float = 0.0
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.sample.images
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.sample.labels
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.sample.indices
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        return self.sample.predicted
+
+    @property
+    def target_probability(self) -> torch.Tensor:
+        return self.sample.target_probability
+
+    def rows(self) -> list[dict]:
+        """:meth:`Sample.rows` plus, per image, the deletion/insertion AUCs, the reliability flag
+        and each result's ``summary()`` (where there are such)."""
+        rows = self.sample.rows()
+        for i, row in enumerate(rows):
+            if self.deletion_auc is not None and self.insertion_auc is not None:
+                row["deletion_auc"] = self.deletion_auc[i]
+                row["insertion_auc"] = self.insertion_auc[i]
+            if self.unreliable is not None:
+                row["unreliable"] = self.unreliable[i]
+            if self.results is not None and hasattr(self.results[i], "summary"):
+                row.update(self.results[i].summary())
+        return rows
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def draw_sample(
+    model: nn.Module,
+    dataset,
+    n: int,
+    *,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    target: str = "predicted",
+    device: str | torch.device | None = None,
+) -> Sample:
+    """``min(n, len(dataset))`` images of ``dataset`` drawn without replacement by ``generator``
+    (default: a CPU generator seeded with ``seed``), in index order, with the model's predictions.
+
+    ``target``: explain the ``"predicted"`` class or the true ``"label"``; ``device``: where the
+    images go (default: the model's).
+    """
+    if int(n) < 1:
+        raise TrustVisionError(f"n must be at least 1, got {n}")
+    if target not in TARGETS:
+        raise TrustVisionError(f"target must be 'predicted' or 'label', got {target!r}")
+    g = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+    x, y, idx = random_subset(dataset, int(n), g)
+    dev = torch.device(device) if device is not None else _device_of(model)
+    x = x.to(dev)
+    with eval_mode(model), torch.no_grad():
+        probs = torch.softmax(model(x), dim=1)
+    pred = probs.argmax(1)
+    t = pred if target == "predicted" else y.to(dev)
+    return Sample(images=x, labels=y.cpu(), indices=idx.cpu(), predicted=pred, targets=t,
+                  target_probability=probs.gather(1, t.view(-1, 1)).squeeze(1),
+                  confidence=probs.max(1).values, classes=list(getattr(dataset, "classes", None) or []))
+
+
+def _method(method: str | type[Explainer]) -> type[Explainer]:
+    if isinstance(method, str):
+        return get(method)
+    if isinstance(method, type) and issubclass(method, Explainer):
+        return method
+    raise TrustVisionError(f"method must be a registered name or an Explainer class, got {method!r}")
+
+
+def explain_images(
+    model: nn.Module,
+    sample: Sample,
+    method: str | type[Explainer],
+    *,
+    seed: int = 0,
+    internal_batch_size: int | None = None,
+    method_kw: Mapping[str, Any] | None = None,
+    faithfulness: Callable[..., Any] | None = None,
+) -> SampleExplanation:
+    """Explain ``sample`` with ``method`` (a registered name or an :class:`Explainer` class).
+
+    ``method_kw``: the method's own keywords (validated by its contract: unknown ones, or a model
+    the method's ``requires`` rule out, give one-line errors); ``seed`` and
+    ``internal_batch_size`` go to every method. ``faithfulness``: for heatmap methods, a function
+    ``(model, images, heatmaps, target=...)`` returning per-image ``deletion_auc`` and
+    ``insertion_auc`` and a ``summary()`` (e.g. ``deletion_insertion``). Warnings of the method
+    are silenced: its reliability flags are in the result instead.
+    """
+    cls = _method(method)
+    kw = {"seed": seed, "internal_batch_size": internal_batch_size, **dict(method_kw or {})}
+    check_keywords(cls, kw)
+    reason = cls.unmet_requirement(model)
+    if reason is not None:
+        raise TrustVisionError(reason)
+    explainer = cls(model)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = explainer.attribute(sample.images, target=sample.targets, **kw)
+    seconds = time.perf_counter() - t0
+    res = SampleExplanation(method=cls.name, title=cls.title, kind=cls.kind, sample=sample, seconds=seconds)
+    if cls.kind == "heatmap":
+        if isinstance(out, tuple):  # e.g. I-GOS with return_info=True: (heatmaps, info)
+            out = out[0]
+        res.heatmaps = out
+        if faithfulness is not None:
+            fi = faithfulness(model, sample.images, out, target=sample.targets)
+            res.deletion_auc, res.insertion_auc = list(fi.deletion_auc), list(fi.insertion_auc)
+            res.faithfulness = fi.summary()
+    else:
+        res.results = list(out)
+    info = getattr(explainer, "last_info", None)
+    if isinstance(info, ExplanationInfo):
+        res.info, res.unreliable = info, info.unreliable
+    return res
+
+
+def explain_sample(
+    model: nn.Module,
+    dataset,
+    method: str | type[Explainer],
+    n: int = 8,
+    *,
+    seed: int = 0,
+    sample_seed: int | None = None,
+    target: str = "predicted",
+    split: str = "test",
+    data_root: str | None = None,
+    device: str | torch.device | None = None,
+    internal_batch_size: int | None = None,
+    method_kw: Mapping[str, Any] | None = None,
+    faithfulness: Callable[..., Any] | None = None,
+) -> SampleExplanation:
+    """Explain ``n`` seeded images of ``dataset`` with ``method``: :func:`draw_sample` then
+    :func:`explain_images`.
+
+    ``dataset``: a dataset, or a registered name loaded as ``split`` (from ``data_root``) and
+    checked against the model; ``seed``: the method's seed and, unless ``sample_seed`` is given,
+    the seed of the draw.
+    """
+    cls = _method(method)
+    check_keywords(cls, dict(method_kw or {}))
+    if isinstance(dataset, str):
+        from trustvision import data, models
+
+        dataset = data.load(dataset, split=split, root=data_root)
+        models.check_compatible(model, dataset)
+    sample = draw_sample(model, dataset, n, seed=seed if sample_seed is None else sample_seed,
+                         target=target, device=device)
+    return explain_images(model, sample, cls, seed=seed, internal_batch_size=internal_batch_size,
+                          method_kw=method_kw, faithfulness=faithfulness)
