@@ -37,10 +37,12 @@ __all__ = [
 
 
 def _require_generative(model) -> None:
-    if not (hasattr(model, "latent") and hasattr(model, "invert") and hasattr(model, "gmm")):
+    from trustvision.models import is_generative
+
+    if not is_generative(model):
         raise TrustVisionError(
             "this explanation needs a generative classifier (e.g. --model ibinn-small); "
-            f"{type(model).__name__} has no latent space with class means"
+            f"{type(model).__name__} is not one"
         )
 
 
@@ -83,7 +85,7 @@ class LatentCounterfactual:
             src = resolve_target(m, inputs, source)
             tgt = resolve_target(m, inputs, target)
             z, _ = m.latent(inputs)
-            shift = m.gmm.means(tgt) - m.gmm.means(src)
+            shift = m.class_means(tgt) - m.class_means(src)
             ts = torch.linspace(0.0, 1.0, steps + 1, device=z.device, dtype=z.dtype)
             imgs, probs = [], []
             for t in ts:

@@ -77,6 +77,8 @@ class GenerativeClassifier(ImageClassifier, metaclass=abc.ABCMeta):
 
     ``bits_per_dim(x)`` follows from ``log_px`` and D. A subclass that leaves one of these
     out cannot be instantiated (``TypeError``). :func:`is_generative` tests for this class.
+    ``class_means(labels)`` (the latent centre of each class, used by latent counterfactuals) is
+    optional: models whose class densities have no single centre leave it unimplemented.
     """
 
     @abc.abstractmethod
@@ -100,6 +102,10 @@ class GenerativeClassifier(ImageClassifier, metaclass=abc.ABCMeta):
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Class-conditional samples (M, C, H, W) in [0, 1]: ``n`` of class ``y`` (an int) or one
         per label of a tensor ``y``; ``temperature`` scales the latent noise."""
+
+    def class_means(self, labels: torch.Tensor) -> torch.Tensor:
+        """Latent class centres (M, D) of ``labels`` (M,); optional (see the class docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} has no latent class means")
 
     def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Bits per dimension of 8-bit images, ``8 - log p(x) / (D ln 2)``, (N,).

@@ -289,6 +289,10 @@ class IBINN(_FlowClassifier, GenerativeClassifier):
         """``log p(x|y)`` for every class, (N, K), in nats, density over [0, 1]^D."""
         return self.gmm.log_density(*self.latent(x)).log_px_given_y
 
+    def class_means(self, labels: torch.Tensor) -> torch.Tensor:
+        """The Gaussian means mu_y (M, D) of ``labels`` (M,)."""
+        return self.gmm.means(labels)
+
     def log_px(self, x: torch.Tensor) -> torch.Tensor:
         """``log p(x) = logsumexp_y [log p(x|y) + log w_y]``, (N,), nats over [0, 1]^D."""
         return self.gmm.log_density(*self.latent(x)).log_px
