@@ -12,6 +12,10 @@ import typer
 
 from trustvision.errors import TrustVisionError
 
+#: largest --seed (seeds must fit numpy's and torch's generators everywhere)
+SEED_MAX = 2**32 - 1
+DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (cuda when available, else cpu)."
+
 app = typer.Typer(
     name="trustvision",
     help="Trustworthy image classification: train, explain and audit image classifiers.",
@@ -19,6 +23,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+def _version(value: bool) -> None:
+    if value:
+        import trustvision
+
+        typer.echo(f"trustvision {trustvision.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Trustworthy image classification: train, explain and audit image classifiers."""
+
 
 # Each command lives in its own section below; keep one section per command so that
 # several people can edit this file without touching each other's code.
@@ -109,14 +129,15 @@ def _parse_model_kw(items: list[str] | None) -> dict:
 
 @app.command("train")
 def train_cmd(
-    data: str = typer.Option(..., "--data", "-d", help="Dataset name (see `trustvision data`)."),
+    ctx: typer.Context,
+    data: str = typer.Option(None, "--data", "-d", help="Dataset name (see `trustvision data`); required unless --resume finds it in --out."),
     model: str = typer.Option("small-cnn", "--model", "-m", help="Architecture (see `trustvision zoo --models`)."),
     epochs: int = typer.Option(10, "--epochs", help="Number of epochs."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Peak learning rate."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Mini-batch size."),
     out: str = typer.Option(None, "--out", "--output", "-o", help="Run folder (default runs/<model>-<data>)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (initialisation, shuffling, augmentation)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Random seed (initialisation, shuffling, augmentation)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last finished epoch."),
     opt: str = typer.Option("adam", "--opt", help="Optimizer: adam, adamw or sgd (momentum 0.9)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", "--wd", help="Weight decay."),
@@ -125,7 +146,7 @@ def train_cmd(
     ensemble: int = typer.Option(None, "--ensemble", help="Train N members with seeds seed..seed+N-1 and save their averaged ensemble."),
     augment: str = typer.Option(None, "--augment", help="Augmentations, e.g. shift:2,flip."),
     clip_grad: float = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value."),
-    model_kw: list[str] = typer.Option(None, "--model-kw", help="Extra model argument KEY=VALUE (repeatable)."),
+    model_kw: list[str] = typer.Option(None, "--model-kw", metavar="KEY=VALUE", help="Extra model argument KEY=VALUE (repeatable)."),
     beta: float = typer.Option(None, "--beta", help="IB-INN trade-off of the Information Bottleneck loss (generative ibinn-* models; default 1). inf = cross-entropy only; 1/D with D = C*H*W (e.g. 0.015625 for 8x8 digits) = exact class-conditional likelihood p(x|y); 0 = label-free mixture likelihood p(x), which cannot classify."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
     download: bool = typer.Option(False, "--download", help="Allow downloading the dataset."),
@@ -133,15 +154,45 @@ def train_cmd(
 ) -> None:
     """Train a model on a dataset; writes a resumable state, the final checkpoint and results.json.
 
-    Multi-GPU / multi-process: torchrun --nproc_per_node N -m trustvision.cli train ... (or
+    Multi-GPU / multi-process: torchrun --nproc_per_node N -m trustvision train ... (or
     torchrun's --no-python with the trustvision script); --batch-size is then the global batch.
     """
     from pathlib import Path
 
+    from trustvision._utils.io import ensure_writable_dir
     from trustvision.train import train_by_name
 
-    out_dir = Path(out) if out else Path("runs") / f"{model.replace(':', '-')}-{data.replace(':', '-').replace('/', '-')}"
+    if out is not None and not out.strip():
+        raise TrustVisionError("--out is empty; give the run folder, e.g. --out runs/digits")
+    if out is None and data is None:
+        raise TrustVisionError("missing --data; name the dataset to train on (`trustvision data` lists them)")
     model_kwargs = _parse_model_kw(model_kw)
+    if resume:
+        if out is None:
+            raise TrustVisionError("--resume needs --out, the run folder to continue")
+        # the stored settings of the run, for every option not given on this command line
+        from trustvision.train import stored_run_settings
+
+        stored = stored_run_settings(out) or {}
+        given = {name for name in ctx.params if _given(ctx, name)}
+        names = {"data": "data", "model": "model", "epochs": "epochs", "lr": "lr", "batch_size": "batch_size",
+                 "seed": "seed", "opt": "opt", "weight_decay": "weight_decay", "sched": "sched",
+                 "input_dropout": "input_dropout", "ensemble": "ensemble", "augment": "augment",
+                 "clip_grad": "grad_clip"}
+        values = {p: stored[k] for p, k in names.items() if p not in given and k in stored}
+        data, model, epochs, lr = (values.get(k, v) for k, v in
+                                   (("data", data), ("model", model), ("epochs", epochs), ("lr", lr)))
+        batch_size, seed, opt = values.get("batch_size", batch_size), values.get("seed", seed), values.get("opt", opt)
+        weight_decay, sched = values.get("weight_decay", weight_decay), values.get("sched", sched)
+        input_dropout, ensemble = values.get("input_dropout", input_dropout), values.get("ensemble", ensemble)
+        augment, clip_grad = values.get("augment", augment), values.get("clip_grad", clip_grad)
+        if "model_kw" not in given and "beta" not in given and isinstance(stored.get("model_kwargs"), dict):
+            model_kwargs = dict(stored["model_kwargs"])
+        if data is None:
+            raise TrustVisionError(f"--resume found no run settings in {out}; pass --data (and the other options "
+                                   "of the run) or start the run without --resume")
+    out_dir = Path(out) if out else Path("runs") / f"{model.replace(':', '-')}-{data.replace(':', '-').replace('/', '-')}"
+    ensure_writable_dir(out_dir, "--out")
     if beta is not None:
         from trustvision.models import is_generative  # decided by the registered class
 
@@ -177,6 +228,15 @@ def train_cmd(
 
 
 # --- audit ------------------------------------------------------------------------------------
+
+
+def _given(ctx, name: str) -> bool:
+    """Whether the option ``name`` was set on the command line (or from the environment)."""
+    try:
+        source = ctx.get_parameter_source(name)
+    except Exception:  # noqa: BLE001 - a click without parameter sources: treat as given
+        return True
+    return source is not None and getattr(source, "name", str(source)) in ("COMMANDLINE", "ENVIRONMENT")
 
 
 def _split_names(values: list[str] | None) -> list[str]:
@@ -247,17 +307,17 @@ def _command_line(ctx, fixed: dict[str, list[str]]) -> str:
 @app.command("audit")
 def audit_cmd(
     ctx: typer.Context,
-    model: list[str] = typer.Option(None, "--model", "-m", help="Checkpoint path or zoo:NAME (repeatable or comma separated; default: the zoo models of the dataset)."),
+    model: list[str] = typer.Option(None, "--model", "-m", metavar="PATH|zoo:NAME", help="Checkpoint path or zoo:NAME (repeatable or comma separated; default: the zoo models of the dataset)."),
     data: str = typer.Option(None, "--data", "-d", help="Dataset name (default: the dataset the models were trained on, else digits)."),
     out: str = typer.Option("trustvision-report", "--out", "--output", "-o", help="Output folder for report.html, results.json and per-check results."),
     checks: str = typer.Option(None, "--checks", help="Comma-separated checks to run (default: all default checks; see --list-checks)."),
-    option: list[str] = typer.Option(None, "--option", "-O", help="A check option CHECK.KEY=VALUE (repeatable; --list-checks lists them), e.g. explanations.n=4."),
+    option: list[str] = typer.Option(None, "--option", "-O", metavar="CHECK.KEY=VALUE", help="A check option CHECK.KEY=VALUE (repeatable; --list-checks lists them), e.g. explanations.n=4."),
     compare: str = typer.Option(None, "--compare", help="A second model (checkpoint or zoo:NAME) given to the checks for comparison."),
     n_max: int = typer.Option(None, "--n-max", min=1, help="Use at most N images of each split (a seeded random subset)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available)."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b", min=1, help="Inference batch size."),
-    n_bins: int = typer.Option(15, "--n-bins", min=1, help="Equal-width confidence bins for ECE/MCE."),
-    seed: int = typer.Option(0, "--seed", help="Random seed of the checks and of --n-max subsets."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", min=1, max=1_000_000, help="Inference batch size."),
+    n_bins: int = typer.Option(15, "--n-bins", min=1, max=1000, help="Equal-width confidence bins for ECE/MCE."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Random seed of the checks and of --n-max subsets."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
     list_checks_: bool = typer.Option(False, "--list-checks", help="List the available checks with their options and exit."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
@@ -272,9 +332,15 @@ def audit_cmd(
     if list_checks_:
         typer.echo(_list_checks_text())
         return
+    from trustvision._utils.io import ensure_writable_dir
+
     check_names = [c.name for c in audit.resolve_checks(checks)]
     check_options = _parse_check_options(option)
     names = _split_names(model)
+    if model and not names:
+        raise TrustVisionError("--model is empty; give a checkpoint path or zoo:NAME (`trustvision zoo` lists them), "
+                               "or leave --model out to audit the zoo models of --data")
+    ensure_writable_dir(out, "--out")
     if not names:
         dataset = data or "digits"
         names = [e["name"] for e in tv_models.list_zoo() if e.get("dataset") == dataset]
@@ -356,12 +422,12 @@ def explain_cmd(
     out: str = typer.Option("explanations", "--out", "--output", "-o", help="Output folder."),
     split: str = typer.Option("test", "--split", help="Dataset split: train, val or test."),
     target: str = typer.Option("predicted", "--target", help="Explain the 'predicted' class or the true 'label'."),
-    method_kw: list[str] = typer.Option(None, "--method-kw", help="A keyword of the method KEY=VALUE (repeatable), e.g. --method-kw n_masks=500 for rise; unknown keywords are refused."),
-    iterations: int = typer.Option(None, "--iterations", help="I-GOS/iGOS++ iterations (default 15); same as --method-kw iterations=N."),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Most images per forward/backward pass (the methods' internal_batch_size)."),
-    grid: int = typer.Option(None, "--grid", help="SAG patches per side (default 7, fewer for small images); same as --method-kw grid=N."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the image sample and of the method (I-GOS noise, RISE masks)."),
+    method_kw: list[str] = typer.Option(None, "--method-kw", metavar="KEY=VALUE", help="A keyword of the method KEY=VALUE (repeatable), e.g. --method-kw n_masks=500 for rise; unknown keywords are refused."),
+    iterations: int = typer.Option(None, "--iterations", min=0, max=100_000, help="I-GOS/iGOS++ iterations (default 15); same as --method-kw iterations=N."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, max=1_000_000, help="Most images per forward/backward pass (the methods' internal_batch_size)."),
+    grid: int = typer.Option(None, "--grid", min=1, max=1024, help="SAG patches per side (default 7, fewer for small images); same as --method-kw grid=N."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed of the image sample and of the method (I-GOS noise, RISE masks)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
 ) -> None:
     """Explain N test images: PNG overlays + heatmaps.npy + scores.json (deletion/insertion AUCs);
@@ -385,31 +451,103 @@ def explain_cmd(
     typer.echo(f"written to {out} ({res['seconds']:.1f}s)")
 
 
+def _is(exc: BaseException, *names: str) -> bool:
+    """Whether ``exc`` is one of click's exception classes ``names``, from whichever click is in use
+    (typer >= 0.23 carries its own copy, so ``except click.ClickException`` misses its errors)."""
+    return any(cls.__name__ in names for cls in type(exc).__mro__)
+
+
+def _usage_error(exc: BaseException) -> int:
+    """The usage line and one ``error:`` line on stderr, exit status 2."""
+    ctx = getattr(exc, "ctx", None)
+    path = getattr(ctx, "command_path", None) or "trustvision"
+    if _is(exc, "NoArgsIsHelpError"):
+        names = ", ".join(c.name for c in app.registered_commands if c.name)
+        message = f"missing command (one of {names})"
+    else:
+        try:
+            message = exc.format_message()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - any click version
+            message = str(exc)
+    message = " ".join(str(message).split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    if ctx is not None:
+        try:
+            usage = " ".join(ctx.get_usage().split())
+        except Exception:  # noqa: BLE001
+            usage = f"Usage: {path} [OPTIONS]"
+        typer.echo(usage, err=True)
+    typer.echo(f"error: {message}; see `{path} --help`", err=True)
+    return 2
+
+
+def _tidy_help(cmd) -> None:
+    """No ``<bool>`` metavar on flags (nor on --help) in any command's help."""
+    for p in getattr(cmd, "params", []):
+        if getattr(p, "is_flag", False):
+            p.metavar = ""
+    original = getattr(cmd, "get_help_option", None)
+    if original is not None:
+        def get_help_option(ctx, _original=original):
+            opt = _original(ctx)
+            if opt is not None:
+                opt.metavar = ""
+            return opt
+
+        cmd.get_help_option = get_help_option
+    for sub in (getattr(cmd, "commands", None) or {}).values():
+        _tidy_help(sub)
+
+
+def command():
+    """The click command behind ``trustvision`` (help metavars tidied)."""
+    cmd = typer.main.get_command(app)
+    _tidy_help(cmd)
+    return cmd
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit status."""
+    """Entry point of the console script; returns the exit status.
+
+    0: done; 1: an audit check failed, or an internal error (one line; set TRUSTVISION_DEBUG=1
+    for the traceback); 2: a user mistake (one ``error:`` line, usage errors with the usage line
+    before it); 130: interrupted.
+    """
+    import os
+
     try:
-        status = app(args=argv, standalone_mode=False)
+        status = command()(args=sys.argv[1:] if argv is None else list(argv), prog_name="trustvision",
+                           standalone_mode=False)
         # click returns typer.Exit(code)'s code instead of raising when standalone_mode=False
         if isinstance(status, int) and not isinstance(status, bool) and status:
             return status
     except TrustVisionError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        return 130
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume (add --resume for `trustvision train`)", err=True)
         return 130
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            return exc.exit_code
-        if isinstance(exc, click.ClickException):
-            exc.show()
+    except SystemExit as exc:  # e.g. --version's typer.Exit under some click versions
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except Exception as exc:  # noqa: BLE001 - click's exceptions (either copy), then anything else
+        if _is(exc, "Exit"):
+            return int(getattr(exc, "exit_code", 0) or 0)
+        if _is(exc, "Abort"):
+            typer.echo("aborted", err=True)
+            return 130
+        if _is(exc, "UsageError", "NoArgsIsHelpError"):
+            return _usage_error(exc)
+        if _is(exc, "ClickException"):
+            message = " ".join(str(getattr(exc, "message", exc)).split())
+            typer.echo(f"error: {message}", err=True)
             return 2
-        raise
+        if os.environ.get("TRUSTVISION_DEBUG"):
+            raise
+        message = " ".join(str(exc).split())
+        typer.echo(f"error: internal error ({type(exc).__name__}: {message}); this is a bug in trustvision, "
+                   "please report it (TRUSTVISION_DEBUG=1 shows the traceback)", err=True)
+        return 1
     return 0
 
 

@@ -75,9 +75,9 @@ def test_missing_files_name_the_fix(tmp_path):
         with pytest.raises(TrustVisionError) as e:
             data.load(name, "train", root=tmp_path)
         msg = str(e.value)
-        assert msg == (
-            f"{name} not found under {tmp_path}; pass download=True (CLI: --download) "
-            "or --root pointing at it"
+        assert msg == (  # names no option a command lacks (issue #9): commands in backticks
+            f"{name} not found under {tmp_path}; fetch it once with `trustvision train --data {name} --download` "
+            "(download=True in Python), or point --data-dir (root= in Python) at a folder that holds it"
         )
 
 

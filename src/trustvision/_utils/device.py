@@ -20,6 +20,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise TrustVisionError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise TrustVisionError(f"device {device!r} cannot run models here; use cpu, cuda, cuda:N, mps or auto")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise TrustVisionError(f"unknown device {device!r}; the CPU is 'cpu'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise TrustVisionError("CUDA is not available on this machine; use --device cpu")

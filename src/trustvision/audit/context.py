@@ -156,4 +156,9 @@ def _predict_logits(model, ds, *, batch_size: int, device: str, track, descripti
         model.train(was_training)
     if not outs:
         raise ValueError("the dataset split is empty")
-    return torch.cat(outs), torch.cat(labels)
+    logits = torch.cat(outs)
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"the model's outputs are NaN or infinite on {int(bad.sum())} of {len(bad)} images "
+                         f"({description}); check its weights and inputs")
+    return logits, torch.cat(labels)

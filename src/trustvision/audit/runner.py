@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import math
 import platform
 import time
 import traceback
@@ -47,6 +48,7 @@ from trustvision.audit.registry import (
     list_checks,
     resolve_check_options,
 )
+from trustvision._utils.io import ensure_writable_dir, remove_stale_temp_files
 from trustvision.audit.store import (
     MemoryStore,
     ResultStore,
@@ -68,8 +70,9 @@ __all__ = [
 SCHEMA_VERSION = 1
 #: options every audit has; each check declares its own (``Check.options``, keys ``check.key``)
 DEFAULT_OPTIONS: dict[str, Any] = {"n_max": None, "batch_size": 256, "n_bins": 15}
-# options that never change a check's numbers (left out of fingerprints)
-_NON_RESULT_OPTIONS = {"batch_size"}
+# options that never change a check's numbers (left out of fingerprints); the batch size is not
+# among them: batched float arithmetic differs in the last digits between batch sizes
+_NON_RESULT_OPTIONS: set[str] = set()
 
 
 @dataclass
@@ -228,6 +231,29 @@ def _tracker(progress) -> Callable[..., Iterable]:
     return track
 
 
+def _split_sizes(splits: LazySplits) -> dict[str, int]:
+    """Size of every split the data has (also those no check needed this time, e.g. on a rerun
+    that reused every stored check)."""
+    sizes = {}
+    for s in splits:
+        try:
+            sizes[s] = len(splits[s])
+        except TrustVisionError:
+            continue  # a registered dataset without this split
+    return sizes
+
+
+def _non_finite_metrics(metrics: Mapping[str, Any]) -> list[str]:
+    bad = []
+    for k, v in metrics.items():
+        try:
+            if v is not None and not math.isfinite(float(v)):
+                bad.append(k)
+        except (TypeError, ValueError):
+            bad.append(k)
+    return bad
+
+
 def _metric_info(check: type[Check], keys, values: Mapping[str, Any]) -> dict[str, dict]:
     """The declared metadata of every metric ``check`` emitted (undeclared ones get a neutral entry)."""
     out = {}
@@ -249,6 +275,10 @@ def _run_one(check: Check, ctx: AuditContext, values: Mapping[str, Any]) -> tupl
     result = check.run(ctx)
     if not isinstance(result, CheckResult):
         raise TypeError(f"check {check.name!r} returned {type(result).__name__}, expected CheckResult")
+    bad = _non_finite_metrics(result.metrics)
+    if bad:
+        raise ValueError(f"the check's headline numbers are not finite ({', '.join(bad)}): the model's outputs "
+                         "are probably NaN or infinite")
     figures = {name: figure_to_png(fig) for name, fig in result.figures.items()}
     record = {
         "check": check.name,
@@ -294,10 +324,10 @@ def split_options(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], di
     n_max = audit_opts.get("n_max")
     if n_max is not None and (isinstance(n_max, bool) or not isinstance(n_max, int) or n_max < 1):
         raise TrustVisionError(f"n_max must be a positive integer or None, got {n_max!r}")
-    for key, lo in (("batch_size", 1), ("n_bins", 1)):
+    for key, lo, hi in (("batch_size", 1, 1_000_000), ("n_bins", 1, 1000)):
         v = audit_opts.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
-            raise TrustVisionError(f"{key} must be an integer >= {lo}, got {v!r}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi):
+            raise TrustVisionError(f"{key} must be an integer from {lo} to {hi}, got {v!r}")
     return audit_opts, check_opts
 
 
@@ -428,9 +458,9 @@ def run(
     cmp_fp = model_fingerprint(cmp_model) if cmp_model is not None else None
 
     if out is not None:
-        out = Path(out)
+        out = ensure_writable_dir(out, "out")
+        remove_stale_temp_files(out)  # left by a process killed between writing and renaming
         store: ResultStore | MemoryStore = ResultStore(out)
-        out.mkdir(parents=True, exist_ok=True)
     else:
         store = MemoryStore()
     result_opts = {k: v for k, v in opts.items() if k not in _NON_RESULT_OPTIONS}
@@ -507,7 +537,7 @@ def run(
             if rec.get("status") == "ok":
                 for k, v in (rec.get("metric_info") or {}).items():
                     metric_meta.setdefault(k, v)
-    ds_info["splits"] = {s: len(d) for s, d in splits.loaded().items()}
+    ds_info["splits"] = _split_sizes(splits)
     results = {
         "schema_version": SCHEMA_VERSION,
         "tool": "trustvision",

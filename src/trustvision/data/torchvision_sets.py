@@ -13,8 +13,11 @@ placed by hand work as well as files fetched by torchvision. Nothing is download
   ``train`` and ``val`` (10% of each class, fixed seed, same every call).
 * ``imagefolder:PATH``: ``PATH/<class>/<image>`` or ``PATH/{train,val,test}/<class>/<image>``.
   With split folders, a missing ``val`` is cut from ``train`` (10%); without them all images are
-  split 60/15/25 per class. All images are resized to the first image's size (or
-  ``image_size=(H, W)``) and converted to its channel count (or ``channels=1|3``).
+  split 60/15/25 per class. Every split is resized (bilinear) to one size and converted to one
+  channel count: those of the first training image, or ``image_size=(H, W)`` / ``channels=1|3``.
+  Files without an image extension and hidden files are ignored; a corrupt image anywhere in the
+  folder, an empty class folder or fewer than 2 classes is a one-line error (see
+  :func:`load_imagefolder`).
 
 Images are uint8 in memory and become float32 (C, H, W) in [0, 1] when indexed.
 """
@@ -63,16 +66,16 @@ def default_root(root: str | os.PathLike | None = None) -> Path:
 
 def _not_found(name: str, root: Path) -> TrustVisionError:
     return TrustVisionError(
-        f"{name} not found under {root}; pass download=True (CLI: --download) "
-        "or --root pointing at it"
+        f"{name} not found under {root}; fetch it once with `trustvision train --data {name} --download` "
+        "(download=True in Python), or point --data-dir (root= in Python) at a folder that holds it"
     )
 
 
 def _corrupt(path: Path, what: str, detail: str = "") -> TrustVisionError:
     detail = f" ({detail})" if detail else ""
     return TrustVisionError(
-        f"{path} is not a valid {what} file{detail}; delete it and pass download=True "
-        "(CLI: --download) or replace it"
+        f"{path} is not a valid {what} file{detail}; delete it and fetch it again (`trustvision train "
+        "--download`, download=True in Python) or replace it"
     )
 
 
@@ -143,7 +146,7 @@ def _download(name: str, root: Path, fetch) -> None:
         msg = " ".join(str(err).split())[:200]
         raise TrustVisionError(
             f"could not download {name} to {root} ({msg}); check the network or place the files "
-            "there by hand and pass --root"
+            "there by hand and point --data-dir (root= in Python) at them"
         ) from None
 
 
@@ -364,14 +367,28 @@ def load_svhn(split="train", root=None, download=False, *, val_fraction=VAL_FRAC
 
 
 # ----------------------------------------------------------------------------- imagefolder
+def _is_image_file(f: Path, top: Path) -> bool:
+    """An image file under ``top``: an image extension, a regular file, no hidden part."""
+    return (f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+            and not any(part.startswith(".") for part in f.relative_to(top).parts))
+
+
 def _class_dirs(folder: Path) -> dict[str, list[Path]]:
-    out = {}
+    """``class name -> sorted image files`` of the class sub-folders of ``folder``. A class folder
+    without images is an error, unless none has any (then the result is empty: the caller says
+    that the folder has no class folders with images)."""
+    out, empty = {}, []
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(
-            f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = sorted(f for f in d.rglob("*") if _is_image_file(f, d))
         if files:
             out[d.name] = files
+        else:
+            empty.append(d)
+    if out and empty:
+        raise TrustVisionError(
+            f"class folder {empty[0]} has no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); add "
+            "images to it or remove it"
+        )
     return out
 
 
@@ -397,6 +414,13 @@ class ImageFolderDataset(ImageDataset):
         return _read_image(self.files[idx], self.image_size, self.num_channels), int(self.labels[idx])
 
 
+def _unreadable(path: Path, err: BaseException) -> TrustVisionError:
+    return TrustVisionError(
+        f"cannot read image {path} ({' '.join(str(err).split())[:120] or type(err).__name__}); "
+        "fix or remove it"
+    )
+
+
 def _read_image(path: Path, size: tuple[int, int], channels: int) -> torch.Tensor:
     from PIL import Image
 
@@ -407,24 +431,47 @@ def _read_image(path: Path, size: tuple[int, int], channels: int) -> torch.Tenso
                 img = img.resize((size[1], size[0]), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
     except Exception as err:
-        raise TrustVisionError(
-            f"cannot read image {path} ({' '.join(str(err).split())[:120]}); fix or remove it"
-        ) from None
+        raise _unreadable(path, err) from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(arr.transpose(2, 0, 1).copy()).float().div_(255.0)
 
 
-def _probe(path: Path) -> tuple[tuple[int, int], int]:
+@functools.lru_cache(maxsize=2**20)
+def _probe_cached(key: tuple[str, int, int]) -> tuple[tuple[int, int], int]:
+    """``((height, width), channels)`` of the image file ``key[0]``, after PIL's ``verify()``
+    (header and, e.g. for PNG, every chunk's checksum; no pixels decoded). Cached per file
+    version (path, mtime, size), so loading the three splits checks each file once."""
     from PIL import Image
 
+    path = Path(key[0])
     try:
         with Image.open(path) as img:
-            return (img.height, img.width), (1 if img.mode in ("1", "L", "I", "I;16", "F") else 3)
+            size, mode = (img.height, img.width), img.mode
+            img.verify()
     except Exception as err:
-        raise TrustVisionError(
-            f"cannot read image {path} ({' '.join(str(err).split())[:120]}); fix or remove it"
-        ) from None
+        raise _unreadable(path, err) from None
+    return size, (1 if mode in ("1", "L", "I", "I;16", "F") else 3)
+
+
+def _probe(path: Path) -> tuple[tuple[int, int], int]:
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise _unreadable(path, err) from None
+    return _probe_cached((str(path), st.st_mtime_ns, st.st_size))
+
+
+def _check_size(image_size) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    ok = (isinstance(size, (list, tuple)) and len(size) == 2
+          and all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 8192 for s in size))
+    if not ok:
+        raise TrustVisionError(f"image_size must be a whole number or (height, width) from 1 to "
+                               f"8192, got {image_size!r}; e.g. image_size=32")
+    return (int(size[0]), int(size[1]))
 
 
 @register_dataset("imagefolder", prefix=True)
@@ -438,8 +485,26 @@ def load_imagefolder(
     channels: int | None = None,
     val_fraction: float = VAL_FRACTION,
 ) -> ImageFolderDataset:
-    """Images in class folders: ``PATH/<class>/*`` or ``PATH/<split>/<class>/*``."""
+    """Images in class folders: ``PATH/<class>/*`` or ``PATH/<split>/<class>/*``.
+
+    * Layout: with a ``PATH/train`` folder the split folders are used (a missing ``val`` is cut
+      from ``train``, ``val_fraction`` of each class); otherwise every class folder is split
+      60/15/25 (stratified, deterministic). Images in sub-folders of a class folder count for it.
+    * Files: only files with an image extension (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.gif``,
+      ``.tif(f)``, ``.webp``, ``.ppm``, ``.pgm``) are read; other files and hidden files or
+      folders (names starting with ``.``) are ignored.
+    * One size for every split: each image is resized (bilinear) to ``image_size`` (an int or
+      ``(H, W)``), by default the size of the first training image (in sorted class/file order),
+      and converted to ``channels`` (1 or 3), by default that image's channel count.
+    * Refused, in one line naming the file or folder: an image that cannot be read anywhere in
+      the folder (every image file of every split is opened and verified when any split is
+      loaded, so a corrupt validation image stops loading the test split too: nothing is skipped
+      silently), a class folder without images, fewer than 2 classes, an empty split.
+    """
     val_fraction = _check_val_fraction(val_fraction)
+    size = _check_size(image_size)
+    if channels is not None and channels not in (1, 3):
+        raise TrustVisionError(f"channels must be 1 or 3, got {channels!r}")
     folder = Path(path).expanduser()
     if not folder.is_absolute() and not folder.exists() and root is not None:
         folder = Path(root).expanduser() / folder
@@ -450,6 +515,7 @@ def load_imagefolder(
     name = f"imagefolder:{path}"
     if (folder / "train").is_dir():
         by_split = {s: _class_dirs(folder / s) for s in SPLITS if (folder / s).is_dir()}
+        pool = folder / "train"
         if not by_split["train"]:
             raise TrustVisionError(
                 f"no class folders with images in {folder / 'train'}; "
@@ -463,6 +529,8 @@ def load_imagefolder(
                     f"{folder / s} has classes not in {folder / 'train'}: {', '.join(extra[:5])}; "
                     "every class needs training images"
                 )
+        everything = [f for dirs in by_split.values() for f in _flatten(dirs, classes)[0]]
+        first = _flatten(by_split["train"], classes)[0][0]
         if split in by_split:
             files, labels = _flatten(by_split[split], classes)
             if split == "train" and "val" not in by_split:
@@ -474,34 +542,36 @@ def load_imagefolder(
             raise TrustVisionError(f"{folder} has no {split}/ folder; add {folder / split}/<class>/")
     else:
         dirs = _class_dirs(folder)
+        pool = folder
         if not dirs:
             raise TrustVisionError(
                 f"no class folders with images in {folder}; expected PATH/<class>/<images> "
                 f"({', '.join(IMAGE_EXTENSIONS[:4])}, ...)"
             )
         classes = sorted(dirs)
+        everything, _ = _flatten(dirs, classes)
+        first = everything[0]
         files, labels = _flatten(dirs, classes)
         files, labels = _cut(files, labels, SPLIT_FRACTIONS, SPLITS.index(split))
+    for f in everything:  # every split, so that no split skips a file another one refuses
+        _probe(f)
+    if len(classes) < 2:
+        raise TrustVisionError(
+            f"{pool} has only one class folder ({classes[0]}); a classifier needs at least 2 "
+            "classes: add one sub-folder of images per class"
+        )
     if not files:
         raise TrustVisionError(f"the {split} split of {folder} is empty; add more images per class")
-    probe_size, probe_channels = _probe(files[0])
-    if image_size is None:
-        size = probe_size
-    elif isinstance(image_size, int):
-        size = (image_size, image_size)
-    else:
-        size = tuple(image_size)
+    probe_size, probe_channels = _probe(first)
     num_channels = channels if channels is not None else probe_channels
-    if num_channels not in (1, 3):
-        raise TrustVisionError(f"channels must be 1 or 3, got {channels}")
-    return ImageFolderDataset(files, labels, classes, name, split, size, num_channels)
+    return ImageFolderDataset(files, labels, classes, name, split, size or probe_size, num_channels)
 
 
 def _flatten(dirs: dict[str, list[Path]], classes: list[str]) -> tuple[list[Path], np.ndarray]:
     files, labels = [], []
-    for cls, paths in dirs.items():
-        files += paths
-        labels += [classes.index(cls)] * len(paths)
+    for cls in sorted(dirs):
+        files += dirs[cls]
+        labels += [classes.index(cls)] * len(dirs[cls])
     return files, np.asarray(labels, dtype=np.int64)
 
 

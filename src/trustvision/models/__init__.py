@@ -15,6 +15,8 @@ import typing
 from typing import Callable, Sequence
 
 from trustvision._utils.registry import Registry
+from trustvision.errors import TrustVisionError
+from trustvision.models import _schema
 from trustvision.models._base import GenerativeClassifier, ImageClassifier, is_generative
 
 __all__ = [
@@ -77,6 +79,11 @@ def model_class(name: str) -> type | None:
     return hint if isinstance(hint, type) else None
 
 
+#: Exceptions a factory raises for arguments it cannot build (reported as one line by create).
+_BUILD_ERRORS = (ValueError, TypeError, RuntimeError, IndexError, KeyError, AttributeError,
+                 ZeroDivisionError, OverflowError, AssertionError)
+
+
 def create(
     name: str,
     num_classes: int,
@@ -84,15 +91,53 @@ def create(
     image_size: int | Sequence[int] = 32,
     **kwargs,
 ) -> ImageClassifier:
-    """Build an untrained model by registry name; it records its config in ``model.tv_config``."""
-    if ":" in name and name.split(":", 1)[0] in _PREFIXED:
-        prefix, arg = name.split(":", 1)
-        model = _PREFIXED[prefix](arg, num_classes=num_classes, in_chans=in_chans,
-                                  image_size=image_size, **kwargs)
-    else:
-        model = _MODELS.get(name)(num_classes=num_classes, in_chans=in_chans,
-                                  image_size=image_size, **kwargs)
+    """Build an untrained model by registry name; it records its config in ``model.tv_config``.
+
+    Never downloads: ``pretrained=True``, torchvision's ``weights=`` and URL-valued keywords are
+    refused (load pretrained weights yourself and pass the file to
+    ``models.load(path, architecture=name, ...)``). Anything the architecture cannot be built
+    from (sizes out of range, e.g. ``num_classes`` outside 1..100000, an image size the layout
+    cannot divide, a wrong keyword) is a one-line :class:`~trustvision.errors.TrustVisionError`
+    naming the architecture and what it needs.
+    """
+    if not isinstance(name, str) or not name:
+        raise TrustVisionError(f"a model name must be a non-empty string, got {_schema.shown(name)}; "
+                               "`trustvision zoo --models` lists them")
+    bad = _schema.check_build_args(num_classes, in_chans, image_size)
+    if bad:
+        raise TrustVisionError(f"model {name!r} cannot be built: {bad}; pass a value in that range")
+    found = _schema.network_kwarg(kwargs)
+    if found:
+        path, value = found
+        raise TrustVisionError(
+            f"model {name!r}: {path}={_schema.shown(value)} would download weights at run time, and "
+            "trustvision never downloads models; fetch the weights yourself, save the state dict "
+            f"to a file and load it with models.load(path, architecture={name!r}, num_classes=..., "
+            f"in_chans=..., image_size=...) (drop {path.split('.')[0]} from --model-kw)"
+        )
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    shape = f"{int(in_chans)}x{int(size[0])}x{int(size[1])} images with {int(num_classes)} classes"
+    bad = _schema.check_mean_std(kwargs, int(in_chans))
+    if bad:
+        raise TrustVisionError(f"model {name!r} cannot be built for {shape}: {bad}; pass one "
+                               "value per channel (or leave mean/std out for the default)")
+    factory = _factory(name)
+    if factory is None:
+        _MODELS.get(name)  # raises the one-line "unknown model ... (did you mean ...)" error
+    prefixed = ":" in name and name.split(":", 1)[0] in _PREFIXED
+    args = (name.split(":", 1)[1],) if prefixed else ()
+    try:
+        model = factory(*args, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
+                        **kwargs)
+    except TrustVisionError:
+        raise
+    except _BUILD_ERRORS as exc:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise TrustVisionError(
+            f"model {name!r} cannot be built for {shape}: {detail}; change the image size or the "
+            "model keyword arguments (--model-kw), or pick an architecture that fits "
+            "(`trustvision zoo --models`)"
+        ) from None
     model.tv_config = {
         "architecture": name,
         "num_classes": int(num_classes),

@@ -16,6 +16,19 @@ Layout of a checkpoint directory::
 config.json is strict JSON: non-finite floats (e.g. ``beta=inf``) are stored as the strings
 ``"inf"``, ``"-inf"`` and ``"nan"``, and read back as floats in ``kwargs`` and ``metrics``.
 
+What :func:`load` refuses, each in one line naming the file (config.json and the weights are
+checked before the model is built; class names against the built model's classes after):
+
+* a config.json that breaks :data:`trustvision.models._schema.CONFIG_SCHEMA` (wrong types, sizes
+  out of range such as ``num_classes`` outside 1..100000, ``in_chans`` outside 1..64, image sides
+  outside 1..8192, class names not one per class, a normalization std <= 0);
+* config ``kwargs`` that would reach the network or a file the user did not name
+  (``pretrained: true``, ``weights``, ``checkpoint_path``, ``pretrained_cfg``, ``file``, ``url``,
+  any ``*_path`` / ``*_url`` / ``*_file`` / ``*_dir``, a URL-like string value), also nested;
+* ``model.safetensors`` or ``config.json`` that are symlinks leading out of the checkpoint
+  folder, or not regular files; ``zoo:`` names that leave the zoo folder;
+* pickles that carry code, legacy tar-format torch files, and weights holding NaN or Inf.
+
 Example:
     >>> import tempfile, torch
     >>> from trustvision import models
@@ -33,6 +46,7 @@ import json
 import math
 import os
 import pickle
+import tarfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,6 +55,7 @@ import torch
 
 from trustvision.errors import TrustVisionError
 from trustvision.models._base import ImageClassifier
+from trustvision.models._schema import check_config, check_consistency, file_kwarg, shown
 
 __all__ = ["save", "load", "list_zoo", "zoo_dir", "FORMAT", "FORMAT_VERSION"]
 
@@ -50,6 +65,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FOREIGN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _BUILD_KEYS = ("architecture", "num_classes", "in_chans", "image_size")
+MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few kB; refuse to read a huge one into memory
 _LOAD_HINT = ("pass a checkpoint directory (model.safetensors + config.json), a .safetensors file, "
               "a .pt/.pth state dict or zoo:<name> (`trustvision zoo` lists them)")
 
@@ -86,6 +102,17 @@ def _decode_nonfinite(obj: Any) -> Any:
     return obj
 
 
+#: timm keywords that only choose the initial weights (already in the saved state dict): dropped
+#: from the saved config, since load() refuses keywords that name files.
+_INIT_ONLY_KWARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay")
+
+
+def _without_init_only(kwargs: Any) -> Any:
+    if isinstance(kwargs, dict):
+        return {k: _without_init_only(v) for k, v in kwargs.items() if k not in _INIT_ONLY_KWARGS}
+    return kwargs
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
@@ -108,7 +135,10 @@ def save(
     ``model`` must come from :func:`trustvision.models.create` or :func:`load` (it carries
     ``model.tv_config``). ``classes`` defaults to ``model.classes`` or ``["0", "1", ...]``;
     ``dataset`` and ``metrics`` (e.g. ``{"test_accuracy": 0.98}``) default to the values already
-    in ``model.tv_config``; extra keyword arguments are stored in config.json as they are.
+    in ``model.tv_config``; extra keyword arguments are stored in config.json as they are. timm's
+    initialisation-only keywords (``checkpoint_path``, ``pretrained_cfg``,
+    ``pretrained_cfg_overlay``) are left out of the stored model kwargs: the weights they chose are
+    in the saved state dict, and :func:`load` refuses keywords that name files.
     """
     from safetensors.torch import save_file
 
@@ -136,7 +166,7 @@ def save(
         "num_classes": int(cfg["num_classes"]),
         "in_chans": int(cfg["in_chans"]),
         "image_size": [int(s) for s in cfg["image_size"]],
-        "kwargs": cfg.get("kwargs", {}),
+        "kwargs": _without_init_only(cfg.get("kwargs", {})),
         "classes": classes,
         "normalization": {
             "mean": model.norm_mean.flatten().tolist(),
@@ -185,7 +215,8 @@ def list_zoo(root: str | os.PathLike | None = None) -> list[dict]:
 
     Each entry: ``name`` (``"zoo:small-cnn-digits"``), ``architecture``, ``dataset``, ``metrics``,
     ``num_classes``, ``in_chans``, ``image_size``, ``path`` (the checkpoint directory) and
-    ``size_bytes`` (of model.safetensors). Folders without a readable config.json are skipped.
+    ``size_bytes`` (of model.safetensors). Folders without a readable, valid config.json and
+    symlinks leading out of the zoo folder are skipped.
     """
     base = zoo_dir(root)
     entries = []
@@ -196,7 +227,9 @@ def list_zoo(root: str | os.PathLike | None = None) -> list[dict]:
             cfg = json.loads(cfg_path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(cfg, dict) or "architecture" not in cfg:
+        if not isinstance(cfg, dict) or "architecture" not in cfg or check_config(cfg, cfg_path):
+            continue
+        if _zoo_entry(base, cfg_path.parent.name) is None:  # a symlink leading out of the zoo
             continue
         weights = cfg_path.parent / WEIGHTS_FILE
         entries.append({
@@ -213,30 +246,69 @@ def list_zoo(root: str | os.PathLike | None = None) -> list[dict]:
     return entries
 
 
+def _zoo_entry(base: Path, short: str) -> Path | None:
+    """``base/short`` when ``short`` is a plain folder name whose real path is directly inside the
+    real ``base`` (no ``/``, ``\\``, leading ``.``, absolute path or symlink leaving the zoo)."""
+    if (not short or short.startswith(".") or any(c in short for c in "/\\:\0")
+            or os.path.isabs(short)):
+        return None
+    try:
+        root, path = base.resolve(), (base / short).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return path if path.parent == root else None
+
+
 def _resolve_zoo(name: str, root: str | os.PathLike | None = None) -> Path:
     short = name.split(":", 1)[1]
-    path = zoo_dir(root) / short
-    if short and (path / CONFIG_FILE).exists():
+    path = _zoo_entry(zoo_dir(root), short)
+    if path is not None and (path / CONFIG_FILE).is_file():
         return path
     names = [e["name"] for e in list_zoo(root)]
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise TrustVisionError(f"unknown zoo model {name!r}{hint}; `trustvision zoo` lists the names")
+    raise TrustVisionError(f"unknown zoo model {shown(name)}{hint}; zoo names are folder names in the "
+                           "zoo folder, `trustvision zoo` lists them")
 
 
 # --- load ---------------------------------------------------------------------------------------
 
 
+def _checked_member(folder: Path, name: str) -> Path:
+    """``folder/name``; refuses a symlink whose target lies outside ``folder`` (a checkpoint never
+    makes trustvision read a file the user did not name) and anything but a regular file."""
+    path = folder / name
+    if path.is_symlink():
+        try:
+            target, inside = path.resolve(), folder.resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            target, inside = None, None
+        if target is None or not target.is_relative_to(inside):
+            where = "that cannot be resolved" if target is None else f"to {target}"
+            raise TrustVisionError(
+                f"refusing to load {path}: it is a symlink {where}, outside the checkpoint "
+                f"folder {folder}; copy the file into the folder instead of linking it"
+            )
+    if path.exists() and not path.is_file():
+        raise TrustVisionError(f"refusing to load {path}: it is not a regular file; {_LOAD_HINT}")
+    return path
+
+
 def _read_config(path: Path) -> dict:
+    """config.json, parsed and checked against the schema (one-line errors naming the key)."""
     if not path.exists():
         raise TrustVisionError(
             f"{path} is missing; a checkpoint needs config.json beside its weights — re-save it "
             "with trustvision.models.save, or pass architecture=, num_classes=, in_chans= and "
             "image_size= to load()"
         )
+    fix = "fix it in config.json or re-save the checkpoint with trustvision.models.save"
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise TrustVisionError(f"{path} is {path.stat().st_size} bytes, too big for a checkpoint "
+                                   f"config (at most {MAX_CONFIG_BYTES}); {fix}")
         cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise TrustVisionError(
             f"{path} is not valid JSON ({_first_line(exc)}); re-save the checkpoint with "
             "trustvision.models.save"
@@ -247,10 +319,26 @@ def _read_config(path: Path) -> dict:
     for key in ("kwargs", "metrics"):  # numbers by contract: "inf" / "-inf" / "nan" -> float
         if isinstance(cfg.get(key), dict):
             cfg[key] = _decode_nonfinite(cfg[key])
+    head = {k: cfg[k] for k in ("format", "format_version") if k in cfg}
+    bad = check_config(head, path)
+    if bad:
+        raise TrustVisionError(f"{bad}; {fix}")
     if cfg.get("format", FORMAT) != FORMAT or int(cfg.get("format_version", 1)) > FORMAT_VERSION:
         raise TrustVisionError(
             f"{path} has format {cfg.get('format')!r} version {cfg.get('format_version')!r}, not "
             f"{FORMAT!r} version <= {FORMAT_VERSION}; upgrade trustvision or re-save the checkpoint"
+        )
+    bad = check_config(cfg, path)
+    if bad:
+        raise TrustVisionError(f"{bad}; {fix}")
+    found = file_kwarg(cfg.get("kwargs") or {})
+    if found:
+        key, value = found
+        raise TrustVisionError(
+            f"refusing to load {path}: its 'kwargs' set {key}={shown(value)}, which would make "
+            "trustvision download or open a file the user did not name; remove it from "
+            "config.json (for pretrained weights, fetch them yourself and pass the file to "
+            "models.load(path, architecture=...))"
         )
     return cfg
 
@@ -268,7 +356,18 @@ def _read_safetensors(path: Path, device: str) -> dict[str, torch.Tensor]:
 
 
 def _read_foreign(path: Path, device: str) -> dict[str, torch.Tensor]:
-    """A ``.pt``/``.pth`` state dict, read with ``weights_only=True`` (no code can run)."""
+    """A ``.pt``/``.pth`` state dict, read with ``weights_only=True`` (no code can run); legacy
+    tar-format torch files are refused before torch sees them (unpacking them writes files)."""
+    try:
+        is_tar = tarfile.is_tarfile(path)
+    except OSError:
+        is_tar = False
+    if is_tar:
+        raise TrustVisionError(
+            f"refusing to load {path}: it is a tar archive (the legacy torch format, or not a "
+            "checkpoint at all), which trustvision does not unpack; re-save it with "
+            "torch.save(model.state_dict(), path) from a trusted source, or use trustvision.models.save"
+        )
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not the user's concern
             warnings.simplefilter("ignore", UserWarning)
@@ -296,6 +395,17 @@ def _read_foreign(path: Path, device: str) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _check_finite(state: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse weights holding NaN or Inf (such a model answers garbage that looks like a result)."""
+    for key, tensor in state.items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            raise TrustVisionError(
+                f"weights in {source} hold non-finite values (NaN or Inf), first in {key!r}; the "
+                "model is broken (e.g. saved after training diverged): retrain it, or load the "
+                "checkpoint of an earlier epoch"
+            )
+
+
 def _build(cfg: dict, source: Path) -> ImageClassifier:
     from trustvision.models import create
 
@@ -310,8 +420,8 @@ def _build(cfg: dict, source: Path) -> ImageClassifier:
         raise TrustVisionError(f"'kwargs' in the config of {source} must be a JSON object; "
                                "re-save the checkpoint with trustvision.models.save")
     try:
-        return create(cfg["architecture"], int(cfg["num_classes"]), int(cfg["in_chans"]),
-                      cfg["image_size"], **kwargs)
+        return create(cfg["architecture"], cfg["num_classes"], cfg["in_chans"], cfg["image_size"],
+                      **kwargs)
     except TrustVisionError as exc:
         raise TrustVisionError(f"cannot rebuild the model of {source}: {exc}") from None
     except (TypeError, ValueError) as exc:
@@ -382,13 +492,15 @@ def load(
             raise TrustVisionError(f"checkpoint not found: {path}; {_LOAD_HINT}")
 
     if path.is_dir():
-        weights, cfg_path = path / WEIGHTS_FILE, path / CONFIG_FILE
+        weights, cfg_path = _checked_member(path, WEIGHTS_FILE), _checked_member(path, CONFIG_FILE)
         if not weights.exists():
             raise TrustVisionError(
                 f"{path} has no {WEIGHTS_FILE}; {_LOAD_HINT}"
             )
-    else:
-        weights, cfg_path = path, path.parent / CONFIG_FILE
+    else:  # a weights file the user named; the config.json beside it must stay in that folder
+        weights, cfg_path = path, _checked_member(path.parent, CONFIG_FILE)
+        if not weights.is_file():
+            raise TrustVisionError(f"cannot load {weights}: it is not a regular file; {_LOAD_HINT}")
 
     overrides = {k: kw.pop(k) for k in (*_BUILD_KEYS, "classes") if k in kw}
     foreign = weights.suffix.lower() in FOREIGN_SUFFIXES
@@ -409,10 +521,20 @@ def load(
         cfg["image_size"] = [cfg["image_size"], cfg["image_size"]]
 
     state = _read_foreign(weights, device) if foreign else _read_safetensors(weights, device)
+    _check_finite(state, weights)
     model = _build(cfg, weights)
     _fit_state(model, state, weights)
     classes = cfg.get("classes") or [str(i) for i in range(model.num_classes)]
     cfg["classes"] = [str(c) for c in classes]
+    bad = check_consistency(cfg, cfg_path if cfg_path.exists() else "load()")
+    if bad:
+        raise TrustVisionError(f"{bad}; fix config.json (or the arguments to load) or re-save the "
+                               "checkpoint with trustvision.models.save")
+    for key, std in model.state_dict().items():
+        if key.endswith("norm_std") and not bool((std > 0).all()):
+            raise TrustVisionError(f"weights in {weights} have a normalisation std <= 0 in {key!r} "
+                                   "(the model would divide by zero); re-save the checkpoint with a "
+                                   "positive std")
     cfg.setdefault("kwargs", {})
     cfg.setdefault("metrics", {})
     cfg.setdefault("dataset", None)

@@ -26,6 +26,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _check_widths(widths, example: str) -> list[int]:
+    """``widths`` as a list of positive ints, else a ValueError naming an example."""
+    ok = (isinstance(widths, (list, tuple)) and len(widths) > 0
+          and all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 65536 for w in widths))
+    if not ok:
+        raise ValueError(f"widths must be a list of whole numbers from 1 to 65536, e.g. "
+                         f"widths={example}, got {widths!r}")
+    return list(widths)
+
+
+def _check_prob(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
@@ -52,6 +68,8 @@ class SmallCNN(ImageClassifier):
         std: Sequence[float] | None = None,
     ):
         super().__init__(num_classes, in_chans, image_size, mean, std)
+        widths = _check_widths(widths, "32,64,128")
+        dropout = _check_prob(dropout, "dropout")
         layers: list[nn.Module] = []
         c_in, size = self.in_chans, min(self.image_size)
         for i, width in enumerate(widths):
@@ -111,7 +129,8 @@ class ResNet20(ImageClassifier):
         std: Sequence[float] | None = None,
     ):
         super().__init__(num_classes, in_chans, image_size, mean, std)
-        if (depth - 2) % 6 != 0:
+        widths = _check_widths(widths, "16,32,64")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
             raise TrustVisionError(f"resnet depth must be 6n+2 (20, 32, 44, ...), got {depth}")
         n = (depth - 2) // 6
         self.stem = _conv_bn_relu(self.in_chans, widths[0])
@@ -155,7 +174,9 @@ class TorchvisionClassifier(ImageClassifier):
 
     The first ``Conv2d`` is rebuilt for ``in_chans`` (pretrained weights are averaged over the RGB
     channels and repeated), the last ``nn.Linear`` becomes the ``num_classes`` classifier and
-    ``features`` is that classifier's input. Weights are downloaded only with ``pretrained=True``.
+    ``features`` is that classifier's input. :func:`trustvision.models.create` refuses
+    ``pretrained=True`` (nothing is downloaded at run time): load a torchvision state dict with
+    ``models.load("resnet18.pth", architecture="torchvision:resnet18", num_classes=1000, ...)``.
     Default normalisation is ImageNet's for 3 channels, 0.5/0.5 otherwise.
     """
 
@@ -231,6 +252,8 @@ class TimmClassifier(ImageClassifier):
 
     timm adapts the stem to ``in_chans`` and the head to ``num_classes`` itself; ``features`` is the
     pre-logits vector. Default normalisation is ImageNet's for 3 channels, 0.5/0.5 otherwise.
+    :func:`trustvision.models.create` refuses ``pretrained=True``; a checkpoint's config.json may
+    not set ``checkpoint_path``, ``pretrained_cfg`` or other file/URL keywords.
     """
 
     def __init__(

@@ -78,8 +78,23 @@ def build_flow(
     Returns ``(flow, pooled)``: ``flow`` maps (N, C, H, W) to (N, D) with the ``pooled``
     channel-mean (DC) dimensions first; the FC couplings act on those.
     """
+    def whole(v, lo):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    for key, value in (("stages", stages), ("widths", widths)):
+        if not (isinstance(value, (list, tuple)) and value and all(whole(v, 1) for v in value)):
+            raise ValueError(f"{key} must be a list of whole numbers >= 1, e.g. {key}=2,2,2, "
+                             f"got {value!r}")
     if len(stages) != len(widths):
         raise ValueError("stages and widths need the same length")
+    for key, value, lo in (("entry_haar", entry_haar, 0), ("fc_blocks", fc_blocks, 0),
+                           ("fc_width", fc_width, 1)):
+        if not whole(value, lo):
+            raise ValueError(f"{key} must be a whole number >= {lo}, got {value!r}")
+    if subnet not in ("conv", "bottleneck"):
+        raise ValueError(f"subnet must be 'conv' or 'bottleneck', got {subnet!r}")
+    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not 0 < clamp < math.inf:
+        raise ValueError(f"clamp must be a positive number, got {clamp!r}")
     gen = torch.Generator().manual_seed(int(seed))
     shape = (int(in_chans), int(image_size[0]), int(image_size[1]))
     downs = entry_haar + len(stages) - 1

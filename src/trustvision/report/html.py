@@ -18,6 +18,7 @@ import jinja2
 from trustvision._utils.io import atomic_write_bytes
 from trustvision.errors import TrustVisionError
 from trustvision.report.figures import png_data_uri
+from trustvision.report.schema import figure_path, validate_results
 
 __all__ = ["render_report", "render_html", "load_results", "summary_table"]
 
@@ -26,16 +27,26 @@ _ARROWS = {"higher": "\u2191", "lower": "\u2193"}
 
 def load_results(out_dir: str | os.PathLike) -> dict:
     """Read ``out_dir/results.json`` (one-line TrustVisionError if missing or not an audit result)."""
-    path = Path(out_dir) / "results.json"
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise TrustVisionError(f"{folder} is a file; pass the output folder of `trustvision audit` (it holds results.json)")
+    path = folder / "results.json"
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TrustVisionError(f"{path} not found; pass the output directory of `trustvision audit`") from None
+    except IsADirectoryError:
+        raise TrustVisionError(f"{path} is a folder, not a results file; pass the output directory of "
+                               "`trustvision audit`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TrustVisionError(f"{path} is not valid JSON ({exc}); rerun `trustvision audit`") from None
+    except RecursionError:
+        raise TrustVisionError(f"{path} is nested too deeply to be an audit result; rerun `trustvision audit`") from None
+    except OSError as exc:
+        raise TrustVisionError(f"cannot read {path} ({exc.strerror or exc}); check the folder") from None
     if not isinstance(results, dict) or "schema_version" not in results or "models" not in results:
         raise TrustVisionError(f"{path} is not a trustvision results file; rerun `trustvision audit`")
-    return results
+    return validate_results(results)
 
 
 def _fmt(value: Any) -> str:
@@ -186,8 +197,9 @@ def render_html(results: dict, base_dir: str | os.PathLike) -> str:
         for cname, c in m.get("checks", {}).items():
             uris: dict[str, str | None] = {}
             for fname, rel in (c.get("figures") or {}).items():
+                target = figure_path(base, rel, f"the figure {fname!r} of {m.get('name')}/{cname}")
                 try:
-                    uris[fname] = png_data_uri((base / rel).read_bytes())
+                    uris[fname] = png_data_uri(target.read_bytes())
                 except (OSError, ValueError):
                     uris[fname] = None
             figures[m["key"]][cname] = uris

@@ -19,12 +19,13 @@ from trustvision.train.augment import RandomFlip, RandomShift, parse_augment
 from trustvision.train.ensemble import fit_ensemble
 from trustvision.train.input_dropout import InputDropout, drop_pixels
 from trustvision.train.loop import EpochStats, TrainResult, evaluate_accuracy, fit, resolve_device
-from trustvision.train.recipe import build_model, train_by_name
+from trustvision.train.recipe import build_model, stored_run_settings, train_by_name
 
 __all__ = [
     "fit",
     "fit_ensemble",
     "train_by_name",
+    "stored_run_settings",
     "build_model",
     "evaluate_accuracy",
     "resolve_device",

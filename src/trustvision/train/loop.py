@@ -11,7 +11,11 @@ Reproducibility: the shuffling order, augmentation and input-dropout masks of ep
 a generator seeded with ``(seed, e)``; randomness inside the model (dropout layers) comes from the
 global torch RNG, which is seeded once, saved with every epoch and restored on resume (inside
 ``torch.random.fork_rng``, so the caller's RNG state is left untouched). Hence an interrupted run
-resumed with ``resume=True`` ends with exactly the weights of an uninterrupted run.
+resumed with ``resume=True`` ends with exactly the weights of an uninterrupted run. A resume is
+refused (one line) when the stored run was trained with another seed, batch size, learning rate,
+optimizer, weight decay, input dropout, schedule, number of processes, dataset (``train_set.name``),
+architecture or model keyword arguments (``model.tv_config``); the training state is read with
+``torch.load(weights_only=True)``, so a state file carrying pickled code is refused without running it.
 
 Model hooks used when present (the generative classifiers rely on them):
 ``training_loss(x, y) -> (loss, logits)``, ``param_groups(lr) -> list[dict]`` (per-group learning
@@ -38,8 +42,11 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import pickle
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -64,6 +71,7 @@ __all__ = [
     "resolve_device",
     "iter_batches",
     "check_train_args",
+    "read_train_state",
     "STATE_FILE",
     "RESULTS_FILE",
 ]
@@ -227,6 +235,48 @@ def check_train_args(epochs, lr, batch_size, opt, weight_decay, sched, grad_clip
         raise TrustVisionError(f"unknown schedule {sched!r}; use one of {', '.join(SCHEDULES)} (--sched)")
     if grad_clip is not None and not grad_clip > 0:
         raise TrustVisionError(f"gradient clipping norm must be > 0, got {grad_clip!r} (--clip-grad)")
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as plain JSON values (dicts, lists, str, numbers, bool, None): tuples become lists,
+    non-finite floats the strings ``"inf"``, ``"-inf"``, ``"nan"`` (as in config.json), anything
+    else its ``repr``. Safe to store in a training state read back with ``weights_only=True``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, (str, bool, int, float)) or obj is None:
+        return obj
+    if isinstance(obj, numbers.Integral):  # numpy integers and the like
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        return _plain(float(obj))
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return repr(obj)
+
+
+def read_train_state(path: Path, device: str | torch.device = "cpu") -> dict:
+    """A training state written by :func:`fit`, read with ``torch.load(weights_only=True)`` (a
+    pickle carrying code is refused, nothing runs); one-line errors for anything else."""
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not the user's concern
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise TrustVisionError(
+            f"refusing to read the training state {path}: it holds pickled objects other than "
+            "tensors and plain values, and unpickling them could run arbitrary code; delete it or "
+            "choose another --out"
+        ) from None
+    except Exception as exc:  # corrupt or foreign file (e.g. legacy tar format)
+        raise TrustVisionError(
+            f"cannot read the training state {path} ({type(exc).__name__}); delete it or choose "
+            "another --out"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != "trustvision-train-state":
+        raise TrustVisionError(f"{path} is not a trustvision training state; choose another --out")
+    return state
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -518,6 +568,10 @@ def fit(
         "epochs": epochs, "lr": float(lr), "batch_size": batch_size, "seed": int(seed), "opt": opt,
         "weight_decay": float(weight_decay), "input_dropout": keep_prob, "sched": sched,
         "grad_clip": grad_clip, "augment": None if augment is None else repr(augment),
+        # what the run trains: a resume with another dataset or model is refused
+        "dataset": getattr(train_set, "name", None),
+        "architecture": (getattr(model, "tv_config", None) or {}).get("architecture"),
+        "model_kwargs": _plain((getattr(model, "tv_config", None) or {}).get("kwargs", {})),
     }
     if world > 1:
         config["world_size"] = world
@@ -702,17 +756,23 @@ def _diverged(model: nn.Module, out_dir: Path | None, last_good: int | None, epo
     )
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list)) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _load_state(path: Path, dev: torch.device, config: dict) -> dict:
-    try:
-        state = torch.load(path, map_location=dev, weights_only=True)
-    except Exception as exc:  # corrupt or foreign file
-        raise TrustVisionError(
-            f"cannot read the training state {path} ({type(exc).__name__}); delete it or choose "
-            "another --out"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != "trustvision-train-state":
-        raise TrustVisionError(f"{path} is not a trustvision training state; choose another --out")
+    state = read_train_state(path, dev)
     old = state.get("config", {})
+    if not isinstance(old, dict):
+        raise TrustVisionError(f"{path} is not a trustvision training state; choose another --out")
+    for key, what, flag in (("dataset", "dataset", "--data"), ("architecture", "model", "--model"),
+                            ("model_kwargs", "model keyword arguments", "--model-kw")):
+        if key in old and old[key] != config[key]:
+            raise TrustVisionError(
+                f"cannot resume {path.parent}: it trains {what} {_shown(old[key])}, not "
+                f"{_shown(config[key])}; resume with the same {flag} or choose another --out"
+            )
     for key, flag in (("seed", "--seed"), ("batch_size", "--batch-size"), ("lr", "--lr"),
                       ("opt", "--opt"), ("weight_decay", "--weight-decay"),
                       ("input_dropout", "--input-dropout"), ("sched", "--sched")):
