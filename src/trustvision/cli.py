@@ -150,7 +150,7 @@ def train_cmd(
     beta: float = typer.Option(None, "--beta", help="IB-INN trade-off of the Information Bottleneck loss (generative ibinn-* models; default 1). inf = cross-entropy only; 1/D with D = C*H*W (e.g. 0.015625 for 8x8 digits) = exact class-conditional likelihood p(x|y); 0 = label-free mixture likelihood p(x), which cannot classify."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
     download: bool = typer.Option(False, "--download", help="Allow downloading the dataset."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar: one plain line per finished epoch instead."),
 ) -> None:
     """Train a model on a dataset; writes a resumable state, the final checkpoint and results.json.
 
@@ -210,7 +210,7 @@ def train_cmd(
             device=device, resume=resume, opt=opt, weight_decay=weight_decay, sched=sched,
             input_dropout=input_dropout, ensemble=ensemble, augment=augment, grad_clip=clip_grad,
             model_kwargs=model_kwargs, data_root=data_dir, download=download,
-            progress=not no_progress,
+            progress="lines" if no_progress else True,
         )
     except TrustVisionError:
         if distributed.rank() != 0:  # under torchrun every rank fails alike; rank 0 says why
@@ -320,7 +320,7 @@ def audit_cmd(
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Random seed of the checks and of --n-max subsets."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
     list_checks_: bool = typer.Option(False, "--list-checks", help="List the available checks with their options and exit."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars: one plain line per finished check instead."),
 ) -> None:
     """Audit models on a dataset: writes OUT/report.html (self-contained) and OUT/results.json.
 
@@ -369,7 +369,7 @@ def audit_cmd(
     result = audit.run(
         loaded, audit.LazySplits(load_split), checks=check_names, out=out, device=dev, seed=seed, compare=cmp,
         options={"n_max": n_max, "batch_size": batch_size, "n_bins": n_bins, **check_options},
-        progress=not no_progress, command=command, dataset_name=data,
+        progress="lines" if no_progress else True, command=command, dataset_name=data,
     )
     for m in result.results["models"]:
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m["metrics"].items())

@@ -211,3 +211,45 @@ def test_cli_records_every_parameter(tmp_path, capsys):
         assert part in cmd, (part, cmd)
     assert r["seed"] == 3 and r["options"]["n_bins"] == 10
     assert r["models"][0]["checks"]["calibration"]["data"]["n_bins"] == 10
+
+
+def test_rerun_with_fewer_checks_keeps_the_others(tmp_path, tiny_model, toy_splits):
+    audit.run({"t": tiny_model}, toy_splits, checks="accuracy,calibration", out=tmp_path)
+    res = audit.run({"t": tiny_model}, toy_splits, checks="accuracy", out=tmp_path)
+    recs = res.records("t")
+    assert list(recs) == ["accuracy", "calibration"] and recs["calibration"]["kept"] is True
+    assert [c["name"] for c in res.results["checks"]] == ["accuracy", "calibration"]
+    assert "ECE" in res.metrics["t"]
+    assert "Calibration" in (tmp_path / "report.html").read_text()
+    # a stored check no longer valid for these options is not kept
+    res = audit.run({"t": tiny_model}, toy_splits, checks="accuracy", out=tmp_path, options={"n_bins": 5})
+    assert list(res.records("t")) == ["accuracy"]
+
+
+def test_conditions_flag_pathological_values(tmp_path, tiny_cls, toy_splits):
+    weak = tiny_cls(strength=0.0)  # constant logits: chance accuracy, no calibration signal
+    res = audit.run({"weak": weak}, toy_splits, checks="accuracy,calibration", out=tmp_path)
+    flags = {(f["check"], f["name"]): f for f in res.results["flags"]}
+    acc = flags[("accuracy", "accuracy above chance")]
+    assert acc["metric"] == "Accuracy" and "near chance" in acc["reason"]
+    conds = res.records("weak")["accuracy"]["conditions"]
+    assert conds == [{"name": "accuracy above chance", "status": "warn", "reason": acc["reason"], "metric": "Accuracy"}]
+    good = audit.run({"good": tiny_cls()}, toy_splits, checks="accuracy")
+    assert good.results["flags"] == [] and good.records()["accuracy"]["conditions"][0]["status"] == "pass"
+    html = (tmp_path / "report.html").read_text()
+    assert "near chance" in html and 'class="num flag-warn"' in html
+
+
+def test_exports_csv_and_notebook_html(tmp_path, tiny_model, toy_splits):
+    import csv
+    import io
+
+    res = audit.run({"t": tiny_model}, toy_splits, checks="accuracy,calibration", out=tmp_path)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "summary.csv").read_text())))
+    assert [r["model"] for r in rows] == ["t"]
+    assert float(rows[0]["Accuracy"]) == res.metrics["t"]["Accuracy"]  # full precision, not the 4 shown
+    assert float(rows[0]["ECE"]) == res.metrics["t"]["ECE"]
+    assert res.summary_csv() == (tmp_path / "summary.csv").read_text()
+    html = res._repr_html_()
+    assert "<table>" in html and f"{res.metrics['t']['Accuracy']:.4f}" in html and "ECE" in html
+    assert float(rows[0]["Temperature"]) == res.metrics["t"]["Temperature"]  # folded in HTML, a column here

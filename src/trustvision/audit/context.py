@@ -64,6 +64,8 @@ class AuditContext:
         compare_name: its display name.
         track: ``track(iterable, total, description)`` wraps long loops in a progress bar.
         check_options: the declared options of the check now running (set by the runner).
+        log: ``log(message)`` reports a finished unit of a long check (e.g. one explanation
+            method): a line on the progress console, a plain line with ``--no-progress``.
     """
 
     model: torch.nn.Module
@@ -76,6 +78,7 @@ class AuditContext:
     compare_name: str | None = None
     track: Callable[..., Iterable] = field(default=lambda it, total=None, description="": it, repr=False)
     check_options: dict[str, Any] = field(default_factory=dict)
+    log: Callable[[str], None] = field(default=lambda message: None, repr=False)
     _logits: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _subsets: dict[str, ImageDataset] = field(default_factory=dict, repr=False)
 

@@ -40,8 +40,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from trustvision.audit.context import AuditContext
 
 __all__ = [
-    "Check", "CheckResult", "Option", "Metric", "register_check", "get_check", "list_checks",
-    "default_checks", "resolve_check_options",
+    "Check", "CheckResult", "Option", "Metric", "Condition", "register_check", "get_check", "list_checks",
+    "default_checks", "resolve_check_options", "evaluate_conditions",
 ]
 
 _TYPE_NAMES = {int: "int", float: "float", str: "str", bool: "bool", list: "list"}
@@ -131,6 +131,21 @@ class Option:
 
 
 @dataclass(frozen=True)
+class Condition:
+    """A condition on a check's result (Deepchecks' "conditions"): ``test(metrics, data)`` returns
+    None when it passes, or the reason it warns (one sentence, shown in the report's flag list and
+    on the flagged cell). ``metric``: the headline metric the flag colours in the summary table.
+
+    Example: ``Condition("ECE worse after scaling", lambda m, d: "..." if m["ECE after TS"] >
+    m["ECE"] else None, metric="ECE after TS")``.
+    """
+
+    name: str
+    test: "Any"
+    metric: str | None = None
+
+
+@dataclass(frozen=True)
 class Metric:
     """A headline number of a check, shown in the report's summary table.
 
@@ -165,6 +180,8 @@ class CheckResult:
         metrics: headline numbers for the report's summary table (label -> float), e.g.
             ``{"Accuracy": 0.98}``; each label is declared in the check's ``metrics``.
         notes: label -> a short text shown under that metric's value (e.g. the OOD detector used).
+        captions: figure name -> its caption for people (e.g. "SAG of test image 44: true 8,
+            predicted 8, p = 0.97"); figures without one get their name.
         tables: name -> ``{"columns": [...], "rows": [[...], ...]}`` rendered as HTML tables.
     """
 
@@ -174,6 +191,7 @@ class CheckResult:
     metrics: dict[str, float | None] = field(default_factory=dict)
     tables: dict[str, dict[str, list]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    captions: dict[str, str] = field(default_factory=dict)
 
 
 class Check:
@@ -195,6 +213,8 @@ class Check:
     options: dict[str, Option] = {}
     #: declared headline metrics: name (or pattern with one ``{wildcard}``) -> Metric
     metrics: dict[str, Metric] = {}
+    #: conditions on the result, each pass or warn with a reason (see :class:`Condition`)
+    conditions: tuple[Condition, ...] = ()
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -320,4 +340,18 @@ def resolve_check_options(
         parsed = cls.options[key].parse(value, f"{check}.{key}")
         if check in out:
             out[check][key] = parsed
+    return out
+
+
+def evaluate_conditions(check: type[Check], metrics: Mapping[str, Any], data: Mapping[str, Any]) -> list[dict]:
+    """Each declared condition of ``check`` on a result: ``{"name", "status": "pass"|"warn",
+    "reason", "metric"}``. A condition that cannot be evaluated (missing key) passes silently."""
+    out = []
+    for cond in check.conditions:
+        try:
+            reason = cond.test(metrics, data)
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
+            reason = None
+        out.append({"name": cond.name, "status": "warn" if reason else "pass",
+                    "reason": " ".join(str(reason).split()) if reason else None, "metric": cond.metric})
     return out

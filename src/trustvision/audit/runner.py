@@ -28,6 +28,7 @@ import datetime as _dt
 import hashlib
 import math
 import platform
+import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,7 @@ from trustvision.audit.registry import (
     Check,
     CheckResult,
     default_checks,
+    evaluate_conditions,
     get_check,
     list_checks,
     resolve_check_options,
@@ -125,6 +127,23 @@ class AuditResult:
         """Check name -> record of ``model`` (name or key; default: the only / first model)."""
         m = self._model(model) if model is not None else self.results["models"][0]
         return m["checks"]
+
+    @property
+    def flags(self) -> list[dict]:
+        """The conditions that warn: ``{"model", "check", "name", "metric", "reason"}`` each."""
+        return list(self.results.get("flags") or [])
+
+    def summary_csv(self) -> str:
+        """The summary table as CSV (what ``summary.csv`` holds)."""
+        from trustvision.report.html import summary_csv
+
+        return summary_csv(self.results)
+
+    def _repr_html_(self) -> str:
+        """The summary table and the flags, for a notebook's rich display."""
+        from trustvision.report.html import summary_html
+
+        return summary_html(self.results)
 
     def figure(self, model: str, check: str, name: str) -> bytes:
         """PNG bytes of figure ``name`` of ``check`` for ``model``."""
@@ -208,14 +227,14 @@ def _model_info(am: AuditModel, key: str, fp: str) -> dict:
     }
 
 
-def _make_progress(enabled: bool):
+def _make_progress(enabled: bool | str):
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeElapsedColumn)
+                               TimeElapsedColumn, TimeRemainingColumn)
 
     return Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True, log_path=False),
-                    disable=not enabled, transient=False)
+                    MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=Console(stderr=True, log_path=False), disable=enabled is not True, transient=False)
 
 
 def _tracker(progress) -> Callable[..., Iterable]:
@@ -292,7 +311,9 @@ def _run_one(check: Check, ctx: AuditContext, values: Mapping[str, Any]) -> tupl
         "metrics": to_jsonable(result.metrics),
         "metric_info": _metric_info(type(check), result.metrics, values),
         "notes": to_jsonable(result.notes),
+        "captions": {str(k): str(v) for k, v in result.captions.items()},
         "tables": to_jsonable(result.tables),
+        "conditions": evaluate_conditions(type(check), to_jsonable(result.metrics), to_jsonable(result.data)),
         "duration_s": round(time.perf_counter() - t0, 3),
         "computed_at": _now(),
     }
@@ -397,7 +418,7 @@ def run(
     *,
     seed: int = 0,
     compare=None,
-    progress: bool = False,
+    progress: bool | str = False,
     command: str | None = None,
     render: bool = True,
     classes: Sequence[str] | None = None,
@@ -427,7 +448,8 @@ def run(
         device: torch device for inference.
         seed: seed passed to checks (``ctx.seed``) and used for ``n_max`` subsets.
         compare: an optional second model given to every check as ``ctx.compare``.
-        progress: show rich progress bars on stderr.
+        progress: True: rich progress bars with ETAs on stderr; "lines": one plain stderr line per
+            finished unit (check, explanation method; what ``--no-progress`` gives); False: silent.
         command: the command line recorded in results.json and shown in the report.
         render: write ``report.html`` (only with ``out``).
         classes: class names when ``data`` carries none.
@@ -464,6 +486,26 @@ def run(
     else:
         store = MemoryStore()
     result_opts = {k: v for k, v in opts.items() if k not in _NON_RESULT_OPTIONS}
+
+    def check_fp(cls: type[Check], values: Mapping[str, Any], mfp: str) -> str:
+        fp_opts = {k: v for k, v in values.items() if k in cls.options and cls.options[k].affects_results}
+        return fingerprint({"check": cls.name, "version": cls.version, "model": mfp,
+                            "dataset": ds_info["fingerprint"], "options": result_opts,
+                            "check_options": fp_opts, "seed": seed,
+                            "compare": cmp_fp if cls.uses_compare else None})
+
+    selected = {c.name for c in check_classes}
+    kept_classes, kept_opts, kept_used = [], {}, set()
+    if out is not None:
+        for name in list_checks():
+            if name in selected:
+                continue
+            cls = get_check(name)
+            try:
+                kept_opts[name] = resolve_check_options([cls], check_opt_overrides)[name]
+            except TrustVisionError:
+                continue
+            kept_classes.append(cls)
     keys = _unique_keys([am.name for am in audit_models])
     model_records, errors = [], []
     n_computed = n_cached = 0
@@ -478,7 +520,8 @@ def run(
             info["compare"] = cmp_name
             ctx = AuditContext(model=am.model, model_name=am.name, datasets=splits, options=dict(opts),
                                device=device, seed=seed, compare=cmp_model, compare_name=cmp_name,
-                               track=_tracker(prog))
+                               track=_tracker(prog),
+                               log=lambda msg, _name=am.name: _log(prog, progress, f"  {escape(_name)}: {escape(msg)}"))
             records: dict[str, dict] = {}
             for cls in check_classes:
                 check = cls()
@@ -497,11 +540,7 @@ def run(
                     records[check.name] = {**base, "status": "skipped", "reason": reason}
                     prog.advance(overall)
                     continue
-                fp_opts = {k: v for k, v in ctx.check_options.items() if cls.options[k].affects_results}
-                fp = fingerprint({"check": check.name, "version": check.version, "model": mfp,
-                                  "dataset": ds_info["fingerprint"], "options": result_opts,
-                                  "check_options": fp_opts, "seed": seed,
-                                  "compare": cmp_fp if check.uses_compare else None})
+                fp = check_fp(cls, ctx.check_options, mfp)
                 stored = store.load(key, check.name, fp)
                 if stored is not None:
                     records[check.name] = {**stored, "cached": True}
@@ -525,12 +564,25 @@ def run(
                         _log(prog, progress, f"[green]done[/] {check.name} for {escape(am.name)} "
                                              f"({record['duration_s']:.1f}s)")
                 prog.advance(overall)
+            # checks stored in `out` by an earlier audit of the same model, data and options but not
+            # selected this time are kept (a rerun with --checks accuracy does not drop the others)
+            for cls in kept_classes:
+                stored = store.load(key, cls.name, check_fp(cls, kept_opts[cls.name], mfp))
+                if stored is not None:
+                    records[cls.name] = {**stored, "cached": True, "kept": True}
+                    kept_used.add(cls.name)
+            order = {n: i for i, n in enumerate(list_checks())}
+            records = dict(sorted(records.items(), key=lambda kv: order.get(kv[0], len(order))))
             metrics: dict[str, Any] = {}
             for rec in records.values():
                 if rec.get("status") == "ok":
                     metrics.update(rec.get("metrics") or {})
             model_records.append({**info, "metrics": metrics, "checks": records})
 
+    flags = [{"model": m["name"], "model_key": m["key"], "check": name, "title": rec.get("title") or name,
+              "name": c.get("name"), "metric": c.get("metric"), "reason": c.get("reason")}
+             for m in model_records for name, rec in m["checks"].items() if rec.get("status") == "ok"
+             for c in rec.get("conditions") or [] if c.get("status") == "warn"]
     metric_meta: dict[str, dict] = {}
     for m in model_records:
         for rec in m["checks"].values():
@@ -550,12 +602,15 @@ def run(
         "seed": int(seed),
         "status": "errors" if errors else "ok",
         "options": opts,
-        "checks": [{**c.describe(), "options": to_jsonable(check_opts[c.name]),
-                    "option_types": {k: o.describe() for k, o in c.options.items()}}
-                   for c in check_classes],
+        "checks": [{**c.describe(), "options": to_jsonable({**kept_opts, **check_opts}[c.name]),
+                    "option_types": {k: o.describe() for k, o in c.options.items()},
+                    **({"kept": True} if c.name not in selected else {})}
+                   for c in sorted(check_classes + [k for k in kept_classes if k.name in kept_used],
+                                   key=lambda c: list_checks().index(c.name))],
         "metrics": metric_meta,
         "datasets": [ds_info],
         "models": model_records,
+        "flags": flags,
         "errors": errors,
     }
     results = to_jsonable(results)
@@ -576,9 +631,15 @@ def run_audit(models, dataset, out: str | Path | None, **kw) -> AuditResult:
     return run(models, dataset, out=out, progress=progress, **kw)
 
 
-def _log(progress, enabled: bool, message: str) -> None:
-    if enabled:
+def _log(progress, enabled: bool | str, message: str) -> None:
+    """A finished unit (check, method): on the progress console, as a plain stderr line in
+    ``"lines"`` mode (``--no-progress``), or nowhere."""
+    if enabled is True:
         progress.console.log(message, markup=True, highlight=False)
+    elif enabled == "lines":
+        from rich.text import Text
+
+        print(Text.from_markup(message).plain, file=sys.stderr, flush=True)
 
 
 def _error_record(base: dict, exc: BaseException) -> dict:

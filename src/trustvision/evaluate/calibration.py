@@ -218,7 +218,8 @@ def reliability_diagram(
     """Reliability diagram: per-bin accuracy (bars) against confidence, with the diagonal.
 
     Bars show the accuracy of each confidence bin, the red hatched part the gap to the bin's mean
-    confidence; the legend states the ECE, MCE and the bin count. Draws on ``ax`` when given
+    confidence, the number above each bar how many images fall in that bin; the legend states the
+    ECE, MCE and the bin count. Draws on ``ax`` when given
     (returns its figure), otherwise on a new 4x4-inch figure (no pyplot global state).
     """
     bins = reliability_bins(probs, labels, n_bins)
@@ -239,11 +240,16 @@ def reliability_diagram(
     ax.bar(centers, gap_height, bottom=gap_bottom, width=width, color="#d9534f", alpha=0.35,
            edgecolor="#b52b27", hatch="//", label="gap to confidence")
     ax.plot([0, 1], [0, 1], linestyle="--", color="#555555", linewidth=1, label="perfect calibration")
+    for x, a, c, n in zip(centers, acc, conf, bins.count):  # images per bin: a big gap in a tiny bin is noise
+        if n:
+            ax.text(x, min(max(a, c) + 0.015, 0.97), str(int(n)), ha="center", va="bottom",
+                    fontsize=6 if n_bins > 12 else 7, color="#333333")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (top-1)")
     ax.set_ylabel("accuracy")
     ax.set_title(str(title or "Reliability diagram").replace("$", r"\$"))
-    ax.legend(loc="upper left", fontsize=8, title=f"ECE {ece:.4f}, MCE {mce:.4f}\n{n_bins} equal-width bins",
+    ax.legend(loc="upper left", fontsize=8, title=f"ECE {ece:.4f}, MCE {mce:.4f}\n{n_bins} equal-width bins;"
+                                                  f"\nnumbers: images per bin ({int(sum(bins.count))} in all)",
               title_fontsize=8)
     return fig

@@ -20,7 +20,8 @@ from trustvision.errors import TrustVisionError
 from trustvision.report.figures import png_data_uri
 from trustvision.report.schema import figure_path, validate_results
 
-__all__ = ["render_report", "render_html", "load_results", "summary_table"]
+__all__ = ["render_report", "render_html", "load_results", "summary_table", "summary_csv", "check_sections",
+           "summary_html"]
 
 _ARROWS = {"higher": "\u2191", "lower": "\u2193"}
 
@@ -156,6 +157,10 @@ def summary_table(results: dict) -> dict:
         legend.append((term, _direction(better) + text))
     legend.append(("Checks", "how many checks finished (done), failed, or do not apply to the model (n/a)."))
     legend.append(("\u2014", "not measured for this model (the check does not apply to it, or failed)."))
+    flagged: dict[tuple[str, str], list[str]] = {}
+    for f in results.get("flags") or []:
+        if isinstance(f, dict) and f.get("metric"):
+            flagged.setdefault((str(f.get("model_key")), str(f["metric"])), []).append(str(f.get("reason") or ""))
     rows = []
     for m in models:
         metrics = m.get("metrics") or {}
@@ -172,9 +177,63 @@ def summary_table(results: dict) -> dict:
             note = _note(m, col["key"]) if value is not None else None
             if note:
                 notes.append(note)
-            cells.append({"value": value, "note": ", ".join(notes) or None})
+            flag = " ".join(flagged.get((str(m.get("key")), col["key"]), [])) or None
+            cells.append({"value": value, "note": ", ".join(notes) or None, "flag": flag})
         rows.append({"model": m, "cells": cells})
     return {"columns": columns, "rows": rows, "legend": legend}
+
+
+def check_sections(results: dict) -> list[dict]:
+    """The report's comparison view: one entry per check (in run order) with its title,
+    description (once, not per model) and every model's record side by side:
+    ``[{"name", "title", "description", "models": [(model_record, check_record or None)],
+    "metrics": [metric keys of this check]}]``."""
+    models = results.get("models", [])
+    names: list[str] = [c.get("name") for c in results.get("checks") or [] if c.get("name")]
+    for m in models:
+        for n in m.get("checks") or {}:
+            if n not in names:
+                names.append(n)
+    out = []
+    for name in names:
+        recs = [(m, (m.get("checks") or {}).get(name)) for m in models]
+        first = next((r for _, r in recs if r), {}) or {}
+        spec = next((c for c in results.get("checks") or [] if c.get("name") == name), {})
+        keys: list[str] = []
+        for _, r in recs:
+            for k in (r or {}).get("metrics") or {}:
+                if k not in keys:
+                    keys.append(k)
+        out.append({"name": name, "title": spec.get("title") or first.get("title") or name,
+                    "description": spec.get("description") or first.get("description") or "",
+                    "models": recs, "metrics": keys})
+    return out
+
+
+def summary_csv(results: dict) -> str:
+    """Every model's headline metrics as CSV: one row per model, one column per metric (all of
+    them, also those the HTML table folds under another, at full precision), the flags last;
+    the audit writes it as ``summary.csv`` beside the report."""
+    import csv
+    import io
+
+    models = results.get("models", [])
+    keys: list[str] = []
+    for m in models:
+        for k in m.get("metrics") or {}:
+            if k not in keys:
+                keys.append(k)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["model", "architecture", "num_parameters", *keys, "flags"])
+    for m in models:
+        metrics = m.get("metrics") or {}
+        flags = "; ".join(str(f.get("reason")) for f in results.get("flags") or []
+                          if f.get("model_key") == m.get("key"))
+        w.writerow([m.get("name"), m.get("architecture"), m.get("num_parameters"),
+                    *[("" if metrics.get(k) is None else repr(metrics[k]) if isinstance(metrics[k], float)
+                       else metrics[k]) for k in keys], flags])
+    return buf.getvalue()
 
 
 def _environment() -> jinja2.Environment:
@@ -207,15 +266,35 @@ def render_html(results: dict, base_dir: str | os.PathLike) -> str:
         r=results,
         figures=figures,
         summary=summary_table(results),
+        sections=check_sections(results),
         arrows=_ARROWS,
         model_names=[m["name"] for m in results.get("models", [])],
         dataset_names=[d["name"] for d in results.get("datasets", [])],
     )
 
 
+def summary_html(results: dict) -> str:
+    """The summary table and its legend as an HTML fragment (a notebook's rich display of an audit)."""
+    template = _environment().from_string(
+        '<div class="tv-summary"><style>.tv-summary td.num{text-align:right}.tv-summary .cellnote{display:block;'
+        'font-size:85%;color:#5b6b7c}.tv-summary .flag-warn{background:#fff3cd}</style>'
+        '<table><thead><tr><th>Model</th>{% for c in s.columns %}<th>{{ c.header }}{% if c.better %} '
+        '{{ arrows[c.better] }}{% endif %}</th>{% endfor %}</tr></thead><tbody>{% for row in s.rows %}<tr>'
+        '<td>{{ row.model.name }}</td>{% for cell in row.cells %}<td class="num{% if cell.flag %} flag-warn{% endif %}"'
+        '{% if cell.flag %} title="{{ cell.flag }}"{% endif %}>{{ cell.value | fmt }}{% if cell.note %}'
+        '<span class="cellnote">{{ cell.note }}</span>{% endif %}</td>{% endfor %}</tr>{% endfor %}</tbody></table>'
+        '{% if flags %}<p><b>Flags</b></p><ul>{% for f in flags %}<li>{{ f.model }} / {{ f.title }}: {{ f.reason }}'
+        '</li>{% endfor %}</ul>{% endif %}</div>')
+    return template.render(s=summary_table(results), arrows=_ARROWS, flags=results.get("flags") or [])
+
+
 def render_report(out_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
-    """Render ``out_dir/results.json`` to ``path`` (default ``out_dir/report.html``), atomically."""
+    """Render ``out_dir/results.json`` to ``path`` (default ``out_dir/report.html``), atomically,
+    and write the summary table as ``out_dir/summary.csv`` beside it."""
     out_dir = Path(out_dir)
     results = load_results(out_dir)
     html = render_html(results, out_dir)
-    return atomic_write_bytes(Path(path) if path is not None else out_dir / "report.html", html.encode("utf-8"))
+    target = Path(path) if path is not None else out_dir / "report.html"
+    atomic_write_bytes(target.with_name("summary.csv") if path is None else out_dir / "summary.csv",
+                       summary_csv(results).encode("utf-8"))
+    return atomic_write_bytes(target, html.encode("utf-8"))

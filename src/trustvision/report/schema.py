@@ -107,6 +107,13 @@ def _record(where: str, rec: Any) -> None:
     _each(f"{where}.metrics", _dict(f"{where}.metrics", rec.get("metrics"), True), _num)
     _each(f"{where}.notes", _dict(f"{where}.notes", rec.get("notes"), True), lambda w, v: _str(w, v, True))
     _each(f"{where}.figures", _dict(f"{where}.figures", rec.get("figures"), True), _str)
+    _each(f"{where}.captions", _dict(f"{where}.captions", rec.get("captions"), True), _str)
+    for i, c in enumerate(_list(f"{where}.conditions", rec.get("conditions"), True)):
+        c = _dict(f"{where}.conditions[{i}]", c)
+        if c.get("status") not in ("pass", "warn"):
+            raise _Invalid(f"{where}.conditions[{i}].status", "'pass' or 'warn'", c.get("status"))
+        for key in ("name", "reason", "metric"):
+            _str(f"{where}.conditions[{i}].{key}", c.get(key), optional=True)
     for tname, table in _dict(f"{where}.tables", rec.get("tables"), True).items():
         t = _dict(f"{where}.tables[{tname!r}]", table)
         _each(f"{where}.tables[{tname!r}].columns", _list(f"{where}.tables[{tname!r}].columns", t.get("columns")),
@@ -167,6 +174,10 @@ def validate_results(results: Any) -> dict:
             _each(f"datasets[{i}].image_size", _list(f"datasets[{i}].image_size", d.get("image_size"), True), _int)
             _each(f"datasets[{i}].splits", _dict(f"datasets[{i}].splits", d.get("splits"), True), _int)
         _each("models", _list("models", r.get("models")), _model)
+        for i, f in enumerate(_list("flags", r.get("flags"), True)):
+            f = _dict(f"flags[{i}]", f)
+            for key in ("model", "model_key", "check", "title", "name", "metric", "reason"):
+                _str(f"flags[{i}].{key}", f.get(key), optional=True)
         for i, e in enumerate(_list("errors", r.get("errors"), True)):
             e = _dict(f"errors[{i}]", e)
             for key in ("model", "check", "error"):
@@ -175,7 +186,8 @@ def validate_results(results: Any) -> dict:
         raise TrustVisionError(f"results.json: {exc}; rerun `trustvision audit` to rewrite it") from None
     # optional parts an older or hand-written file may lack: what the template reads is always there
     out = dict(results)
-    for key, empty in (("options", {}), ("checks", []), ("datasets", []), ("errors", []), ("metrics", {})):
+    for key, empty in (("options", {}), ("checks", []), ("datasets", []), ("errors", []), ("metrics", {}),
+                       ("flags", [])):
         if out.get(key) is None:
             out[key] = empty
     out["models"] = [{**m, "checks": m.get("checks") or {}, "metrics": m.get("metrics") or {}}

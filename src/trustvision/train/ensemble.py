@@ -33,7 +33,7 @@ def fit_ensemble(
     device: str | torch.device = "cpu",
     test_set: Dataset | None = None,
     eval_batch_size: int = 256,
-    progress: bool = True,
+    progress: bool | str = True,
     **fit_kwargs,
 ) -> TrainResult:
     """Train every ``ensemble.members[i]`` with :func:`fit` (seed ``seed + i``), then evaluate the ensemble.

@@ -45,6 +45,7 @@ import math
 import numbers
 import os
 import pickle
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -296,15 +297,16 @@ def _can_save_checkpoint(model: nn.Module) -> bool:
 
 
 class _Progress:
-    """A rich progress bar on stderr, or nothing."""
+    """A rich progress bar on stderr (``enabled=True``), one plain line per epoch on stderr
+    (``"lines"``, what ``--no-progress`` gives), or nothing (False)."""
 
-    def __init__(self, enabled: bool, label: str):
+    def __init__(self, enabled: bool | str, label: str):
         self.enabled = enabled
         self.label = label
         self._progress = None
 
     def __enter__(self):
-        if self.enabled:
+        if self.enabled is True:
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
@@ -338,6 +340,8 @@ class _Progress:
     def log(self, msg: str) -> None:
         if self._progress is not None:
             self._progress.console.print(msg, highlight=False)
+        elif self.enabled == "lines":
+            print(msg, file=sys.stderr, flush=True)
 
 
 # --- one run's pieces: resume, one epoch, the training state ----------------------------------
@@ -365,7 +369,7 @@ class _Run:
     keep_prob: float | None
     fill: torch.Tensor | float
     grad_clip: float | None
-    progress: bool
+    progress: bool | str
     step_module: nn.Module | None = None  # _LossModule(model), wrapped in DDP when distributed
 
     @property
@@ -511,7 +515,7 @@ def fit(
     opt: str = "adam",
     weight_decay: float = 0.0,
     input_dropout: float | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     test_set: Dataset | None = None,
     augment: Augment | None = None,
     sched: str = "cosine",
@@ -540,7 +544,8 @@ def fit(
             (:mod:`trustvision.train.augment`).
         grad_clip: clip the global gradient norm to this value.
         on_epoch_end: called with each epoch's :class:`EpochStats` after its state is saved.
-        progress: show a rich progress bar on stderr (rank 0 only under torchrun).
+        progress: True: a rich progress bar on stderr (rank 0 only under torchrun); "lines": one
+            plain line per epoch on stderr (no bar); False: nothing.
 
     Under ``torchrun`` this trains data-parallel (see the module docstring); ``batch_size`` must
     then be a multiple of the number of processes.
@@ -614,7 +619,7 @@ def fit(
         run.step_module = _step_module(model, dev, world)
 
         last_good: int | None = start_epoch or None
-        with _Progress(progress and main_rank, progress_label) as bar:
+        with _Progress(progress if main_rank else False, progress_label) as bar:
             if start_epoch:
                 bar.log(f"{progress_label}resuming after epoch {start_epoch}/{epochs} from {out_dir}")
             for epoch in range(start_epoch, epochs):

@@ -221,7 +221,7 @@ def train_by_name(
     model_kwargs: dict[str, Any] | None = None,
     data_root: str | None = None,
     download: bool = False,
-    progress: bool = True,
+    progress: bool | str = True,
 ) -> tuple[torch.nn.Module, TrainResult]:
     """Load ``data`` (train/val/test), build ``model`` and train it; returns ``(model, result)``.
 

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from trustvision.audit.context import AuditContext
-from trustvision.audit.registry import Check, CheckResult, Metric, register_check
+from trustvision.audit.registry import Check, CheckResult, Condition, Metric, register_check
 from trustvision.evaluate.accuracy import confusion_matrix, confusion_matrix_figure, per_class_accuracy, top1_accuracy
 
 __all__ = ["AccuracyCheck"]
+
+
+def _near_chance(d: dict) -> str | None:
+    k = len(d["classes"])
+    chance = 1.0 / k
+    if d["accuracy"] < chance + 0.1 * (1.0 - chance):
+        return (f"accuracy {d['accuracy']:.3f} is near chance (1/{k} = {chance:.3f}): the model has not learned "
+                "this task, or it is audited on data it was not trained for")
+    return None
 
 
 @register_check("accuracy")
@@ -19,6 +28,7 @@ class AccuracyCheck(Check):
     )
     order = 0
     metrics = {"Accuracy": Metric("higher", "top-1 accuracy on the test split.")}
+    conditions = (Condition("accuracy above chance", lambda m, d: _near_chance(d), metric="Accuracy"),)
 
     def run(self, ctx: AuditContext) -> CheckResult:
         probs, labels = ctx.predict("test")
@@ -47,6 +57,8 @@ class AccuracyCheck(Check):
                 "confusion_matrix": cm.tolist(),
             },
             figures={"confusion_matrix": fig},
+            captions={"confusion_matrix": f"Confusion matrix of the {len(labels)} test images: rows are the true "
+                                          "classes, columns the predicted ones, each row normalised to sum to 1."},
             summary=summary,
             metrics={"Accuracy": acc},
             tables={"Per-class accuracy": {"columns": ["class", "test images", "accuracy"], "rows": rows}},

@@ -8,7 +8,7 @@ import torch
 from matplotlib.figure import Figure
 
 from trustvision.audit.context import AuditContext
-from trustvision.audit.registry import Check, CheckResult, Metric, register_check
+from trustvision.audit.registry import Check, CheckResult, Condition, Metric, register_check
 from trustvision.evaluate.calibration import (
     expected_calibration_error,
     fit_temperature,
@@ -19,6 +19,26 @@ from trustvision.evaluate.calibration import (
 )
 
 __all__ = ["CalibrationCheck"]
+
+#: the search interval of the fitted temperature (trustvision.evaluate.fit_temperature's defaults)
+T_BOUNDS = (0.01, 100.0)
+
+
+def _t_at_bound(d: dict) -> str | None:
+    t = d["temperature"]
+    if min(abs(math.log(t / b)) for b in T_BOUNDS) < 1e-6:
+        return (f"the fitted temperature T = {t:.3g} sits at the bound of its search interval: the "
+                f"{d['temperature_fit_split']} logits give no usable calibration signal (e.g. they separate the "
+                "classes perfectly); the scaled figures are not meaningful")
+    return None
+
+
+def _worse_after(d: dict) -> str | None:
+    before, after = d["before"]["ece"], d["after_temperature_scaling"]["ece"]
+    if after > before + 1e-3:
+        return (f"ECE rises from {before:.4f} to {after:.4f} after temperature scaling: the temperature fitted on "
+                f"{d['n_fit']} {d['temperature_fit_split']} images does not carry over to the test split")
+    return None
 
 
 @register_check("calibration")
@@ -41,6 +61,10 @@ class CalibrationCheck(Check):
                                     "overconfident, T < 1: underconfident).",
                               fold_into="ECE after TS", note_format="T = {:.2f}"),
     }
+    conditions = (
+        Condition("temperature inside its search interval", lambda m, d: _t_at_bound(d), metric="ECE after TS"),
+        Condition("temperature scaling helps", lambda m, d: _worse_after(d), metric="ECE after TS"),
+    )
 
     def run(self, ctx: AuditContext) -> CheckResult:
         n_bins = int(ctx.option("n_bins", 15))
@@ -102,6 +126,10 @@ class CalibrationCheck(Check):
                 "after_temperature_scaling": after,
             },
             figures={"reliability": fig},
+            captions={"reliability": f"Reliability diagrams of the {len(y_test)} test images before and after "
+                                     f"temperature scaling (T = {temperature:.3g}): blue bars are the accuracy of each "
+                                     f"of the {n_bins} confidence bins, red hatching the gap to the bin's mean "
+                                     "confidence, the number above a bar how many images fall in it."},
             summary=summary,
             metrics={"ECE": before["ece"], "ECE after TS": after["ece"], "Temperature": temperature},
             tables={

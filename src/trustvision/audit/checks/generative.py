@@ -10,9 +10,9 @@ import math
 
 import torch
 
-from trustvision.audit.checks.ood import CONVENTION, ood_table, run_ood
+from trustvision.audit.checks.ood import CONVENTION, run_ood
 from trustvision.audit.context import AuditContext
-from trustvision.audit.registry import Check, CheckResult, Metric, Option, register_check
+from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
 from trustvision.data import random_subset
 from trustvision.evaluate.calibration import expected_calibration_error
 from trustvision.explain.generative import (
@@ -26,6 +26,35 @@ from trustvision.models import is_generative
 __all__ = ["GenerativeCheck"]
 
 
+WORKS, FAILS = 0.9, 0.6
+
+
+def _verdicts(res) -> dict:
+    """Per OOD set: each detector's AUROC and, in words, which detectors work (>= 0.9) and which
+    fail (< 0.6, near or below chance); the full table (AUPR, FPR) is in the ood check."""
+    dets = [d for d in ("log_px", "typicality", "complexity", "max_softmax")
+            if any(r["detector"] == d for r in res.rows)]
+    rows = []
+    for s in dict.fromkeys(r["ood_set"] for r in res.rows):
+        aurocs = {d: res.get(d, s)["auroc"] for d in dets}
+        works = [f"{d} ({a:.2f})" for d, a in aurocs.items() if a is not None and a >= WORKS]
+        fails = [f"{d} ({a:.2f})" for d, a in aurocs.items() if a is not None and a < FAILS]
+        verdict = "; ".join(part for part in (("works: " + ", ".join(works)) if works else "no detector >= 0.9",
+                                              ("fails: " + ", ".join(fails)) if fails else "") if part)
+        rows.append([s, *[aurocs[d] for d in dets], verdict])
+    return {"columns": ["OOD set", *dets, "verdict"], "rows": rows}
+
+
+def _likelihood_prefers_ood(d: dict) -> str | None:
+    bad = [(r["ood_set"], r["auroc"]) for r in d["ood"]["rows"]
+           if r["detector"] == "log_px" and r["auroc"] is not None and r["auroc"] < 0.5]
+    if bad:
+        sets = ", ".join(f"{s} (AUROC {a:.3f})" for s, a in bad)
+        return (f"the likelihood log p(x) is higher on {sets} than on the test images: the generative model "
+                "prefers these OOD images (use the typicality or complexity-corrected score there)")
+    return None
+
+
 @register_check("generative")
 class GenerativeCheck(Check):
     title = "Generative classifier"
@@ -34,7 +63,7 @@ class GenerativeCheck(Check):
         "scale, lower = higher likelihood), class-conditional samples f^-1(mu_y + T eps) at "
         "temperature T = 0.8, latent counterfactuals (z moved from its class mean towards the "
         "second most likely class mean, then inverted; the last column is the pixel difference), "
-        "the OOD table (typicality test vs max-softmax), and with --compare (the feed-forward "
+        "which of its scores detect each OOD set and which fail (the full table is in the OOD check), and with --compare (the feed-forward "
         "twin) accuracy, ECE-15 and OOD AUROC side by side. " + CONVENTION
     )
     order = 45
@@ -52,6 +81,8 @@ class GenerativeCheck(Check):
                                              "the value (positive = this model is more accurate).",
                                        fold_into="Accuracy", note_format="{:+.4f} vs twin"),
     }
+    conditions = (Condition("the likelihood ranks the test images above every OOD set",
+                            lambda m, d: _likelihood_prefers_ood(d), metric="Bits/dim"),)
 
     def applies_to(self, ctx: AuditContext) -> bool:
         return is_generative(ctx.model)
@@ -81,7 +112,7 @@ class GenerativeCheck(Check):
         data = {"bits_per_dim_mean": float(bpd.mean()), "bits_per_dim_std": float(bpd.std()),
                 "counterfactuals": cf.to_dict(), "ood": res.to_dict(), "model": gc}
         metrics = {"Bits/dim": float(bpd.mean())}
-        tables = {"OOD detection (ID = positive)": ood_table(res)}
+        tables = {"Which score detects each OOD set (AUROC, ID = positive)": _verdicts(res)}
         summary = (f"Test bits/dim {bpd.mean():.3f}. Counterfactuals reach a mean target "
                    f"probability of {float(cf.probs[:, -1].mean()):.2f}.")
         if ctx.compare is not None:
@@ -109,5 +140,12 @@ class GenerativeCheck(Check):
             "samples": sample_grid_figure(samples, classes),
             "counterfactuals": counterfactual_figure(cf, x.cpu(), classes),
         }
+        t = float(ctx.option("temperature"))
+        captions = {
+            "samples": f"Class-conditional samples f^-1(mu_y + {t:g} eps), one row per class.",
+            "counterfactuals": "Latent counterfactuals: each row moves one test image's latent from its class mean "
+                               "towards the second most likely class (p = that class's probability), then the "
+                               "pixel difference (red: added, blue: removed).",
+        }
         return CheckResult(data=data, figures=figures, summary=summary, metrics=metrics,
-                           tables=tables)
+                           tables=tables, captions=captions)

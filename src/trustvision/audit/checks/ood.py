@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from matplotlib.figure import Figure
 
 from trustvision.audit.context import AuditContext
-from trustvision.audit.registry import Check, CheckResult, Metric, Option, register_check
+from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
 from trustvision.evaluate.ood import OOD_SETS, OODResult, build_ood_sets, evaluate_ood
 
 __all__ = ["OODCheck", "run_ood", "ood_table", "ood_figure", "primary_detector", "SUMMARY_SETS"]
@@ -44,6 +44,14 @@ def run_ood(ctx: AuditContext, sets=OOD_SETS, n: int = 500) -> OODResult:
     return evaluate_ood(model, x_train, x_test, ood_sets, compare=cmp, batch_size=batch)
 
 
+def _below_chance(metrics: dict, ood_set: str) -> str | None:
+    auroc = metrics.get(f"OOD AUROC vs {ood_set}")
+    if auroc is not None and auroc < 0.5:
+        return (f"AUROC {auroc:.3f} vs {ood_set} is below chance: the model's detector scores {ood_set} images as "
+                "more in-distribution than its own test images")
+    return None
+
+
 def primary_detector(detectors: Iterable[str]) -> str:
     """The detector that stands for a model in the summary: the two-tailed typicality test for
     generative classifiers (the detector of Mackowiak et al. 2021), max-softmax otherwise.
@@ -63,7 +71,7 @@ def ood_table(res: OODResult) -> dict:
 def ood_figure(res: OODResult) -> Figure:
     dets = list(dict.fromkeys(r["detector"] for r in res.rows))
     sets = list(dict.fromkeys(r["ood_set"] for r in res.rows))
-    fig = Figure(figsize=(1.3 * len(sets) + 2.5, 3.4), dpi=100, layout="constrained")
+    fig = Figure(figsize=(1.3 * len(sets) + 4.0, 3.4), dpi=100, layout="constrained")
     ax = fig.subplots()
     width = 0.8 / max(len(dets), 1)
     for i, d in enumerate(dets):
@@ -73,7 +81,8 @@ def ood_figure(res: OODResult) -> Figure:
     ax.set_ylim(0, 1.02)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_ylabel("AUROC (ID positive)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="detector", title_fontsize=7,
+              frameon=False)  # beside the axes, never over the bars
     return fig
 
 
@@ -98,6 +107,8 @@ class OODCheck(Check):
         "sets": Option(list, list(OOD_SETS), "OOD sets to build", choices=tuple(OOD_SETS)),
     }
     metrics = {"OOD AUROC vs {set}": Metric("higher", OOD_LEGEND, group="OOD AUROC")}
+    conditions = tuple(Condition(f"detects {s} better than chance", (lambda m, d, s=s: _below_chance(m, s)),
+                                 metric=f"OOD AUROC vs {s}") for s in SUMMARY_SETS)
 
     def run(self, ctx: AuditContext) -> CheckResult:
         res = run_ood(ctx, sets=ctx.option("sets"), n=ctx.option("n"))
@@ -117,5 +128,7 @@ class OODCheck(Check):
             except KeyError:
                 pass
         return CheckResult(data=res.to_dict(), figures={"auroc": ood_figure(res)}, summary=summary,
+                           captions={"auroc": "AUROC of every detector (bars) against every OOD set: the test "
+                                              "images are the positive class; 0.5 (dotted) is chance, 1 perfect."},
                            metrics=metrics, notes=notes,
                            tables={"OOD detection (ID = positive)": ood_table(res)})
