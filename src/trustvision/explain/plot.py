@@ -29,26 +29,41 @@ def normalise_heatmap(h: torch.Tensor) -> torch.Tensor:
     return h / top if top > 0 else h
 
 
-def _draw(ax, image: torch.Tensor, heat: torch.Tensor | None, title: str) -> None:
+#: perceptually uniform colour map of the heatmaps (importance 0 = dark, 1 = bright)
+CMAP = "inferno"
+HEAT_ALPHA = 0.6
+
+
+def _draw(ax, image: torch.Tensor, heat: torch.Tensor | None, title: str):
     gray = image.shape[0] == 1
     ax.imshow(image_to_numpy(image), cmap="gray" if gray else None, vmin=0, vmax=1,
               interpolation="nearest")
+    mappable = None
     if heat is not None:
-        ax.imshow(normalise_heatmap(heat).numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1,
-                  interpolation="nearest" if max(heat.shape[-2:]) <= 32 else "bilinear")
+        mappable = ax.imshow(normalise_heatmap(heat).numpy(), cmap=CMAP, alpha=HEAT_ALPHA, vmin=0, vmax=1,
+                             interpolation="nearest" if max(heat.shape[-2:]) <= 32 else "bilinear")
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
+    return mappable
+
+
+def _colorbar(fig, mappable, axes) -> None:
+    cb = fig.colorbar(mappable, ax=axes, shrink=0.8, fraction=0.04, pad=0.02)
+    cb.set_label("importance (each heatmap / its max)", fontsize=7)
+    cb.ax.tick_params(labelsize=6)
 
 
 def overlay_figure(image: torch.Tensor, heatmap: torch.Tensor, title: str = "") -> "Figure":
-    """The image and the image with the heatmap overlaid (jet, alpha 0.5), side by side."""
+    """The image and the image with the heatmap overlaid (inferno, a perceptually uniform colour
+    map), side by side, with a colour bar."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.4, 2.3), dpi=100, layout="constrained")
+    fig = Figure(figsize=(5.0, 2.3), dpi=100, layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     _draw(ax1, image, None, "image")
-    _draw(ax2, image, heatmap, title or "heatmap")
+    m = _draw(ax2, image, heatmap, title or "heatmap")
+    _colorbar(fig, m, [ax1, ax2])
     return fig
 
 
@@ -57,15 +72,19 @@ def heatmap_grid(
     heatmaps: Mapping[str, torch.Tensor],
     titles: Sequence[str] | None = None,
 ) -> "Figure":
-    """Rows = images (N, C, H, W), columns = the image then one heatmap (N, 1, H, W) per method."""
+    """Rows = images (N, C, H, W), columns = the image then one heatmap (N, 1, H, W) per method
+    (column titles = the keys of ``heatmaps``), one shared colour bar."""
     from matplotlib.figure import Figure
 
     n = images.shape[0]
     cols = 1 + len(heatmaps)
-    fig = Figure(figsize=(1.6 * cols, 1.6 * n + 0.3), dpi=100, layout="constrained")
+    fig = Figure(figsize=(1.6 * cols + 0.8, 1.6 * n + 0.4), dpi=100, layout="constrained")
     axes = fig.subplots(n, cols, squeeze=False)
+    mappable = None
     for i in range(n):
         _draw(axes[i][0], images[i], None, titles[i] if titles else "")
         for j, (name, h) in enumerate(heatmaps.items()):
-            _draw(axes[i][j + 1], images[i], h[i], name if i == 0 else "")
+            mappable = _draw(axes[i][j + 1], images[i], h[i], name if i == 0 else "") or mappable
+    if mappable is not None:
+        _colorbar(fig, mappable, axes)
     return fig

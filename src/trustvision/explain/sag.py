@@ -147,64 +147,116 @@ class SAGResult:
         a = img.detach().cpu().clamp(0, 1)
         return a[0].numpy() if a.shape[0] == 1 else a.permute(1, 2, 0).numpy()
 
-    def figure(self):
-        """A matplotlib Figure: the image and each shown root on top, the graph below."""
+    @property
+    def needs_no_patch(self) -> bool:
+        """True when the baseline alone (no patch of the image) keeps the class: then the empty set
+        is the only root and there is no graph to show."""
+        return self.roots == [()]
+
+    def layout(self, width: float = 9.0) -> dict:
+        """Where :meth:`figure` draws the graph, in inches of a panel ``width`` wide: ``{"boxes":
+        {node: (x0, y0, x1, y1)} of each thumbnail, "labels": {node: (x0, y0, x1, y1)} of its
+        percentage below it, "height": panel height, "drawn": nodes drawn}``. Boxes and labels of
+        different nodes never overlap (tested): rows are a thumbnail + label + gap apart and a row's
+        thumbnails are sized to fit its width."""
+        g = self.graph
+        levels: dict[int, list] = {}
+        for node, d in g.nodes(data=True):
+            levels.setdefault(d["depth"], []).append(node)
+        if not levels or self.needs_no_patch:
+            return {"boxes": {}, "labels": {}, "height": 0.0, "drawn": 0}
+        first = min(levels)
+        levels = {d: sorted(sorted(v, key=lambda q: (-g.nodes[q]["relative"], q))[: self.draw_per_level])
+                  for d, v in sorted(levels.items()) if d < first + self.draw_levels}
+        widest = max(len(v) for v in levels.values())
+        side = min(1.1, 0.8 * width / widest)  # thumbnail side: fits the widest row with 20% gaps
+        label_h, gap = 0.18, 0.22
+        row_h = side + label_h + gap
+        height = row_h * len(levels) + 0.1
+        boxes, labels = {}, {}
+        for r, (depth, nodes) in enumerate(levels.items()):
+            top = height - 0.05 - r * row_h
+            step = width / len(nodes)
+            for i, node in enumerate(nodes):
+                cx = (i + 0.5) * step
+                boxes[node] = (cx - side / 2, top - side, cx + side / 2, top)
+                labels[node] = (cx - side / 2, top - side - label_h, cx + side / 2, top - side)
+        return {"boxes": boxes, "labels": labels, "height": height, "drawn": len(boxes)}
+
+    def figure(self, class_names: Sequence[str] | None = None, label: int | None = None,
+               index: int | None = None):
+        """A matplotlib Figure: the image and each shown root on top, the graph below, laid out by
+        :meth:`layout`. ``class_names`` name the classes in titles; ``label`` (the true class) and
+        ``index`` (the image's index in its dataset) go in the title when given."""
         from matplotlib.figure import Figure
-        from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
         if self.image is None:
             raise TrustVisionError("this SAG result has no image attached; cannot draw it")
+
+        def name(c: int) -> str:
+            return str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c)
+
         cmap = "gray" if self.image.shape[0] == 1 else None
         ncols = 1 + max(1, len(self.shown))
-        fig = Figure(figsize=(3 * ncols, 8), dpi=100)
-        gs = fig.add_gridspec(2, ncols, height_ratios=[1, 1.6])
+        width = max(3.0 * ncols, 6.0)
+        lay = self.layout(width - 0.4)
+        top_h = 2.9
+        graph_h = lay["height"] + 0.6 if lay["drawn"] else 1.0
+        fig = Figure(figsize=(width, top_h + graph_h), dpi=100)
+        gs = fig.add_gridspec(2, ncols, height_ratios=[top_h, graph_h])
         ax = fig.add_subplot(gs[0, 0])
         ax.imshow(self._to_numpy(self.image), cmap=cmap, vmin=0, vmax=1)
-        ax.set_title(f"class {self.target}, p={self.probability:.2f}", fontsize=9)
+        head = [] if index is None else [f"test image {index}"]
+        if label is not None:
+            head.append(f"true {name(label)}")
+        head.append(f"explained {name(self.target)}" + (f" (predicted {name(self.predicted)})"
+                                                         if self.predicted != self.target else ""))
+        ax.set_title(", ".join(head) + f"\np = {self.probability:.2f}", fontsize=8)
         ax.axis("off")
-        for j, ri in enumerate(self.shown):
-            ax = fig.add_subplot(gs[0, j + 1])
-            ax.imshow(self._to_numpy(self._show_only(self.roots[ri])), cmap=cmap, vmin=0, vmax=1)
-            ax.set_title(f"root {ri}: {self.root_confidence[ri]:.0%}", fontsize=9)
+        if self.needs_no_patch:
+            ax = fig.add_subplot(gs[0, 1:])
             ax.axis("off")
+            ax.text(0.0, 0.5, f"No patch of the image is needed: on the {self.baseline} baseline alone the "
+                              f"model keeps {self.root_confidence[0]:.0%} of its confidence in\n"
+                              f"{name(self.target)} (the threshold is {self.threshold:.0%}), so there is no "
+                              "structure to explain;\nthe prediction does not rest on what the image shows.",
+                    fontsize=8, va="center", wrap=True)
+        else:
+            for j, ri in enumerate(self.shown):
+                ax = fig.add_subplot(gs[0, j + 1])
+                ax.imshow(self._to_numpy(self._show_only(self.roots[ri])), cmap=cmap, vmin=0, vmax=1)
+                k = len(self.roots[ri])
+                ax.set_title(f"root {ri + 1}: {k} patch{'es' if k != 1 else ''} keep{'s' if k == 1 else ''}\n"
+                             f"{self.root_confidence[ri]:.0%} of the confidence", fontsize=8)
+                ax.axis("off")
         ax = fig.add_subplot(gs[1, :])
         ax.axis("off")
         g = self.graph
-        pos: dict = {}
-        if g.number_of_nodes():
-            levels: dict[int, list] = {}
-            for node, d in g.nodes(data=True):
-                levels.setdefault(d["depth"], []).append(node)
-            # Draw a readable part: the first few levels, the most confident nodes of each.
-            first = min(levels)
-            levels = {
-                d: sorted(sorted(v, key=lambda q: (-g.nodes[q]["relative"], q))[:self.draw_per_level])
-                for d, v in levels.items() if d < first + self.draw_levels
-            }
-            kept = {q for v in levels.values() for q in v}
-            for depth, nodes in levels.items():
-                for i, node in enumerate(nodes):
-                    pos[node] = ((i + 1) / (len(nodes) + 1), -depth)
+        if lay["drawn"]:
+            w = width - 0.4
+            ax.set_xlim(0, w)
+            ax.set_ylim(0, lay["height"])
+            ax.set_aspect("equal")
             for a, b, d in g.edges(data=True):
-                if a not in kept or b not in kept:
-                    continue
-                (x0, y0), (x1, y1) = pos[a], pos[b]
-                ax.plot([x0, x1], [y0, y1], color="0.6", lw=0.5 + 3 * max(d["drop"], 0), zorder=1)
-            side = max(self.image.shape[-2:])
-            zoom = min(110.0, 170.0 * ncols / max(len(v) + 1 for v in levels.values())) / side
-            for node, (px, py) in pos.items():
-                thumb = OffsetImage(self._to_numpy(self._show_only(node)), cmap=cmap, zoom=zoom)
-                ax.add_artist(AnnotationBbox(thumb, (px, py), frameon=True, pad=0.1))
-                ax.annotate(f"{g.nodes[node]['relative']:.0%}", (px, py), ha="center", va="top",
-                            xytext=(0, -(zoom * side * 0.5 + 4)), textcoords="offset points",
-                            fontsize=8)
-            ax.set_xlim(0, 1)
-            ax.set_ylim(-max(levels) - 0.7, -first + 0.6)
-        shown_note = (f" ({len(pos)} of {g.number_of_nodes()} nodes drawn)"
-                      if g.number_of_nodes() > len(pos) else "")
-        ax.set_title("SAG: minimal sufficient patch sets (top) and what removing a patch costs"
-                     + ("\n" + shown_note.strip() if shown_note else ""), fontsize=9)
-        fig.tight_layout()
+                if a in lay["boxes"] and b in lay["boxes"]:
+                    (ax0, ay0, ax1, _), (bx0, _, bx1, by1) = lay["labels"][a], lay["boxes"][b]
+                    ax.plot([(ax0 + ax1) / 2, (bx0 + bx1) / 2], [ay0, by1], color="0.6",
+                            lw=0.5 + 3 * max(d["drop"], 0), zorder=1)
+            for node, (x0, y0, x1, y1) in lay["boxes"].items():
+                ax.imshow(self._to_numpy(self._show_only(node)), cmap=cmap, vmin=0, vmax=1,
+                          extent=(x0, x1, y0, y1), zorder=2, interpolation="nearest")
+                ax.add_patch(__import__("matplotlib.patches", fromlist=["Rectangle"]).Rectangle(
+                    (x0, y0), x1 - x0, y1 - y0, fill=False, lw=0.6, ec="0.3", zorder=3))
+                lx0, ly0, lx1, ly1 = lay["labels"][node]
+                ax.text((lx0 + lx1) / 2, (ly0 + ly1) / 2, f"{g.nodes[node]['relative']:.0%}", ha="center",
+                        va="center", fontsize=7, zorder=3)
+        note = (f" ({lay['drawn']} of {g.number_of_nodes()} nodes drawn)"
+                if g.number_of_nodes() > lay["drawn"] else "")
+        if not self.needs_no_patch:
+            ax.set_title("Structured attention graph: each minimal sufficient patch set (top row) and its subsets "
+                         "with one patch removed;\nthe percentage is the confidence kept, relative to the full image"
+                         + note, fontsize=8)
+        fig.subplots_adjust(left=0.02, right=0.98, top=0.93, bottom=0.02, hspace=0.25)
         return fig
 
     def render(self, path: str | Path) -> list[Path]:
