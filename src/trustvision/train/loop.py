@@ -298,7 +298,7 @@ def _can_save_checkpoint(model: nn.Module) -> bool:
 
 class _Progress:
     """A rich progress bar on stderr (``enabled=True``), one plain line per epoch on stderr
-    (``"lines"``, what ``--no-progress`` gives), or nothing (False)."""
+    on stdout (``"lines"``, what ``--no-progress`` gives), or nothing (False)."""
 
     def __init__(self, enabled: bool | str, label: str):
         self.enabled = enabled
@@ -341,7 +341,7 @@ class _Progress:
         if self._progress is not None:
             self._progress.console.print(msg, highlight=False)
         elif self.enabled == "lines":
-            print(msg, file=sys.stderr, flush=True)
+            print(msg, flush=True)  # stdout, like the final summary; errors alone go to stderr
 
 
 # --- one run's pieces: resume, one epoch, the training state ----------------------------------
