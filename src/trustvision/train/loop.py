@@ -45,7 +45,6 @@ import math
 import numbers
 import os
 import pickle
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
