@@ -1,15 +1,30 @@
-"""Explanation benchmarks: I-GOS / iGOS++ batched vs one image at a time, and SAG.
+"""Explanation benchmarks: I-GOS / iGOS++ quality and speed, batched vs one image at a time, and SAG.
 
 Two uses:
 
 * ``benchmarks/run.py`` imports this module: it registers throughput workloads (images/s) for
   the runner's table (I-GOS / iGOS++ on a batch of 32 digits and one image at a time, SAG at
   grid 7; the 224 px ResNet-18 entries only on CUDA, they take minutes per call on a CPU).
-* ``python benchmarks/bench_explain.py [--device cuda] [--json FILE]`` runs the full report:
-  per method images/s batched and one at a time (speedup), forward+backward and forward passes
-  per image, the ratio of the measured time to (passes x the model's own measured time per
-  pass), deletion/insertion AUCs of the batched and one-at-a-time heatmaps (they must agree
-  within noise), and SAG seconds and forward passes per image at grid 7.
+* ``python benchmarks/bench_explain.py [--device cuda] [--json FILE] [--only ...]`` prints tables:
+
+  - ``--only quality``: deletion / insertion AUC of I-GOS and iGOS++ (default l2 and the paper's
+    raw l2 = 20) on ``zoo:small-cnn-digits``, ``zoo:small-cnn-textures`` and a digits32 model
+    (digits upsampled to 3x32x32, a small-cnn trained here for a few seconds, seeded), scored with
+    the metric's own baseline (the paper's blur) and with an uninformative baseline
+    (:func:`trustvision._utils.images.uninformative_baseline`), and the number of blank (constant)
+    heatmaps on confidently classified images (p >= 0.5). ``--quality-save FILE`` stores the
+    heatmaps; ``--compare FILE`` scores heatmaps stored by another version of the code (run it
+    with ``--src DIR``, e.g. a checkout of the previous commit) beside the current ones.
+  - ``--only speed``: per method and model, images/s of one call on a batch and of the same code
+    called once per image, forward+backward and forward passes per image, the chunk sizes used,
+    and the ratio of the measured time to the model limit: (fwd+bwd passes x the model's own
+    measured seconds per fwd+bwd image at the chunk size used) + (fwd passes x its seconds per
+    fwd image at the forward chunk size). Digits (zoo) at batches 8 and 32, ResNet-18 224 px
+    (random weights) at batch 2 with reduced settings on a CPU.
+  - ``--only digits`` / ``--only resnet`` / ``--only sag``: the earlier per-model reports.
+
+``--src DIR`` imports trustvision from DIR instead of this checkout (to measure another version;
+what that version lacks is reported as missing).
 """
 
 from __future__ import annotations
@@ -69,6 +84,52 @@ def resnet18_model(device: torch.device, n: int = BATCH):
     return net.to(device).eval(), x.to(device)
 
 
+def _digits32(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp(0, 1).repeat(1, 3, 1, 1)
+
+
+def digits32_model(device: torch.device, steps: int = 150, seed: int = 0):
+    """Digits upsampled to 3x32x32 RGB and a small-cnn trained on them for ``steps`` Adam steps
+    (batch 64, lr 3e-3; seeded, one thread: the same weights for every version of the code).
+    Returns the model and the test images."""
+    from trustvision import data, models
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        xtr, ytr = data.load("digits", split="train").tensors()
+        xte, _ = data.load("digits", split="test").tensors()
+        xtr, xte = _digits32(xtr), _digits32(xte)
+        net = models.create("small-cnn", num_classes=10, in_chans=3, image_size=32)
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(seed)
+        net.train()
+        for _ in range(steps):
+            i = torch.randint(0, len(ytr), (64,), generator=g)
+            loss = torch.nn.functional.cross_entropy(net(xtr[i]), ytr[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return net.to(device).eval(), xte.to(device)
+
+
+def quality_models(device: torch.device, n: int) -> dict:
+    """name -> (model, the first ``n`` test images) for the quality table."""
+    from trustvision import data, models
+
+    out = {}
+    for name in ("digits", "textures"):
+        net = models.load(f"zoo:small-cnn-{name}").to(device).eval()
+        x, _ = data.load(name, split="test").tensors()
+        out[f"zoo:small-cnn-{name}"] = (net, x[:n].to(device))
+    net, x = digits32_model(device)
+    out["digits32 small-cnn"] = (net, x[:n])
+    return out
+
+
 # -- runner workloads ------------------------------------------------------------------------
 
 
@@ -120,13 +181,13 @@ register("sag:small-cnn-digits:grid7")(_sag_workload(digits_model, 7, 8))
 register("sag:resnet18-224:grid7")(_sag_workload(resnet18_model, 7, 2, cuda_only=True, random_weights=True))
 
 
-# -- the full report -------------------------------------------------------------------------
+# -- helpers ---------------------------------------------------------------------------------
 
 
 def time_per_pass(net, x: torch.Tensor, chunk: int, device: torch.device,
                   reps: int = 3) -> tuple[float, float]:
     """Seconds per image of the model's forward+backward (w.r.t. the input) and of its forward,
-    at batch size ``chunk`` (the chunk size the explainer used)."""
+    at batch size ``chunk`` (the chunk size the explainer used), best of ``reps`` timed calls."""
     chunk = max(1, chunk)
     xb = x[torch.arange(chunk, device=x.device) % x.shape[0]]
     t = torch.zeros(chunk, dtype=torch.long, device=x.device)
@@ -143,26 +204,61 @@ def time_per_pass(net, x: torch.Tensor, chunk: int, device: torch.device,
     out = []
     for fn in (fb, fw):
         fn()
-        sync(device)
-        t0 = time.perf_counter()
+        best = float("inf")
         for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
             fn()
-        sync(device)
-        out.append((time.perf_counter() - t0) / reps / chunk)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        out.append(best / chunk)
     return out[0], out[1]
 
 
+def _chunk_sizes(expl, x: torch.Tensor, settings: dict, method: str) -> tuple[int, int]:
+    """The forward+backward and forward chunk sizes the explainer used on images like ``x``."""
+    ibs = settings.get("internal_batch_size")
+    if ibs:
+        return ibs, ibs
+    rows = x.shape[0] * settings.get("ig_steps", 20) * (4 if method == "igos++" else 1)
+    chunkers = getattr(expl, "_chunkers", None)
+    if not chunkers:  # code without automatic chunking: every row of a pass at once
+        return rows, rows
+    sizes = {}
+    for key, ch in chunkers.items():
+        if key[0] == tuple(x.shape[1:]):
+            sizes[key[-1]] = min(ch.chunk_size() or rows, rows)  # a pass is never cut below its rows
+    return sizes.get(True, rows), sizes.get(False, rows)
+
+
+def _fingerprint(net) -> float:
+    """A number that changes with the weights (the stored heatmaps must be scored on the model that
+    made them)."""
+    return float(sum(p.double().abs().sum() for p in net.parameters()))
+
+
+def _constant(heat: torch.Tensor) -> torch.Tensor:
+    flat = heat.flatten(1)
+    return (flat.amax(1) - flat.amin(1)) < 1e-4
+
+
+# -- speed -----------------------------------------------------------------------------------
+
+
 def igos_report(name: str, method: str, net, x: torch.Tensor, device: torch.device, settings: dict,
-                n_single: int | None = None) -> dict:
+                n_single: int | None = None, with_scores: bool = True) -> dict:
+    """Speed of ``method`` on ``x``: one batched call vs one call per image (both shapes warmed
+    up first), passes per image, the chunk sizes used and the ratio to the model limit; with
+    ``with_scores`` also deletion/insertion of the batched and one-at-a-time heatmaps."""
     from trustvision import explain
-    from trustvision.evaluate.faithfulness import deletion_insertion
 
     expl = explain.get(method)(net)
     n = x.shape[0]
     n_single = n if n_single is None else n_single
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # warm-up at both shapes that are timed (cuDNN picks kernels per shape on first use)
+        # warm-up at both shapes that are timed (cuDNN / oneDNN pick kernels per shape on first
+        # use; the automatic chunking measures the model on the first passes)
         expl.attribute(x, **{**settings, "iterations": 1})
         expl.attribute(x[:1], **{**settings, "iterations": 1})
         sync(device)
@@ -171,39 +267,165 @@ def igos_report(name: str, method: str, net, x: torch.Tensor, device: torch.devi
         sync(device)
         t_batch = time.perf_counter() - t0
         info = expl.last_info
-        singles = []
+        fb_chunk, fw_chunk = _chunk_sizes(expl, x, settings, method)
+        singles, fb1, fw1 = [], 0, 0
         sync(device)
         t0 = time.perf_counter()
         for i in range(n_single):
             singles.append(expl.attribute(x[i : i + 1], **settings))
+            fb1 += expl.last_info.forward_backward_passes
+            fw1 += expl.last_info.forward_passes
         sync(device)
         t_single = (time.perf_counter() - t0) / n_single
-        # the same batch with another noise seed: how much the scores move from noise alone
-        heat_seed1 = expl.attribute(x, **{**settings, "seed": 1})
+        fb_chunk1, fw_chunk1 = _chunk_sizes(expl, x[:1], settings, method)
     single = torch.cat(singles)
     fb, fw = info.forward_backward_passes / n, info.forward_passes / n
-    rows_per_chunk = settings.get("internal_batch_size") or n * settings.get("ig_steps", 20) * (
-        4 if method == "igos++" else 1)
-    t_fb, t_fw = time_per_pass(net, x, min(rows_per_chunk, 4096), device)
-    limit = fb * t_fb + fw * t_fw  # seconds per image if only the model's own passes cost time
-    di_b = deletion_insertion(net, x[:n_single], heat[:n_single])
-    di_s = deletion_insertion(net, x[:n_single], single)
-    di_1 = deletion_insertion(net, x[:n_single], heat_seed1[:n_single])
-    sb, ss, s1 = di_b.summary(), di_s.summary(), di_1.summary()
-    return {
+    t_fb, t_fw = time_per_pass(net, x, min(fb_chunk, 4096), device)
+    _, t_fw_at = time_per_pass(net, x, min(fw_chunk, 4096), device)
+    limit = fb * t_fb + fw * t_fw_at  # seconds per image if only the model's own passes cost time
+    t_fb1, _ = time_per_pass(net, x, min(fb_chunk1, 4096), device)
+    _, t_fw1 = time_per_pass(net, x, min(fw_chunk1, 4096), device)
+    limit1 = (fb1 / n_single) * t_fb1 + (fw1 / n_single) * t_fw1
+    row = {
         "benchmark": f"{method}:{name}", "method": method, "model": name, "device": str(device),
-        "batch": n, "settings": {k: v for k, v in settings.items()},
+        "threads": torch.get_num_threads(), "batch": n, "settings": dict(settings),
         "images_per_s_batched": n / t_batch,
         "images_per_s_one_at_a_time": 1 / t_single,
         "speedup": (n / t_batch) * t_single,
         "fwd_bwd_passes_per_image": fb, "fwd_passes_per_image": fw,
-        "model_s_per_fwd_bwd_image": t_fb, "model_s_per_fwd_image": t_fw,
+        "fwd_passes_per_image_one_at_a_time": fw1 / n_single,
+        "chunk_fwd_bwd": fb_chunk, "chunk_fwd": fw_chunk,
+        "chunk_fwd_bwd_one_at_a_time": fb_chunk1, "chunk_fwd_one_at_a_time": fw_chunk1,
+        "model_s_per_fwd_bwd_image": t_fb, "model_s_per_fwd_image": t_fw_at,
         "ratio_to_model_limit": (t_batch / n) / limit,
-        "deletion_batched": sb["deletion_mean"], "deletion_one_at_a_time": ss["deletion_mean"],
-        "insertion_batched": sb["insertion_mean"], "insertion_one_at_a_time": ss["insertion_mean"],
-        "deletion_batched_seed1": s1["deletion_mean"], "insertion_batched_seed1": s1["insertion_mean"],
+        "ratio_to_model_limit_one_at_a_time": t_single / limit1,
         "heatmap_max_abs_diff": float((heat[:n_single] - single).abs().max()),
     }
+    if with_scores:
+        from trustvision.evaluate.faithfulness import deletion_insertion
+
+        sb = deletion_insertion(net, x[:n_single], heat[:n_single]).summary()
+        ss = deletion_insertion(net, x[:n_single], single).summary()
+        row.update({"deletion_batched": sb["deletion_mean"], "deletion_one_at_a_time": ss["deletion_mean"],
+                    "insertion_batched": sb["insertion_mean"], "insertion_one_at_a_time": ss["insertion_mean"]})
+    return row
+
+
+def speed_rows(device: torch.device, emit, skip_resnet: bool = False) -> None:
+    """The speed table: digits at batches 8 and 32, ResNet-18 224 px at batch 2 (reduced settings
+    on a CPU: 2 iterations, 5 IG points)."""
+    net, x = digits_model(device)
+    for m in ("igos", "igos++"):
+        for b in (8, 32):
+            emit(igos_report(f"small-cnn-digits-8px-batch{b}", m, net, x[:b], device, {"seed": 0},
+                             n_single=8, with_scores=False))
+    if skip_resnet:
+        return
+    cuda = device.type == "cuda"
+    net, x = resnet18_model(device, 8 if cuda else 2)
+    settings = {"seed": 0} if cuda else {"seed": 0, "iterations": 2, "ig_steps": 5}
+    for m in ("igos", "igos++"):
+        emit(igos_report("resnet18-224-random", m, net, x, device, settings, with_scores=False))
+
+
+def print_speed(rows: list[dict]) -> None:
+    print("\n| method | model | settings | img/s batched | img/s one at a time | batched / single | "
+          "fwd+bwd / img | fwd / img | chunk fwd+bwd / fwd (batch; single) | time / model limit batched | "
+          "one at a time |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
+    for r in rows:
+        s = {k: v for k, v in r["settings"].items() if k != "seed"} or "defaults"
+        print(f"| {r['method']} | {r['model']} | {s} | {r['images_per_s_batched']:.2f} | "
+              f"{r['images_per_s_one_at_a_time']:.2f} | {r['speedup']:.2f}x | {r['fwd_bwd_passes_per_image']:.0f} | "
+              f"{r['fwd_passes_per_image']:.0f} | {r['chunk_fwd_bwd']} / {r['chunk_fwd']}; "
+              f"{r['chunk_fwd_bwd_one_at_a_time']} / {r['chunk_fwd_one_at_a_time']} | "
+              f"{r['ratio_to_model_limit']:.2f} | {r['ratio_to_model_limit_one_at_a_time']:.2f} |")
+
+
+# -- quality ---------------------------------------------------------------------------------
+
+
+def quality_heatmaps(device: torch.device, n: int, l2s=(None, 20.0)) -> dict:
+    """(model, method, l2) -> heatmaps and seconds, for :func:`quality_models`."""
+    from trustvision import explain
+
+    out = {}
+    for mname, (net, x) in quality_models(device, n).items():
+        out[("__model__", mname)] = _fingerprint(net)
+        for method in ("igos", "igos++"):
+            for l2 in l2s:
+                kw = {} if l2 is None else {"l2": l2}
+                expl = explain.get(method)(net)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    sync(device)
+                    t0 = time.perf_counter()
+                    heat = expl.attribute(x, **kw)
+                    sync(device)
+                info = expl.last_info
+                out[(mname, method, "default" if l2 is None else f"{l2:g}")] = {
+                    "heat": heat.cpu(), "seconds": time.perf_counter() - t0, "n": x.shape[0],
+                    "fwd_bwd": info.forward_backward_passes / x.shape[0],
+                    "fwd": info.forward_passes / x.shape[0],
+                }
+                print(f"  {mname} {method} l2={l2}: {out[(mname, method, 'default' if l2 is None else f'{l2:g}')]['seconds']:.1f}s",
+                      file=sys.stderr, flush=True)
+    return out
+
+
+def score_heatmaps(device: torch.device, n: int, heatmaps: dict) -> dict:
+    """Deletion / insertion with the paper's blur (the metric's default) and with an
+    uninformative baseline, and blank heatmaps on confident images, per key of ``heatmaps``."""
+    from trustvision._utils.images import uninformative_baseline
+    from trustvision.evaluate.faithfulness import deletion_insertion
+
+    models_ = quality_models(device, n)
+    scores = {}
+    for key, r in heatmaps.items():
+        if key[0] == "__model__":
+            if abs(r - _fingerprint(models_[key[1]][0])) > 1e-3 * abs(r):
+                print(f"warning: {key[1]} has other weights than the run that stored these heatmaps",
+                      file=sys.stderr)
+            continue
+        net, x = models_[key[0]]
+        heat = r["heat"].to(device)
+        with torch.no_grad():
+            p = torch.softmax(net(x), 1)
+        t, conf = p.argmax(1), p.max(1).values
+        adaptive, *_ = uninformative_baseline(net, x, t, conf)
+        blur = deletion_insertion(net, x, heat, target=t)
+        unin = deletion_insertion(net, x, heat, target=t, baseline=adaptive)
+        const = _constant(heat).cpu()
+        mean = (lambda v: float(torch.tensor(v).mean()))
+        scores[key] = {
+            "deletion_blur": mean(blur.deletion_auc), "insertion_blur": mean(blur.insertion_auc),
+            "deletion_uninformative": mean(unin.deletion_auc), "insertion_uninformative": mean(unin.insertion_auc),
+            "blank_confident": int((const & (conf.cpu() >= 0.5)).sum()), "blank": int(const.sum()),
+            "confident": int((conf >= 0.5).sum()), "n": int(x.shape[0]), "seconds": r["seconds"],
+            "fwd_bwd": r["fwd_bwd"], "fwd": r["fwd"],
+        }
+    return scores
+
+
+def print_quality(new: dict, old: dict | None) -> None:
+    def cell(d, k, fmt="{:.3f}"):
+        return fmt.format(d[k]) if d is not None and k in d else "-"
+
+    print("\n| model | method | l2 | deletion AUC, blur (today / new) | insertion AUC, blur | "
+          "deletion AUC, uninformative baseline | insertion AUC, uninformative baseline | "
+          "blank heatmaps on confident images | s / image (today / new) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for key, s in new.items():
+        o = (old or {}).get(key)
+        pair = (lambda k, fmt="{:.3f}": f"{cell(o, k, fmt)} / {cell(s, k, fmt)}")
+        per = (lambda d: f"{d['seconds'] / d['n']:.3f}" if d else "-")
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {pair('deletion_blur')} | {pair('insertion_blur')} | "
+              f"{pair('deletion_uninformative')} | {pair('insertion_uninformative')} | "
+              f"{cell(o, 'blank_confident', '{:d}')} / {cell(s, 'blank_confident', '{:d}')} of {s['confident']} | "
+              f"{per(o)} / {per(s)} |")
+
+
+# -- SAG -------------------------------------------------------------------------------------
 
 
 def image_specific_targets(net, x: torch.Tensor) -> list[int]:
@@ -230,17 +452,27 @@ def sag_report(name: str, net, x: torch.Tensor, grid: int, n: int, targets=None)
     }
 
 
+# -- main ------------------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--skip-resnet", action="store_true")
-    p.add_argument("--only", choices=["digits", "resnet", "sag"], default=None)
+    p.add_argument("--only", choices=["digits", "resnet", "sag", "quality", "speed"], default=None)
     p.add_argument("--ibs", default=None,
                    help="comma-separated internal_batch_size values for the CUDA ResNet-18 runs "
                         "(default: 320 for I-GOS, 128 for iGOS++)")
+    p.add_argument("--quality-n", type=int, default=64, help="test images per model in the quality table")
+    p.add_argument("--quality-save", type=Path, default=None, help="store the quality heatmaps here")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="heatmaps stored by --quality-save of another version: scored beside these")
+    p.add_argument("--src", type=Path, default=None, help="import trustvision from this source folder")
     args = p.parse_args(argv)
+    if args.src:
+        sys.path.insert(0, str(args.src.resolve()))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -251,6 +483,21 @@ def main(argv: list[str] | None = None) -> int:
         out.append(r)
         print(json.dumps(r), flush=True)
 
+    if args.only == "quality":
+        heat = quality_heatmaps(device, args.quality_n)
+        if args.quality_save:
+            torch.save(heat, args.quality_save)
+        try:
+            new = score_heatmaps(device, args.quality_n, heat)
+        except ImportError:  # a version without the uninformative baseline: store, score elsewhere
+            print("this version cannot score the heatmaps (run the current code with --compare)")
+            return 0
+        old = score_heatmaps(device, args.quality_n, torch.load(args.compare)) if args.compare else None
+        print_quality(new, old)
+        out = [{"key": list(k), "new": v, "today": (old or {}).get(k)} for k, v in new.items()]
+    elif args.only == "speed":
+        speed_rows(device, emit, args.skip_resnet)
+        print_speed(out)
     if args.only in (None, "digits", "sag"):
         net, x = digits_model(device)
         if args.only != "sag":
@@ -271,12 +518,11 @@ def main(argv: list[str] | None = None) -> int:
                     emit(igos_report("resnet18-224-random", m, net, x, device,
                                      {"seed": 0, "internal_batch_size": ibs}))
             emit(sag_report("resnet18-224-random", net, x, 7, 4, image_specific_targets(net, x[:4])))
-        else:  # a CPU cannot run the full settings in minutes: 8 images, 2 iterations, 5 IG points
-            net, x = resnet18_model(device, 8)
+        else:  # a CPU cannot run the full settings in minutes: 2 images, 2 iterations, 5 IG points
+            net, x = resnet18_model(device, 2)
             for m in ("igos", "igos++"):
                 emit(igos_report("resnet18-224-random", m, net, x, device,
-                                 {"seed": 0, "iterations": 2, "ig_steps": 5, "internal_batch_size": 40},
-                                 n_single=4))
+                                 {"seed": 0, "iterations": 2, "ig_steps": 5}, with_scores=False))
             emit(sag_report("resnet18-224-random", net, x, 7, 2, image_specific_targets(net, x[:2])))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

@@ -2,8 +2,10 @@
 
 Any registered method works (``trustvision.explain.list_methods(kind=None)``): heatmap methods
 write ``OUT/overlays/*.png`` (image | heatmap), ``OUT/heatmaps.npy`` (N, 1, H, W) and
-``OUT/scores.json`` (per image: index, label, prediction, deletion/insertion AUC, reliability
-flags; plus mean +- std); other kinds (``sag``) write each image's result as PNG, SVG and JSON
+``OUT/scores.json`` (per image: index, label, prediction, deletion/insertion AUC, ``unreliable``
+and its ``reasons`` in words; plus mean +- std over the heatmaps that are not constant, with the
+number left out, and a ``warning`` line counting the unreliable heatmaps by reason, which the
+command prints); other kinds (``sag``) write each image's result as PNG, SVG and JSON
 under ``OUT/<method>/`` and their per-image summary in ``scores.json``.
 
 Example:
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from trustvision._utils.keyvalue import parse_key_values
 from trustvision.errors import TrustVisionError
@@ -29,6 +31,18 @@ def parse_method_kw(items: list[str] | None) -> dict[str, Any]:
     """``["n_masks=500", "baselines=blur", "mask_size=4,4"]`` -> ``{"n_masks": 500,
     "baselines": "blur", "mask_size": [4, 4]}`` (JSON values, else strings; commas make lists)."""
     return parse_key_values(items, "--method-kw", "n_masks=500")
+
+
+def _nan_to_null(value: Any) -> Any:
+    """``value`` with every NaN float replaced by None (strict JSON has no NaN; a NaN mean says
+    that no heatmap could be scored)."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_null(v) for v in value]
+    return value
 
 
 def method_help() -> str:
@@ -60,17 +74,22 @@ def run_explain(
     grid: int | None = None,
     data_root: str | None = None,
     method_kw: Mapping[str, Any] | None = None,
+    echo: Callable[[str], Any] | None = print,
 ) -> dict:
     """Explain ``n`` seeded images of ``data``/``split`` with ``method``; returns the scores dict.
 
     ``method_kw`` holds the method's own keywords (checked against its declared ones);
     ``iterations`` and ``grid`` are shorthands for ``method_kw["iterations"]`` / ``["grid"]``.
+    When some heatmaps are unreliable, ``scores["warning"]`` counts them by reason and ``echo``
+    (default ``print``; None = silent) prints it.
     """
     import numpy as np
 
     from trustvision import explain, models
     from trustvision._utils.device import resolve_device
+    from trustvision._utils.io import ensure_writable_dir
     from trustvision.evaluate.faithfulness import deletion_insertion
+    from trustvision.explain._base import summarise_reasons
     from trustvision.explain.plot import overlay_figure
     from trustvision.explain.sample import TARGETS
 
@@ -84,6 +103,7 @@ def run_explain(
         if v is not None:
             kw[key] = v
     explain.check_keywords(cls, kw)
+    ensure_writable_dir(out, "--out")  # before the work, not after it
     net = models.load(model).to(resolve_device(device)).eval()
     t0 = time.perf_counter()
     res = explain.explain_sample(
@@ -91,11 +111,17 @@ def run_explain(
         internal_batch_size=internal_batch_size, method_kw=kw, faithfulness=deletion_insertion,
     )
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = res.rows()
     stems = [f"{i:03d}_idx{row['index']}" for i, row in enumerate(rows)]
     result: dict = {"model": model, "data": data, "split": split, "method": cls.name, "kind": cls.kind,
                     "n": len(rows), "seed": seed, "target": target, "method_kw": kw, "images": rows}
+    if res.unreliable is not None:
+        bad = [i for i, u in enumerate(res.unreliable) if u]
+        result["unreliable"] = len(bad)
+        if bad:
+            result["warning"] = (f"{len(bad)} of {len(rows)} {cls.title} heatmaps are unreliable: "
+                                 f"{summarise_reasons([res.reasons[i] for i in bad])} (the reasons of "
+                                 "each image are in scores.json)")
     if res.heatmaps is not None:
         heat = res.heatmaps.cpu()
         np.save(out / "heatmaps.npy", heat.numpy())
@@ -113,5 +139,7 @@ def run_explain(
             r.render(folder / stem)
             (folder / f"{stem}.json").write_text(json.dumps(r.to_json(), indent=1))
     result["seconds"] = time.perf_counter() - t0
-    (out / "scores.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "scores.json").write_text(json.dumps(_nan_to_null(result), indent=1, default=str))
+    if echo is not None and "warning" in result:
+        echo(f"warning: {result['warning']}")
     return result

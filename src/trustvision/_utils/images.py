@@ -1,14 +1,18 @@
 """Helpers shared by the explanation methods and the faithfulness metric.
 
-Target resolution, input checks, Gaussian-blur baselines scaled to the image size, mask
-upsampling, patch masks, and chunked evaluation (the ``internal_batch_size`` knob).
+Target resolution, input checks, Gaussian-blur baselines scaled to the image size (and, for the
+mask optimisers, a blur strengthened per image until the model no longer sees the class in it),
+mask upsampling, patch masks, and chunked evaluation (the ``internal_batch_size`` knob, fixed or
+chosen from the model's measured pass time and memory).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence, Union
+import os
+import time
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +27,19 @@ __all__ = [
     "resolve_target",
     "eval_mode",
     "blur_params",
+    "blur_ladder",
     "gaussian_blur",
     "make_baseline",
+    "baseline_probability",
+    "uninformative_baseline",
+    "baseline_levels",
+    "BASELINE_KEEPS",
     "default_mask_size",
     "as_pair",
     "upsample",
     "patch_masks",
     "chunks",
+    "AutoChunk",
     "class_probability",
 ]
 
@@ -153,6 +163,121 @@ def make_baseline(inputs: torch.Tensor, baselines: BaselineType) -> torch.Tensor
     raise TrustVisionError(f"baselines must be 'blur', 'zero', a number or a tensor, got {baselines!r}")
 
 
+#: a baseline "keeps the class" when the model's probability of the class on it is at least this
+#: fraction of its probability on the image itself (the deletion game then cannot be won)
+BASELINE_KEEPS = 0.5
+
+
+def blur_ladder(height: int, width: int) -> list[tuple[int, float] | None]:
+    """Ever stronger blurs: the paper's scaled blur (:func:`blur_params`), then kernel radius and
+    sigma doubled until the kernel spans the image, then ``None``: the image's mean colour per
+    channel (the limit of an infinitely wide blur).
+
+    8x8 -> (3, 1.8), (5, 3.6), (9, 7.1), (17, 14.3), mean; 224x224 -> (51, 50), (101, 100), (201, 200),
+    (401, 400), (801, 800), mean.
+    """
+    k, sigma = blur_params(height, width)
+    levels: list[tuple[int, float] | None] = [(k, sigma)]
+    radius = k // 2
+    while 2 * radius + 1 < 2 * max(height, width) + 1:
+        radius, sigma = radius * 2, sigma * 2
+        levels.append((2 * radius + 1, sigma))
+    levels.append(None)
+    return levels
+
+
+#: what comes after the blurs when even the mean colour keeps the class (colour is the evidence):
+#: constant images without colour, grey then black
+_CONSTANT_LEVELS = (("grey image", 0.5), ("black image", 0.0))
+
+
+def baseline_levels(height: int, width: int) -> list[str]:
+    """Names of the levels :func:`uninformative_baseline` tries, weakest first: the blurs of
+    :func:`blur_ladder` ("blurred image"), the image's mean colour, a grey and a black image."""
+    n_blur = len(blur_ladder(height, width)) - 1
+    return ["blurred image"] * n_blur + ["mean-colour image"] + [name for name, _ in _CONSTANT_LEVELS]
+
+
+def _baseline_level(x: torch.Tensor, level: int, ladder: list) -> torch.Tensor:
+    if level < len(ladder) - 1:
+        return gaussian_blur(x, *ladder[level])
+    if level == len(ladder) - 1:
+        return x.mean((2, 3), keepdim=True).expand_as(x).clone()
+    return torch.full_like(x, _CONSTANT_LEVELS[level - len(ladder)][1])
+
+
+@torch.no_grad()
+def baseline_probability(model: nn.Module, baseline: torch.Tensor, target: torch.Tensor,
+                         batch_size: int | None = None) -> torch.Tensor:
+    """The model's probability of class ``target[i]`` on baseline image ``baseline[i]``: (N,)."""
+    out = torch.empty(baseline.shape[0], device=baseline.device, dtype=baseline.dtype)
+    for sl in chunks(baseline.shape[0], batch_size):
+        out[sl] = class_probability(model, baseline[sl], target[sl]).to(out.dtype)
+    return out
+
+
+@torch.no_grad()
+def uninformative_baseline(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: torch.Tensor,
+    image_probability: torch.Tensor | None = None,
+    keeps: float = BASELINE_KEEPS,
+    batch_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Per image, the weakest baseline of :func:`baseline_levels` that does not keep the class.
+
+    The paper's blur (51 / 50 at 224 px, scaled) is tried first; an image whose blurred version
+    still gives the model ``keeps`` (0.5) or more of the class probability it gives the image
+    itself is blurred harder (kernel radius and sigma doubled), up to its mean colour; where even
+    the mean colour keeps the class (the colour is the evidence), a grey and then a black image
+    are tried. An image that keeps the class on every level gets the level on which the
+    probability was lowest; the caller flags it (the returned probability says by how much).
+
+    Returns the baselines (N, C, H, W), the class probability on them (N,), the level used per
+    image (N,) (indices into :func:`baseline_levels`: 0 = the paper's blur) and the number of
+    images the model was run on. Each image's choice depends on that image alone (a batch gives
+    the same baselines as one image at a time).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> class Brightness(nn.Module):  # p(class 0) = sigmoid(10 * (mean - 0.3)): blurs keep it
+        ...     def forward(self, x):
+        ...         v = 10 * (x.mean((1, 2, 3)) - 0.3)
+        ...         return torch.stack([v, torch.zeros_like(v)], 1)
+        >>> x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.4 + 0.5
+        >>> t = torch.zeros(2, dtype=torch.long)
+        >>> base, p, level, runs = uninformative_baseline(Brightness(), x, t)
+        >>> [baseline_levels(8, 8)[i] for i in level.tolist()], runs  # only black removes the class
+        (['black image', 'black image'], 16)
+    """
+    x = check_inputs(inputs)
+    n, _, h, w = x.shape
+    t = target.to(x.device)
+    runs = 0
+    if image_probability is None:
+        image_probability = baseline_probability(model, x, t, batch_size)
+        runs += n
+    limit = keeps * image_probability.to(x.device, x.dtype)
+    ladder = blur_ladder(h, w)
+    base = torch.empty_like(x)
+    best_p = torch.full((n,), float("inf"), device=x.device, dtype=x.dtype)
+    level_of = torch.zeros(n, dtype=torch.long, device=x.device)
+    todo = torch.arange(n, device=x.device)
+    for j in range(len(baseline_levels(h, w))):
+        b = _baseline_level(x[todo], j, ladder)
+        p = baseline_probability(model, b, t[todo], batch_size)
+        runs += b.shape[0]
+        better = p < best_p[todo]
+        rows = todo[better]
+        base[rows], best_p[rows], level_of[rows] = b[better], p[better], j
+        todo = todo[p >= limit[todo]]
+        if todo.numel() == 0:
+            break
+    return base, best_p, level_of, runs
+
+
 def default_mask_size(height: int, width: int) -> tuple[int, int]:
     """I-GOS mask resolution: 28x28 at 224 px (an eighth), at least 16, full resolution below.
 
@@ -197,3 +322,115 @@ def chunks(total: int, size: int | None) -> Iterator[slice]:
 def num_chunks(total: int, size: int | None) -> int:
     size = total if not size or size <= 0 else int(size)
     return math.ceil(total / max(size, 1))
+
+
+def _memory_budget(device: torch.device) -> int:
+    """Bytes a chunk of rows may use: half the free memory of a GPU; on the CPU a quarter of the
+    available memory, at most 8 GiB (2 GiB when it cannot be read)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free // 2)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return min(int(line.split()[1]) * 1024 // 4, 8 << 30)
+    except OSError:
+        pass
+    return 2 << 30
+
+
+class AutoChunk:
+    """Chunk sizes of repeated batched passes: fixed, or chosen online from measured time and memory.
+
+    With ``fixed`` (a user's ``internal_batch_size``) every pass is cut in the fewest pieces of at
+    most that many rows, of equal size within one row (few distinct shapes). Otherwise the first chunks of the first passes are probes of ``start``,
+    ``2 * start``, ``4 * start``, ... rows (real work, nothing is computed twice): each is timed
+    (synchronised on a GPU) and, for passes with a backward, the bytes autograd saves per row
+    are counted. Doubling stops when the time per row improves by less than 10% or the next
+    size would not fit the memory budget (:func:`_memory_budget`, with 2x headroom on the saved
+    bytes); from then on passes are cut into equal chunks of at most the fastest size measured.
+    ``start``: the largest power of two whose rows hold at most 256 KiB of input (1 row for a
+    224 px RGB image, 1024 for an 8x8 digit).
+
+    Only the speed depends on the choice; results agree to float rounding whatever the chunking.
+
+    Example:
+        >>> seen = []
+        >>> AutoChunk(fixed=3).run(7, lambda sl: seen.append((sl.start, sl.stop)))
+        >>> seen  # at most 3 rows per piece, in pieces of equal size (within one row)
+        [(0, 2), (2, 4), (4, 7)]
+    """
+
+    def __init__(self, fixed: int | None = None, *, row_bytes: int = 4, device: torch.device | str = "cpu",
+                 grad: bool = False, max_rows: int | None = None):
+        self.fixed = int(fixed) if fixed else None
+        self.device = torch.device(device)
+        self.grad = bool(grad)
+        self.row_bytes = max(1, int(row_bytes))
+        start = 1 << max(0, int(math.floor(math.log2(max(1, (256 << 10) // self.row_bytes)))))
+        self.max_rows = max_rows
+        self.size = start if max_rows is None else max(1, min(start, max_rows))
+        self.best: int | None = None
+        self._rates: list[tuple[int, float]] = []  # (size, rows per second)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def chunk_size(self) -> int | None:
+        """The size in use: the fixed one, the chosen one, or None while still probing."""
+        return self.fixed or self.best
+
+    def run(self, total: int, fn: Callable[[slice], None]) -> None:
+        """Call ``fn(slice)`` on pieces covering ``range(total)``, in order."""
+        if total <= 0:
+            return
+        size = self.chunk_size()
+        if size is not None:
+            parts = math.ceil(total / size)  # pieces of equal size (within one row): few shapes
+            bounds = [i * total // parts for i in range(parts + 1)]
+            for a, b in zip(bounds, bounds[1:]):
+                fn(slice(a, b))
+            return
+        start = 0
+        while start < total:
+            size = self.chunk_size()
+            if size is not None:  # decided during this pass: the rest in chosen pieces
+                self.run(total - start, lambda sl: fn(slice(sl.start + start, sl.stop + start)))
+                return
+            rows = min(self.size, total - start)
+            sl = slice(start, start + rows)
+            if rows < self.size:  # a remainder: not a probe of this size
+                fn(sl)
+            else:
+                self._probe(sl, fn)
+            start += rows
+
+    def _probe(self, sl: slice, fn: Callable[[slice], None]) -> None:
+        rows = sl.stop - sl.start
+        saved = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        self._sync()
+        t0 = time.perf_counter()
+        if self.grad and self.max_rows is None:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                fn(sl)
+        else:
+            fn(sl)
+        self._sync()
+        seconds = max(time.perf_counter() - t0, 1e-9)
+        if self.max_rows is None:
+            per_row = 2 * saved[0] / rows + 4 * self.row_bytes
+            self.max_rows = max(1, int(_memory_budget(self.device) // per_row))
+        self._rates.append((rows, rows / seconds))
+        fastest = max(self._rates, key=lambda r: r[1])
+        improved = len(self._rates) == 1 or self._rates[-1][1] > 1.1 * self._rates[-2][1]
+        if not improved or 2 * rows > self.max_rows:
+            self.best = min(fastest[0], self.max_rows)
+        else:
+            self.size = 2 * rows

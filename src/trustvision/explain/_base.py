@@ -55,6 +55,10 @@ __all__ = [
     "Explainer",
     "ExplanationInfo",
     "ExplanationWarning",
+    "constant_heatmaps",
+    "heatmap_reasons",
+    "reliability_warning",
+    "summarise_reasons",
     "KINDS",
     "REQUIREMENTS",
     "register_method",
@@ -73,6 +77,86 @@ class ExplanationWarning(UserWarning):
     """Raised (as a warning) when an explanation is likely unreliable for some images."""
 
 
+def constant_heatmaps(heatmaps: torch.Tensor, atol: float = 0.0, rtol: float = 1e-6) -> list[bool]:
+    """Per image, whether its heatmap (N, ...) is constant: max - min <= atol + rtol * max|h|.
+
+    A constant heatmap ranks nothing (deletion / insertion then follow the pixel order, and
+    correlation metrics divide by zero), so it is flagged unreliable.
+    """
+    flat = heatmaps.detach().flatten(1).float()
+    if flat.shape[1] == 0:
+        return [True] * flat.shape[0]
+    spread = flat.amax(1) - flat.amin(1)
+    scale = flat.abs().amax(1)
+    return (~(spread > atol + rtol * scale)).tolist()  # NaN spreads count as constant
+
+
+def heatmap_reasons(
+    *,
+    constant: list[bool] | None = None,
+    low_confidence: list[bool] | None = None,
+    not_predicted: list[bool] | None = None,
+    target_probability: list[float] | None = None,
+    predicted: list[int] | None = None,
+    baseline_keeps_class: list[bool] | None = None,
+    baseline_probability: list[float] | None = None,
+    baseline_name: str | list[str] = "baseline",
+    constant_reason: list[str] | None = None,
+    threshold: float = 0.5,
+) -> list[list[str]]:
+    """Why each heatmap is unreliable, in words (an empty list: no known reason). Every argument
+    is per image (missing ones are not checked)."""
+    lists = [v for v in (constant, low_confidence, not_predicted, baseline_keeps_class) if v is not None]
+    n = len(lists[0]) if lists else 0
+    out: list[list[str]] = [[] for _ in range(n)]
+    p = target_probability or [float("nan")] * n
+    for i in range(n):
+        if constant is not None and constant[i]:
+            out[i].append(constant_reason[i] if constant_reason else "heatmap is constant")
+        if baseline_keeps_class is not None and baseline_keeps_class[i]:
+            pb = baseline_probability[i] if baseline_probability else float("nan")
+            name = baseline_name[i] if isinstance(baseline_name, list) else baseline_name
+            out[i].append(f"the baseline keeps the class (p = {pb:.2f} on the {name}, {p[i]:.2f} on the image)")
+        if low_confidence is not None and low_confidence[i]:
+            out[i].append(f"low confidence (p = {p[i]:.2f} < {threshold:g})")
+        if not_predicted is not None and not_predicted[i]:
+            pred = f" (the model predicts {predicted[i]})" if predicted else ""
+            out[i].append(f"not the predicted class{pred}")
+    return out
+
+
+#: the kinds of reasons (how each reason starts) and their names, singular and plural
+_REASON_KINDS = (
+    ("heatmap is constant", "constant heatmap", "constant heatmaps"),
+    ("the baseline keeps the class", "baseline keeping the class", "baselines keeping the class"),
+    ("low confidence", "low confidence", "low confidence"),
+    ("not the predicted class", "class not predicted", "classes not predicted"),
+)
+
+
+def summarise_reasons(reasons: list[list[str]]) -> str:
+    """``"3 constant heatmaps, 2 baselines keeping the class, 1 low confidence"``: how many
+    heatmaps have each kind of reason."""
+    counts: dict[tuple[str, str], int] = {}
+    for rs in reasons:
+        for r in rs:
+            kind = next(((one, many) for start, one, many in _REASON_KINDS if r.startswith(start)),
+                        (r.split(" (")[0].split(":")[0],) * 2)
+            counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{c} {one if c == 1 else many}" for (one, many), c in counts.items())
+
+
+def reliability_warning(title: str, info: "ExplanationInfo") -> str | None:
+    """The warning text for the unreliable heatmaps of ``info`` (None when all are reliable)."""
+    bad = [i for i, u in enumerate(info.unreliable) if u]
+    if not bad:
+        return None
+    n = len(info.target)
+    return (f"{title}: {len(bad)} of {n} images have unreliable heatmaps (images {bad[:10]}"
+            f"{'...' if len(bad) > 10 else ''}): {summarise_reasons([info.reasons[i] for i in bad])} "
+            "(see ExplanationInfo.reasons)")
+
+
 @dataclass
 class ExplanationInfo:
     """Per-image diagnostics of one ``attribute`` call (lists of length N) plus pass counts.
@@ -80,7 +164,21 @@ class ExplanationInfo:
     ``low_confidence[i]``: the model's probability of the explained class is below the
     threshold; ``not_predicted[i]``: the explained class is not the model's prediction (e.g. a
     wrong prediction when the target is the true label). I-GOS works poorly in both cases.
+    ``constant[i]``: the heatmap is constant (max - min below a small tolerance: the mask did not
+    move), so it ranks nothing. ``baseline_probability[i]``: the model's probability of the class
+    on the baseline image; ``baseline_keeps_class[i]``: it is at least half of that on the image
+    (deleting pixels then cannot remove the class); ``baseline_name[i]``: what the baseline was
+    ("blurred image", "mean-colour image", "grey image", ...). ``line_search_failures[i]``: iterations in
+    which no step was accepted; ``accepted_steps[i]``: iterations whose step changed the mask;
+    ``area_weight[i]``: the weight of the area term at the end (``l1``, or lower where the mask did
+    not move at ``l1``); ``noise_std[i]``: the std of the integrated-gradient noise used (the
+    requested one, or lower where that much noise alone changed the model's mind).
     ``forward_backward_passes`` / ``forward_passes`` count single-image evaluations in total.
+
+    ``reasons[i]`` says in words why heatmap ``i`` is unreliable (e.g. "heatmap is constant: no
+    step of the mask optimisation was accepted", "the baseline keeps the class (p = 0.97 on the
+    blurred image, 0.99 on the image)", "low confidence (p = 0.42 < 0.5)", "not the predicted
+    class (the model predicts 3)"); ``unreliable[i]`` is true when there is any.
     """
 
     target: list[int]
@@ -92,14 +190,44 @@ class ExplanationInfo:
     forward_backward_passes: int = 0
     forward_passes: int = 0
     line_search_failures: list[int] = field(default_factory=list)
+    accepted_steps: list[int] = field(default_factory=list)
+    area_weight: list[float] = field(default_factory=list)
+    noise_std: list[float] = field(default_factory=list)
+    constant: list[bool] = field(default_factory=list)
+    baseline_probability: list[float] = field(default_factory=list)
+    baseline_keeps_class: list[bool] = field(default_factory=list)
+    low_confidence_threshold: float = 0.5
+    baseline_name: str | list[str] = "baseline"
+
+    @property
+    def reasons(self) -> list[list[str]]:
+        n = len(self.target)
+        constant_reason = None
+        if self.constant and self.accepted_steps:
+            fails = self.line_search_failures or [0] * n
+            constant_reason = [
+                "heatmap is constant: no step of the mask optimisation was accepted" if moved == 0 and f > 0
+                else "heatmap is constant: the mask never left M = 1 (the area penalty outweighs the class "
+                     "score's gradient in every cell)" if moved == 0
+                else "heatmap is constant: the mask moved uniformly"
+                for moved, f in zip(self.accepted_steps, fails)
+            ]
+        return heatmap_reasons(
+            constant=self.constant or None, low_confidence=self.low_confidence,
+            not_predicted=self.not_predicted, target_probability=self.target_probability,
+            predicted=self.predicted, baseline_keeps_class=self.baseline_keeps_class or None,
+            baseline_probability=self.baseline_probability or None, baseline_name=self.baseline_name,
+            constant_reason=constant_reason, threshold=self.low_confidence_threshold,
+        )
 
     @property
     def unreliable(self) -> list[bool]:
-        return [a or b for a, b in zip(self.low_confidence, self.not_predicted)]
+        return [bool(r) for r in self.reasons]
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["unreliable"] = self.unreliable
+        d["reasons"] = self.reasons
         return d
 
 

@@ -7,6 +7,12 @@ both. Heatmap methods are scored by a faithfulness function passed in by the cal
 AUCs, Petsiuk et al. BMVC 2018), since the explain layer sits below ``trustvision.evaluate``;
 other kinds (SAG) keep their per-image results.
 
+Every heatmap gets reliability flags: the method's own :class:`~trustvision.explain.ExplanationInfo`
+when it reports one (I-GOS, iGOS++), else a constant heatmap, a low confidence and a class the model
+does not predict, with the reasons in words. Constant heatmaps rank nothing (their
+deletion/insertion AUCs only measure the pixel order), so the faithfulness means leave them out and
+say how many were left out (``faithfulness["n_excluded"]``); the per-image AUCs are all kept.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -31,9 +37,17 @@ from torch import nn
 from trustvision._utils.images import eval_mode
 from trustvision.data import random_subset
 from trustvision.errors import TrustVisionError
-from trustvision.explain._base import ExplanationInfo, Explainer, check_keywords, get
+from trustvision.explain._base import (
+    ExplanationInfo,
+    Explainer,
+    check_keywords,
+    constant_heatmaps,
+    get,
+    heatmap_reasons,
+)
 
-__all__ = ["Sample", "SampleExplanation", "draw_sample", "explain_images", "explain_sample", "TARGETS"]
+__all__ = ["Sample", "SampleExplanation", "draw_sample", "explain_images", "explain_sample",
+           "faithfulness_summary", "TARGETS"]
 
 #: what is explained: the model's predicted class or the true label
 TARGETS = ("predicted", "label")
@@ -84,9 +98,11 @@ class SampleExplanation:
     """One method's explanations of a :class:`Sample`.
 
     ``heatmaps`` (n, 1, H, W) for heatmap methods, else ``results`` (one per image);
-    ``deletion_auc`` / ``insertion_auc`` (lists of n) and ``faithfulness`` (their mean and std)
-    when a faithfulness function was given; ``unreliable`` (n flags) and ``info`` when the method
-    reports an :class:`~trustvision.explain.ExplanationInfo`; ``seconds``: time spent in
+    ``deletion_auc`` / ``insertion_auc`` (lists of n) and ``faithfulness`` (see
+    :func:`faithfulness_summary`: mean and std over the heatmaps that are not constant, and how many
+    were excluded) when a faithfulness function was given; for heatmaps ``unreliable`` (n flags),
+    ``reasons`` (n lists of reasons in words) and ``constant`` (n flags), from ``info`` when the
+    method reports an :class:`~trustvision.explain.ExplanationInfo`; ``seconds``: time spent in
     ``attribute``.
     """
 
@@ -100,8 +116,13 @@ class SampleExplanation:
     insertion_auc: list[float] | None = None
     faithfulness: dict | None = None
     unreliable: list[bool] | None = None
+    reasons: list[list[str]] | None = None
+    constant: list[bool] | None = None
     info: ExplanationInfo | None = None
     seconds: float = 0.0
+
+    def n_unreliable(self) -> int:
+        return sum(self.unreliable or [])
 
     @property
     def images(self) -> torch.Tensor:
@@ -125,7 +146,8 @@ class SampleExplanation:
 
     def rows(self) -> list[dict]:
         """:meth:`Sample.rows` plus, per image, the deletion/insertion AUCs, the reliability flag
-        and each result's ``summary()`` (where there are such)."""
+        with its reasons, whether the heatmap is constant, and each result's ``summary()`` (where
+        there are such)."""
         rows = self.sample.rows()
         for i, row in enumerate(rows):
             if self.deletion_auc is not None and self.insertion_auc is not None:
@@ -133,6 +155,10 @@ class SampleExplanation:
                 row["insertion_auc"] = self.insertion_auc[i]
             if self.unreliable is not None:
                 row["unreliable"] = self.unreliable[i]
+            if self.reasons is not None:
+                row["reasons"] = list(self.reasons[i])
+            if self.constant is not None:
+                row["constant_heatmap"] = self.constant[i]
             if self.results is not None and hasattr(self.results[i], "summary"):
                 row.update(self.results[i].summary())
         return rows
@@ -216,20 +242,61 @@ def explain_images(
         out = explainer.attribute(sample.images, target=sample.targets, **kw)
     seconds = time.perf_counter() - t0
     res = SampleExplanation(method=cls.name, title=cls.title, kind=cls.kind, sample=sample, seconds=seconds)
+    info = getattr(explainer, "last_info", None)
+    if isinstance(info, ExplanationInfo):
+        res.info, res.unreliable, res.reasons = info, info.unreliable, info.reasons
+        res.constant = list(info.constant) or None
     if cls.kind == "heatmap":
         if isinstance(out, tuple):  # e.g. I-GOS with return_info=True: (heatmaps, info)
             out = out[0]
         res.heatmaps = out
+        if res.reasons is None:  # a method without its own diagnostics: the generic checks
+            res.constant = constant_heatmaps(out)
+            p = sample.target_probability.cpu().tolist()
+            pred, t = sample.predicted.cpu().tolist(), sample.targets.cpu().tolist()
+            res.reasons = heatmap_reasons(
+                constant=res.constant, low_confidence=[v < LOW_CONFIDENCE for v in p],
+                not_predicted=[a != b for a, b in zip(pred, t)], target_probability=p, predicted=pred,
+                threshold=LOW_CONFIDENCE)
+            res.unreliable = [bool(r) for r in res.reasons]
         if faithfulness is not None:
             fi = faithfulness(model, sample.images, out, target=sample.targets)
             res.deletion_auc, res.insertion_auc = list(fi.deletion_auc), list(fi.insertion_auc)
-            res.faithfulness = fi.summary()
+            res.faithfulness = faithfulness_summary(res.deletion_auc, res.insertion_auc, res.constant)
     else:
         res.results = list(out)
-    info = getattr(explainer, "last_info", None)
-    if isinstance(info, ExplanationInfo):
-        res.info, res.unreliable = info, info.unreliable
     return res
+
+
+def faithfulness_summary(deletion_auc: list[float], insertion_auc: list[float],
+                         constant: list[bool] | None = None) -> dict:
+    """Mean and std (population) of the deletion and insertion AUCs over the heatmaps that are not
+    constant (a constant heatmap ranks nothing: its AUCs only measure the pixel order).
+
+    Keys: ``deletion_mean``, ``deletion_std``, ``insertion_mean``, ``insertion_std`` (NaN when every
+    heatmap is constant: there is no meaningful mean), ``n`` (heatmaps averaged), ``n_excluded`` (constant heatmaps left out),
+    ``deletion_mean_all`` / ``insertion_mean_all`` (over every heatmap, for reference).
+
+    Example:
+        >>> s = faithfulness_summary([0.2, 0.4, 0.9], [0.8, 0.6, 0.5], [False, False, True])
+        >>> round(s["deletion_mean"], 6), s["n"], s["n_excluded"], round(s["deletion_mean_all"], 6)
+        (0.3, 2, 1, 0.5)
+    """
+    keep = [not c for c in (constant or [False] * len(deletion_auc))]
+
+    def stats(values: list[float]) -> tuple[float | None, float | None]:
+        v = [a for a, k in zip(values, keep) if k]
+        if not v:
+            return float("nan"), float("nan")
+        t = torch.tensor(v)  # float32, as DeletionInsertionResult.summary()
+        return float(t.mean()), float(t.std(unbiased=False))
+
+    dm, ds = stats(deletion_auc)
+    im, is_ = stats(insertion_auc)
+    mean_all = (lambda v: float(torch.tensor(v).mean()) if v else float("nan"))
+    return {"deletion_mean": dm, "deletion_std": ds, "insertion_mean": im, "insertion_std": is_,
+            "n": sum(keep), "n_excluded": len(keep) - sum(keep),
+            "deletion_mean_all": mean_all(deletion_auc), "insertion_mean_all": mean_all(insertion_auc)}
 
 
 def explain_sample(

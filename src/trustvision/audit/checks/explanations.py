@@ -4,10 +4,13 @@ images."""
 
 from __future__ import annotations
 
+import math
+
 from trustvision import explain
 from trustvision.audit.context import AuditContext
 from trustvision.audit.registry import Check, CheckResult, Metric, Option, register_check
 from trustvision.errors import TrustVisionError
+from trustvision.explain._base import summarise_reasons
 from trustvision.explain.sag import auto_grid
 
 __all__ = ["ExplanationsCheck", "default_methods"]
@@ -37,10 +40,13 @@ class ExplanationsCheck(Check):
         "(trapezoid rule); lower deletion AUC and higher insertion AUC are better. Structured "
         "attention graphs (Shitole et al. 2021) show the minimal patch sets that alone keep 90% "
         "of the confidence for a few images (option sag_n, default 2). Heatmaps are unreliable "
-        "where the model's confidence is low: such images are flagged."
+        "where the model's confidence is low, the explained class is not the predicted one, the "
+        "blurred baseline still shows the class, or the heatmap is constant (the mask "
+        "optimisation did not move): such heatmaps are flagged with the reason, and constant "
+        "heatmaps (which rank nothing) are left out of the deletion/insertion means."
     )
     order = 60
-    version = 2
+    version = 3
     options = {
         "n": Option(int, 8, "test images explained (a seeded sample)", min=1),
         "methods": Option(list, default_methods, "heatmap methods, in this order (default: every registered "
@@ -100,9 +106,11 @@ class ExplanationsCheck(Check):
                 "deletion_auc": res.deletion_auc,
                 "insertion_auc": res.insertion_auc,
                 **res.faithfulness,
+                "unreliable": res.unreliable,
+                "reasons": res.reasons,
+                "constant": res.constant,
+                "n_unreliable": res.n_unreliable(),
             }
-            if res.unreliable is not None:
-                per_method[name]["unreliable"] = res.unreliable
 
         image_titles = [f"{sample.class_name(int(p))} ({float(c):.2f})" for p, c in zip(pred.cpu(), conf.cpu())]
         show = min(6, x.shape[0])
@@ -123,25 +131,37 @@ class ExplanationsCheck(Check):
 
         rows = [
             [name, m["deletion_mean"], m["deletion_std"], m["insertion_mean"], m["insertion_std"],
-             m["seconds_per_image"]]
+             m["seconds_per_image"], m["n_unreliable"], m["n_excluded"]]
             for name, m in per_method.items()
         ]
         low = [bool(c < 0.5) for c in conf.cpu().tolist()]
-        best = max(per_method, key=lambda k: per_method[k]["insertion_mean"] - per_method[k]["deletion_mean"],
+        scored = [k for k, m in per_method.items() if not math.isnan(m["insertion_mean"])]
+        best = max(scored, key=lambda k: per_method[k]["insertion_mean"] - per_method[k]["deletion_mean"],
                    default=None)
+        flagged = [f"{titles_of[k]} {m['n_unreliable']} of {x.shape[0]} ({summarise_reasons(m['reasons'])})"
+                   for k, m in per_method.items() if m["n_unreliable"]]
+        excluded = [f"{titles_of[k]} {m['n_excluded']}" for k, m in per_method.items() if m["n_excluded"]]
         summary = (
             f"{len(per_method)} methods on {x.shape[0]} test images"
             + (f"; most faithful (insertion - deletion AUC): {best}" if best else "")
             + (f"; {sum(low)} images with confidence < 0.5 (heatmaps unreliable)" if any(low) else "")
+            + (f"; unreliable heatmaps: {'; '.join(flagged)}" if flagged else "")
+            + (f"; constant heatmaps left out of the deletion/insertion means: {', '.join(excluded)}"
+               if excluded else "")
             + (f"; skipped: {', '.join(skipped)}" if skipped else "")
             + (f"; {len(sags)} structured attention graphs at grid {grid[0]}" if sags else "")
             + "."
         )
-        metrics = {}
+        metrics, notes = {}, {}
         for name in ("igos++", "igos"):
             if name in per_method:
-                metrics[f"Insertion AUC ({titles_of[name]})"] = per_method[name]["insertion_mean"]
-                metrics[f"Deletion AUC ({titles_of[name]})"] = per_method[name]["deletion_mean"]
+                m = per_method[name]
+                if not math.isnan(m["insertion_mean"]):  # every heatmap constant: no meaningful mean
+                    metrics[f"Insertion AUC ({titles_of[name]})"] = m["insertion_mean"]
+                    metrics[f"Deletion AUC ({titles_of[name]})"] = m["deletion_mean"]
+                if m["n_excluded"]:
+                    note = f"mean of {m['n']} of {x.shape[0]}; {m['n_excluded']} constant heatmaps left out"
+                    notes[f"Insertion AUC ({titles_of[name]})"] = notes[f"Deletion AUC ({titles_of[name]})"] = note
                 break
         return CheckResult(
             data={
@@ -158,11 +178,13 @@ class ExplanationsCheck(Check):
             figures=figures,
             summary=summary,
             metrics=metrics,
+            notes=notes,
             tables={
                 "faithfulness": {
                     "columns": ["method", "deletion AUC mean (lower better)", "deletion std",
                                 "insertion AUC mean (higher better)", "insertion std",
-                                "seconds / image"],
+                                "seconds / image", "unreliable heatmaps",
+                                "constant heatmaps (left out of the means)"],
                     "rows": rows,
                 }
             },
