@@ -8,7 +8,7 @@ import math
 
 from trustvision import explain
 from trustvision.audit.context import AuditContext
-from trustvision.audit.registry import Check, CheckResult, Metric, Option, register_check
+from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
 from trustvision.errors import TrustVisionError
 from trustvision.explain._base import summarise_reasons
 from trustvision.explain.sag import auto_grid
@@ -17,6 +17,22 @@ __all__ = ["ExplanationsCheck", "default_methods"]
 
 #: seed offset of the explained images (``ctx.generator(offset=404)``)
 SAMPLE_OFFSET = 404
+
+
+def _unreliable(d: dict) -> str | None:
+    """Explained images whose heatmaps are unreliable: low confidence, a wrong prediction, or a
+    method's heatmap flagged (e.g. constant)."""
+    n = len(d["predicted"])
+    wrong = sum(p != y for p, y in zip(d["predicted"], d["labels"]))
+    low = sum(bool(v) for v in d["low_confidence"])
+    flagged = {m: sum(bool(u) for u in v.get("unreliable") or []) for m, v in d["methods"].items()}
+    flagged = {m: k for m, k in flagged.items() if k}
+    if not (wrong or low or flagged):
+        return None
+    parts = ([f"{wrong} of {n} explained images are misclassified"] if wrong else []) + \
+            ([f"{low} have confidence < 0.5"] if low else []) + \
+            [f"{m}: {k} unreliable heatmaps" for m, k in flagged.items()]
+    return "; ".join(parts) + ": read those heatmaps with care (reasons in the check's data)"
 
 
 def default_methods() -> list[str]:
@@ -47,6 +63,7 @@ class ExplanationsCheck(Check):
     )
     order = 60
     version = 3
+    conditions = (Condition("heatmaps reliable", lambda m, d: _unreliable(d)),)
     options = {
         "n": Option(int, 8, "test images explained (a seeded sample)", min=1),
         "methods": Option(list, default_methods, "heatmap methods, in this order (default: every registered "
@@ -112,14 +129,19 @@ class ExplanationsCheck(Check):
                 "n_unreliable": res.n_unreliable(),
             }
 
-        image_titles = [f"{sample.class_name(int(p))} ({float(c):.2f})" for p, c in zip(pred.cpu(), conf.cpu())]
-        show = min(6, x.shape[0])
+        labels = sample.labels.tolist()
+        image_titles = [f"#{int(i)} true {sample.class_name(int(t))}\npred {sample.class_name(int(p))} ({float(c):.2f})"
+                        for i, t, p, c in zip(sample.indices.tolist(), labels, pred.cpu(), conf.cpu())]
+        show = x.shape[0]  # every explained image (the description's n)
         figures = {}
         if heatmaps:
             figures["heatmaps"] = heatmap_grid(
                 x[:show].cpu(), {k: v[:show] for k, v in heatmaps.items()}, image_titles[:show]
             )
 
+        captions = {"heatmaps": f"Heatmaps of {len(heatmaps)} methods for the predicted class of {x.shape[0]} test "
+                                f"images (rows; title: dataset index, true and predicted class, confidence); "
+                                "bright = important, each heatmap scaled to its maximum."}
         sags = []
         grid = (sag_grid, sag_grid) if sag_grid else auto_grid(*x.shape[-2:])
         if sag_n > 0:
@@ -127,10 +149,13 @@ class ExplanationsCheck(Check):
                                          method_kw={"grid": grid})
             for i, res in enumerate(sag.results):
                 sags.append(res.to_json())
-                figures[f"sag_{i}"] = res.figure()
+                idx, lab = int(sample.indices[i]), int(labels[i])
+                figures[f"sag_{i}"] = res.figure(class_names=sample.classes, label=lab, index=idx)
+                captions[f"sag_{i}"] = (f"SAG of test image {idx}: true {sample.class_name(lab)}, predicted "
+                                        f"{sample.class_name(res.predicted)}, p = {res.probability:.2f}")
 
         rows = [
-            [name, m["deletion_mean"], m["deletion_std"], m["insertion_mean"], m["insertion_std"],
+            [titles_of[name], m["deletion_mean"], m["deletion_std"], m["insertion_mean"], m["insertion_std"],
              m["seconds_per_image"], m["n_unreliable"], m["n_excluded"]]
             for name, m in per_method.items()
         ]
@@ -176,6 +201,7 @@ class ExplanationsCheck(Check):
                 "sag_grid": grid[0] if grid[0] == grid[1] else list(grid),
             },
             figures=figures,
+            captions=captions,
             summary=summary,
             metrics=metrics,
             notes=notes,
