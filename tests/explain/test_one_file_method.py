@@ -80,7 +80,7 @@ def test_the_audit_runs_it_by_default(plugin, tiny_model, toy_splits):
                        check_options={"n": 2, "iterations": 1, "sag_n": 0})
     res = ExplanationsCheck().run(ctx)
     assert "centre-prior" in res.data["methods"]
-    assert [r[0] for r in res.tables["faithfulness"]["rows"]][-1] == "centre-prior"
+    assert [r[0] for r in res.tables["faithfulness"]["rows"]][-1] == "Centre prior"  # the method title
 
 
 def test_the_report_shows_it(plugin, tiny_model, toy_splits, tmp_path):

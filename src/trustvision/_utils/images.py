@@ -208,11 +208,16 @@ def _baseline_level(x: torch.Tensor, level: int, ladder: list) -> torch.Tensor:
 
 @torch.no_grad()
 def baseline_probability(model: nn.Module, baseline: torch.Tensor, target: torch.Tensor,
-                         batch_size: int | None = None) -> torch.Tensor:
-    """The model's probability of class ``target[i]`` on baseline image ``baseline[i]``: (N,)."""
+                         batch_size: "int | None | AutoChunk" = None) -> torch.Tensor:
+    """The model's probability of class ``target[i]`` on image ``baseline[i]``: (N,), in chunks of
+    ``batch_size`` images (None: all at once; an :class:`AutoChunk`: its chunking)."""
     out = torch.empty(baseline.shape[0], device=baseline.device, dtype=baseline.dtype)
-    for sl in chunks(baseline.shape[0], batch_size):
+
+    def work(sl: slice) -> None:
         out[sl] = class_probability(model, baseline[sl], target[sl]).to(out.dtype)
+
+    chunker = batch_size if isinstance(batch_size, AutoChunk) else AutoChunk(batch_size or baseline.shape[0])
+    chunker.run(baseline.shape[0], work)
     return out
 
 
@@ -223,7 +228,7 @@ def uninformative_baseline(
     target: torch.Tensor,
     image_probability: torch.Tensor | None = None,
     keeps: float = BASELINE_KEEPS,
-    batch_size: int | None = None,
+    batch_size: "int | None | AutoChunk" = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Per image, the weakest baseline of :func:`baseline_levels` that does not keep the class.
 

@@ -107,7 +107,7 @@ SATURATED = 0.9  # a class probability this high at the mask: the softmax is sat
 AREA_LOWERINGS = 3  # a mask that does not move gets its area weight divided by 4, at most 3 times
 CONSTANT_TOL = 1e-4  # a heatmap whose max - min is below this did not move
 NOISE_CHANGE = 0.2  # noise may move the class probability by at most this much (mean |dp|)
-NOISE_DRAWS = 4  # noisy copies per image and noise level in that check
+NOISE_DRAWS = 2  # noisy copies per image, point and noise level in that check
 NOISE_HALVINGS = 6  # the noise is halved at most this many times, then switched off
 
 def total_variation(mask: torch.Tensor) -> torch.Tensor:
@@ -266,24 +266,30 @@ class _MaskExplainer(Explainer, register=False):
 
         with eval_mode(self.model):
             with torch.no_grad():
-                logits = torch.cat([self.model(x[sl]) for sl in _slices(n, fw_chunk.chunk_size())])
-                probs = torch.softmax(logits, dim=1)
+                probs = torch.empty(n, 0, device=device)
+
+                def first(sl: slice) -> None:
+                    nonlocal probs
+                    p = torch.softmax(self.model(x[sl]), dim=1)
+                    probs = p if sl.start == 0 else torch.cat([probs, p])
+
+                fw_chunk.run(n, first)
             t = resolve_target(self.model, x, target) if target is not None else probs.argmax(1)
             p_t = probs.gather(1, t.view(-1, 1)).squeeze(1)
             setup_runs = n  # forward passes before the optimisation (counted in forward_passes)
             if isinstance(baselines, str) and baselines == "adaptive-blur":
                 base, p_base, level, runs = uninformative_baseline(
-                    self.model, x, t, p_t, batch_size=fw_chunk.chunk_size())
+                    self.model, x, t, p_t, batch_size=fw_chunk)
                 names = baseline_levels(h, w)
                 base_names = [names[j] for j in level.tolist()]
                 setup_runs += runs
             else:
                 base = make_baseline(x, baselines)
-                p_base = baseline_probability(self.model, base, t, fw_chunk.chunk_size())
+                p_base = baseline_probability(self.model, base, t, fw_chunk)
                 base_names = [_baseline_name(baselines)] * n
                 setup_runs += n
             keys = _image_keys(x)
-            sigma, runs = self._calibrate_noise(x, base, t, float(noise), keys, int(seed), fw_chunk.chunk_size())
+            sigma, runs = self._calibrate_noise(x, base, t, float(noise), keys, int(seed), fw_chunk)
             setup_runs += runs
             k_ls = max(1, min(self.line_search_points, ig_steps))
             ls_points = [round((i + 1) * ig_steps / k_ls) - 1 for i in range(k_ls)]
@@ -352,7 +358,7 @@ class _MaskExplainer(Explainer, register=False):
 
     @torch.no_grad()
     def _calibrate_noise(self, x: torch.Tensor, base: torch.Tensor, t: torch.Tensor, sigma: float,
-                         keys: list[int], seed: int, batch_size: int | None) -> tuple[torch.Tensor, int]:
+                         keys: list[int], seed: int, batch_size) -> tuple[torch.Tensor, int]:
         """Per image the noise std (N,) and the number of images the model ran on.
 
         ``sigma`` is halved until the noise leaves the class probability nearly as it is all along
