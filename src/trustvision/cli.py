@@ -429,6 +429,7 @@ def explain_cmd(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed of the image sample and of the method (I-GOS noise, RISE masks)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar: one plain line per finished chunk of images (on stderr)."),
 ) -> None:
     """Explain N test images: PNG overlays + heatmaps.npy + scores.json (deletion/insertion AUCs);
     --method sag writes structured attention graphs (PNG, SVG, JSON)."""
@@ -436,7 +437,7 @@ def explain_cmd(
 
     res = run_explain(model, data, method, n, out, split=split, target=target, device=device, seed=seed,
                       iterations=iterations, internal_batch_size=batch_size, grid=grid, data_root=data_dir,
-                      method_kw=parse_method_kw(method_kw))
+                      method_kw=parse_method_kw(method_kw), progress="lines" if no_progress else True)
     if "summary" in res:
         s = res["summary"]
         typer.echo(f"{method} on {res['n']} images: deletion AUC {s['deletion_mean']:.4f} +- {s['deletion_std']:.4f} "

@@ -75,19 +75,23 @@ def run_explain(
     data_root: str | None = None,
     method_kw: Mapping[str, Any] | None = None,
     echo: Callable[[str], Any] | None = print,
+    progress: bool | str = False,
 ) -> dict:
     """Explain ``n`` seeded images of ``data``/``split`` with ``method``; returns the scores dict.
 
     ``method_kw`` holds the method's own keywords (checked against its declared ones);
     ``iterations`` and ``grid`` are shorthands for ``method_kw["iterations"]`` / ``["grid"]``.
     When some heatmaps are unreliable, ``scores["warning"]`` counts them by reason and ``echo``
-    (default ``print``; None = silent) prints it.
+    (default ``print``; None = silent) prints it. ``progress``: True = a progress bar with an ETA
+    on stderr, ``"lines"`` = one plain stderr line per finished chunk of images (images done,
+    elapsed, ETA), False = silent.
     """
     import numpy as np
 
     from trustvision import explain, models
     from trustvision._utils.device import resolve_device
     from trustvision._utils.io import ensure_writable_dir
+    from trustvision._utils.progress import bar_tracker, line_tracker, progress_bar
     from trustvision.evaluate.faithfulness import deletion_insertion
     from trustvision.explain._base import summarise_reasons
     from trustvision.explain.plot import overlay_figure
@@ -106,10 +110,22 @@ def run_explain(
     ensure_writable_dir(out, "--out")  # before the work, not after it
     net = models.load(model).to(resolve_device(device)).eval()
     t0 = time.perf_counter()
-    res = explain.explain_sample(
-        net, data, cls, n, seed=seed, target=target, split=split, data_root=data_root,
-        internal_batch_size=internal_batch_size, method_kw=kw, faithfulness=deletion_insertion,
-    )
+    dataset = data
+    if isinstance(data, str):  # bad data is a one-line error before any progress is shown
+        from trustvision import data as data_mod
+
+        dataset = data_mod.load(data, split=split, root=data_root)
+        models.check_compatible(net, dataset)
+    if cls.unmet_requirement(net) is not None:
+        raise TrustVisionError(cls.unmet_requirement(net))
+    with progress_bar(progress) as bar:
+        track = (bar_tracker(bar) if progress is True else line_tracker(unit="images") if progress == "lines"
+                 else None)
+        res = explain.explain_sample(
+            net, dataset, cls, n, seed=seed, target=target, split=split, data_root=data_root,
+            internal_batch_size=internal_batch_size, method_kw=kw, faithfulness=deletion_insertion,
+            track=track,
+        )
     out = Path(out)
     rows = res.rows()
     stems = [f"{i:03d}_idx{row['index']}" for i, row in enumerate(rows)]

@@ -187,7 +187,7 @@ def test_flags_low_confidence_and_not_predicted(one_pixel):
 def test_summarise_reasons_counts_kinds():
     reasons = [["heatmap is constant: no step of the mask optimisation was accepted",
                 "the baseline keeps the class (p = 0.97 on the blurred image, 0.99 on the image)"],
-               ["heatmap is constant: the mask moved uniformly"], [], ["low confidence (p = 0.30 < 0.5)"]]
+               ["heatmap is constant: the mask ended with every cell equal"], [], ["low confidence (p = 0.30 < 0.5)"]]
     assert summarise_reasons(reasons) == "2 constant heatmaps, 1 baseline keeping the class, 1 low confidence"
     assert constant_heatmaps(torch.stack([torch.zeros(1, 4, 4), torch.eye(4).unsqueeze(0) * 1e-9])) == [True, False]
 

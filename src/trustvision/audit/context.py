@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from trustvision._utils.progress import silent_tracker
 from trustvision.data import SPLITS, ImageDataset, TensorImageDataset
 
 __all__ = ["AuditContext", "LazySplits", "SPLITS"]
@@ -62,7 +63,9 @@ class AuditContext:
         seed: seed for anything random a check does (use :meth:`generator`).
         compare: an optional second model (e.g. the feed-forward twin of a generative classifier).
         compare_name: its display name.
-        track: ``track(iterable, total, description)`` wraps long loops in a progress bar.
+        track: ``track(iterable, total, description, weight=None)`` wraps long loops in a progress
+            bar with an ETA (``weight(item)``: the units an item counts for, e.g. the images of a
+            chunk; see :mod:`trustvision._utils.progress`).
         check_options: the declared options of the check now running (set by the runner).
         log: ``log(message)`` reports a finished unit of a long check (e.g. one explanation
             method): a line on the progress console, a plain line with ``--no-progress``.
@@ -76,7 +79,7 @@ class AuditContext:
     seed: int = 0
     compare: torch.nn.Module | None = None
     compare_name: str | None = None
-    track: Callable[..., Iterable] = field(default=lambda it, total=None, description="": it, repr=False)
+    track: Callable[..., Iterable] = field(default=silent_tracker, repr=False)
     check_options: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = field(default=lambda message: None, repr=False)
     _logits: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)

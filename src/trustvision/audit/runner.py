@@ -61,6 +61,7 @@ from trustvision.audit.store import (
     to_jsonable,
 )
 from trustvision.data import ImageDataset
+from trustvision._utils.progress import bar_tracker, progress_bar
 from trustvision.errors import TrustVisionError
 
 __all__ = [
@@ -228,26 +229,11 @@ def _model_info(am: AuditModel, key: str, fp: str) -> dict:
 
 
 def _make_progress(enabled: bool | str):
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    return Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                    console=Console(stderr=True, log_path=False), disable=enabled is not True, transient=False)
+    return progress_bar(enabled)
 
 
 def _tracker(progress) -> Callable[..., Iterable]:
-    def track(iterable, total: int | None = None, description: str = ""):
-        task = progress.add_task(f"  {description}", total=total)
-        try:
-            for item in iterable:
-                yield item
-                progress.advance(task)
-        finally:
-            progress.remove_task(task)
-
-    return track
+    return bar_tracker(progress, indent="  ")
 
 
 def _split_sizes(splits: LazySplits) -> dict[str, int]:

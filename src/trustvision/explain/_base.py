@@ -41,7 +41,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
@@ -209,7 +209,7 @@ class ExplanationInfo:
                 "heatmap is constant: no step of the mask optimisation was accepted" if moved == 0 and f > 0
                 else "heatmap is constant: the mask never left M = 1 (the area penalty outweighs the class "
                      "score's gradient in every cell)" if moved == 0
-                else "heatmap is constant: the mask moved uniformly"
+                else "heatmap is constant: the mask ended with every cell equal"
                 for moved, f in zip(self.accepted_steps, fails)
             ]
         return heatmap_reasons(
@@ -223,6 +223,32 @@ class ExplanationInfo:
     @property
     def unreliable(self) -> list[bool]:
         return [bool(r) for r in self.reasons]
+
+    @classmethod
+    def concat(cls, infos: "list[ExplanationInfo]") -> "ExplanationInfo":
+        """The diagnostics of the images of several calls, in order (per-image lists joined,
+        pass counts added); what one call on all the images would report, since each image's
+        result does not depend on the others of its batch."""
+        if not infos:
+            raise ValueError("concat needs at least one ExplanationInfo")
+        if len(infos) == 1:
+            return infos[0]
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            values = [getattr(i, f.name) for i in infos]
+            if f.name in ("forward_backward_passes", "forward_passes"):
+                kw[f.name] = sum(values)
+            elif f.name == "low_confidence_threshold":
+                kw[f.name] = values[0]
+            elif f.name == "baseline_name":
+                if all(isinstance(v, str) for v in values) and len(set(values)) == 1:
+                    kw[f.name] = values[0]
+                else:
+                    kw[f.name] = [name for v, i in zip(values, infos)
+                                  for name in (v if isinstance(v, list) else [v] * len(i.target))]
+            else:
+                kw[f.name] = [x for v in values for x in v]
+        return cls(**kw)
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -266,14 +266,9 @@ class _MaskExplainer(Explainer, register=False):
 
         with eval_mode(self.model):
             with torch.no_grad():
-                probs = torch.empty(n, 0, device=device)
-
-                def first(sl: slice) -> None:
-                    nonlocal probs
-                    p = torch.softmax(self.model(x[sl]), dim=1)
-                    probs = p if sl.start == 0 else torch.cat([probs, p])
-
-                fw_chunk.run(n, first)
+                parts: list[torch.Tensor] = []
+                fw_chunk.run(n, lambda sl: parts.append(torch.softmax(self.model(x[sl]), dim=1)))
+                probs = torch.cat(parts)
             t = resolve_target(self.model, x, target) if target is not None else probs.argmax(1)
             p_t = probs.gather(1, t.view(-1, 1)).squeeze(1)
             setup_runs = n  # forward passes before the optimisation (counted in forward_passes)
@@ -307,21 +302,32 @@ class _MaskExplainer(Explainer, register=False):
             area = torch.full((n,), float(l1), device=device, dtype=x.dtype)  # per image, see below
             lowered = torch.zeros(n, dtype=torch.long)
             real, p_del = self._objective(z, area, l2, with_score=True)
+            everyone = torch.ones(n, dtype=torch.bool)
             for it in range(iterations):
-                g, loss = self._direction(z, it, area, l2)
-                z, real, p_del, failed, accepted = self._line_search(z, g, loss, real, p_del, it, area, l2,
-                                                                     initial_step)
-                failures += failed.cpu().long()
-                moved += accepted.cpu().long()
-                # Area continuation: a mask still constant after an iteration means no deletion pays
-                # its area cost (a saturated model keeps the class until most of the image is gone);
-                # its area weight is divided by 4 (at most AREA_LOWERINGS times) so that the most
-                # important cells can go. Images whose mask moves are not affected.
-                stuck = torch.tensor(constant_heatmaps(self._heat(z), CONSTANT_TOL)) & (lowered < AREA_LOWERINGS)
-                if it + 1 < iterations and bool(stuck.any()):
+                g_score, ls_score = self._direction(z, it)
+                g, loss = self._penalised(z, g_score, ls_score, area, l2)
+                z, real, p_del, failed, accepted = self._line_search(
+                    z, g, loss, real, p_del, it, area, l2, initial_step, everyone)
+                # Area continuation: a mask still constant after its line search means that no
+                # deletion pays its area cost (a saturated model keeps the class until most of the
+                # image is gone): its area weight is divided by 4 (at most AREA_LOWERINGS times in
+                # all) and the step searched again at once, along the same integrated gradient
+                # with the new penalty (no new gradient pass). Images whose mask moves are not
+                # affected.
+                while True:
+                    stuck = torch.tensor(constant_heatmaps(self._heat(z), CONSTANT_TOL)) & (lowered < AREA_LOWERINGS)
+                    if not bool(stuck.any()):
+                        break
                     lowered += stuck.long()
                     area = torch.where(stuck.to(device), area / 4, area)
+                    g, loss = self._penalised(z, g_score, ls_score, area, l2)
                     real, p_del = self._objective(z, area, l2, with_score=True)
+                    z, real, p_del, failed2, accepted2 = self._line_search(
+                        z, g, loss, real, p_del, it, area, l2, initial_step, stuck)
+                    failed = torch.where(stuck, failed2, failed)
+                    accepted = accepted | accepted2
+                failures += failed.long()
+                moved += accepted.long()
             final_loss = real
             heat = self._heat(z).detach()
             passes = (self._ctx["fb"], self._ctx["fw"])
@@ -542,10 +548,10 @@ class _MaskExplainer(Explainer, register=False):
         value = (s * signs).sum(1) + self._regulariser(z, c["images"][rd], l1[rd], l2)
         return (value, s[:, 0]) if with_score else value
 
-    def _direction(self, z: torch.Tensor, it: int, l1: float, l2: float):
-        """Descent direction (integrated gradients of the score terms + gradient of the
-        penalties) and the integrated objective at ``z`` on the line-search points, with this
-        iteration's noise (the value the line search compares against)."""
+    def _direction(self, z: torch.Tensor, it: int):
+        """The integrated gradients of the score terms at ``z`` (the score part of the descent
+        direction) and the score part of the integrated objective on the line-search points,
+        with this iteration's noise (the value the line search compares against)."""
         c = self._ctx
         n, k = c["n"], c["k"]
         masks, signs = self._signed(z.detach())
@@ -558,13 +564,18 @@ class _MaskExplainer(Explainer, register=False):
         scores, grads = self._rows(img, term, point, rows, it, grad=True)
         ig = grads.view(n, nt, k, *masks.shape[2:]).mean(2)  # (n, nt, 1, h, w)
         g = self._chain(z, list(ig.transpose(0, 1).unbind(0)))
+        ls = scores.view(n, nt, k)[:, :, c["ls_points"]].mean(2)  # (n, nt)
+        return g, (ls * signs).sum(1)
+
+    def _penalised(self, z: torch.Tensor, g_score: torch.Tensor, ls_score: torch.Tensor, l1: torch.Tensor,
+                   l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The descent direction and the integrated objective: the score parts plus the gradient
+        and the value of the area and smoothness penalties."""
         zz = z.detach().requires_grad_(True)
         with torch.enable_grad():
-            reg = self._regulariser(zz, c["images"], l1, l2)
+            reg = self._regulariser(zz, self._ctx["images"], l1, l2)
             (greg,) = torch.autograd.grad(reg.sum(), zz)
-        ls = scores.view(n, nt, k)[:, :, c["ls_points"]].mean(2)  # (n, nt)
-        loss = (ls * signs).sum(1) + reg.detach()
-        return g + greg, loss
+        return g_score + greg, ls_score + reg.detach()
 
     @torch.no_grad()
     def _integrated(self, cand: torch.Tensor, rows: torch.Tensor, it: int, l1: torch.Tensor, l2: float):
@@ -586,7 +597,7 @@ class _MaskExplainer(Explainer, register=False):
         return (s.view(m, nt, kp).mean(2) * signs).sum(1) + reg
 
     @torch.no_grad()
-    def _line_search(self, z, g, loss, real, p_del, it, l1, l2, initial_step):
+    def _line_search(self, z, g, loss, real, p_del, it, l1, l2, initial_step, only):
         """Per-image projected Armijo backtracking on z - step * g, clamped to [0, 1].
 
         The steps tried are step0 * 0.2^j (j = 0, 1, ...). First on the objective itself
@@ -599,9 +610,9 @@ class _MaskExplainer(Explainer, register=False):
         down to ``MIN_STEP_INTEGRATED``. A step must lower the value by the Armijo amount and by
         more than float rounding (``MIN_DECREASE``). Every image takes the first step that
         passes, exactly as a sequential search would; the next ``line_search_group`` steps of
-        every image still searching are scored in one batched pass. Returns the new state, its
-        objective and deletion score, the images that gave up (no step accepted) and the images
-        whose accepted step changed the mask.
+        every image still searching are scored in one batched pass. Only the images in ``only``
+        (CPU bools) search. Returns the new state, its objective and deletion score, the images
+        that gave up (no step accepted) and the images whose accepted step changed the mask.
         """
         n = z.shape[0]
         # the scale of the step: the largest change among cells that can move (a cell at M = 1
@@ -609,7 +620,7 @@ class _MaskExplainer(Explainer, register=False):
         movable = ((g > 0) & (z > 0)) | ((g < 0) & (z < 1))
         gmax = (g.abs() * movable).flatten(1).amax(1).clamp_min(1e-12)
         step0 = INITIAL_STEP / gmax if initial_step is None else torch.full_like(gmax, float(initial_step))
-        can_move = movable.flatten(1).any(1).cpu()
+        can_move = movable.flatten(1).any(1).cpu() & only
         new_z, new_real, new_p = z.clone(), real.clone(), p_del.clone()
 
         def score_real(cand, rows):
@@ -680,11 +691,6 @@ class _MaskExplainer(Explainer, register=False):
             accepted[rows[any_ok]] = True
             active[rows[any_ok | give_up]] = False
         return accepted
-
-
-def _slices(total: int, size: int | None):
-    size = total if not size else size
-    return [slice(s, min(s + size, total)) for s in range(0, total, max(1, size))]
 
 
 def _baseline_name(baselines: BaselineType) -> str:

@@ -219,6 +219,8 @@ def explain_images(
     internal_batch_size: int | None = None,
     method_kw: Mapping[str, Any] | None = None,
     faithfulness: Callable[..., Any] | None = None,
+    track: Callable[..., Any] | None = None,
+    chunk: int | None = None,
 ) -> SampleExplanation:
     """Explain ``sample`` with ``method`` (a registered name or an :class:`Explainer` class).
 
@@ -228,6 +230,13 @@ def explain_images(
     ``(model, images, heatmaps, target=...)`` returning per-image ``deletion_auc`` and
     ``insertion_auc`` and a ``summary()`` (e.g. ``deletion_insertion``). Warnings of the method
     are silenced: its reliability flags are in the result instead.
+
+    ``track``: a progress tracker (:mod:`trustvision._utils.progress`; the audit passes
+    ``ctx.track``); the images are then explained in chunks of ``chunk`` (default: an eighth of
+    them, at least one image), each reported as done, so the progress has an ETA. The results do
+    not depend on the chunking (up to float rounding): every registered method explains each
+    image independently of the others in its batch (I-GOS noise is drawn per image, RISE masks
+    come from the seed alone).
     """
     cls = _method(method)
     kw = {"seed": seed, "internal_batch_size": internal_batch_size, **dict(method_kw or {})}
@@ -237,18 +246,31 @@ def explain_images(
         raise TrustVisionError(reason)
     explainer = cls(model)
     t0 = time.perf_counter()
+    n = sample.images.shape[0]
+    if track is None:
+        bounds = [(0, n)]
+    else:
+        size = max(1, chunk or -(-n // 8))
+        bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
+    outs, infos = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = explainer.attribute(sample.images, target=sample.targets, **kw)
+        parts = bounds if track is None else track(bounds, total=n, description=cls.name,
+                                                   weight=lambda b: b[1] - b[0])
+        for a, b in parts:
+            o = explainer.attribute(sample.images[a:b], target=sample.targets[a:b], **kw)
+            outs.append(o[0] if cls.kind == "heatmap" and isinstance(o, tuple) else o)
+            infos.append(getattr(explainer, "last_info", None))
     seconds = time.perf_counter() - t0
     res = SampleExplanation(method=cls.name, title=cls.title, kind=cls.kind, sample=sample, seconds=seconds)
-    info = getattr(explainer, "last_info", None)
+    info = (ExplanationInfo.concat(infos) if infos and all(isinstance(i, ExplanationInfo) for i in infos)
+            else None)
     if isinstance(info, ExplanationInfo):
+        explainer.last_info = info
         res.info, res.unreliable, res.reasons = info, info.unreliable, info.reasons
         res.constant = list(info.constant) or None
     if cls.kind == "heatmap":
-        if isinstance(out, tuple):  # e.g. I-GOS with return_info=True: (heatmaps, info)
-            out = out[0]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         res.heatmaps = out
         if res.reasons is None:  # a method without its own diagnostics: the generic checks
             res.constant = constant_heatmaps(out)
@@ -264,7 +286,7 @@ def explain_images(
             res.deletion_auc, res.insertion_auc = list(fi.deletion_auc), list(fi.insertion_auc)
             res.faithfulness = faithfulness_summary(res.deletion_auc, res.insertion_auc, res.constant)
     else:
-        res.results = list(out)
+        res.results = [r for o in outs for r in o]
     return res
 
 
@@ -314,13 +336,14 @@ def explain_sample(
     internal_batch_size: int | None = None,
     method_kw: Mapping[str, Any] | None = None,
     faithfulness: Callable[..., Any] | None = None,
+    track: Callable[..., Any] | None = None,
 ) -> SampleExplanation:
     """Explain ``n`` seeded images of ``dataset`` with ``method``: :func:`draw_sample` then
     :func:`explain_images`.
 
     ``dataset``: a dataset, or a registered name loaded as ``split`` (from ``data_root``) and
     checked against the model; ``seed``: the method's seed and, unless ``sample_seed`` is given,
-    the seed of the draw.
+    the seed of the draw; ``track``: a progress tracker (see :func:`explain_images`).
     """
     cls = _method(method)
     check_keywords(cls, dict(method_kw or {}))
@@ -332,4 +355,4 @@ def explain_sample(
     sample = draw_sample(model, dataset, n, seed=seed if sample_seed is None else sample_seed,
                          target=target, device=device)
     return explain_images(model, sample, cls, seed=seed, internal_batch_size=internal_batch_size,
-                          method_kw=method_kw, faithfulness=faithfulness)
+                          method_kw=method_kw, faithfulness=faithfulness, track=track)
