@@ -444,7 +444,7 @@ def explain_cmd(
                    f"(lower is better), insertion AUC {s['insertion_mean']:.4f} +- {s['insertion_std']:.4f} "
                    f"(higher is better)")
     else:
-        typer.echo(f"{method} on {res['n']} images: one {res['kind']} per image (PNG, SVG, JSON) in "
+        typer.echo(f"{method} on {res['n']} images: one {res['kind']} per image ({', '.join(res['formats'])}) in "
                    f"{out}/{res['method']}")
     flagged = sum(r["low_confidence"] or r["wrong_prediction"] for r in res["images"])
     if flagged:

@@ -154,6 +154,7 @@ def run_explain(
         for stem, r in zip(stems, res.results or []):
             r.render(folder / stem)
             (folder / f"{stem}.json").write_text(json.dumps(r.to_json(), indent=1))
+        result["formats"] = sorted({f.suffix[1:].upper() for f in folder.iterdir() if f.suffix}, key="PNG SVG JSON".find)
     result["seconds"] = time.perf_counter() - t0
     (out / "scores.json").write_text(json.dumps(_nan_to_null(result), indent=1, default=str))
     if echo is not None and "warning" in result:

@@ -70,7 +70,8 @@ def test_registry_names_and_errors():
         ["gradcam", "igos", "igos++", "integrated-gradients", "likelihood-ratio", "occlusion",
          "rise", "saliency"]
     )
-    assert explain.list_methods(kind=None) == sorted(explain.list_methods() + ["sag"])
+    assert explain.list_methods(kind=None) == sorted(explain.list_methods() + ["sag", "sis", "bgsis"])
+    assert explain.list_methods(kind="subset") == ["bgsis", "sis"]
     assert explain.get("igos++") is explain.IGOSPlusPlus
     with pytest.raises(TrustVisionError, match="did you mean 'igos\\+\\+'"):
         explain.get("igos+")
