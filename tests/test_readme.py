@@ -43,7 +43,8 @@ def test_readme_python_examples_run(marker, check, tmp_path):
 SKIP = ("pip ", "pytest", "torchrun ", "python benchmarks/", "python scripts/")
 SMALL_AUDIT = ["--n-max", "60", "-O", "explanations.n=2", "-O", "explanations.sag_n=1", "-O",
                "explanations.iterations=2", "-O", "ood.n=30", "-O", "generative.ood_n=30", "-O",
-               "generative.counterfactual_n=2", "--no-progress"]
+               "generative.counterfactual_n=2", "-O", "overinterpretation.n=12", "-O", "overinterpretation.train_n=60",
+               "-O", "overinterpretation.epochs=1", "-O", "overinterpretation.ensemble=2", "--no-progress"]
 
 
 def _shell_lines() -> list[str]:

@@ -110,12 +110,22 @@ def run_explain(
     ensure_writable_dir(out, "--out")  # before the work, not after it
     net = models.load(model).to(resolve_device(device)).eval()
     t0 = time.perf_counter()
-    dataset = data
+    dataset, shown_kw = data, dict(kw)
     if isinstance(data, str):  # bad data is a one-line error before any progress is shown
         from trustvision import data as data_mod
 
         dataset = data_mod.load(data, split=split, root=data_root)
         models.check_compatible(net, dataset)
+    if cls.kind == "subset" and kw.get("mask", "mean") == "mean" and isinstance(data, str):
+        # mask="mean" is the training-set mean pixel (the paper's choice), not the model's fixed
+        # normalisation mean: computed from the dataset's training split when it has one
+        from trustvision.evaluate.overinterpretation import training_mean
+
+        try:
+            kw["mask"] = training_mean(data_mod.load(data, split="train", root=data_root))
+            shown_kw["mask"] = f"mean: the training-set mean pixel {[round(v, 4) for v in kw['mask'].flatten().tolist()]}"
+        except TrustVisionError:
+            pass
     if cls.unmet_requirement(net) is not None:
         raise TrustVisionError(cls.unmet_requirement(net))
     with progress_bar(progress) as bar:
@@ -130,7 +140,7 @@ def run_explain(
     rows = res.rows()
     stems = [f"{i:03d}_idx{row['index']}" for i, row in enumerate(rows)]
     result: dict = {"model": model, "data": data, "split": split, "method": cls.name, "kind": cls.kind,
-                    "n": len(rows), "seed": seed, "target": target, "method_kw": kw, "images": rows}
+                    "n": len(rows), "seed": seed, "target": target, "method_kw": shown_kw, "images": rows}
     if res.unreliable is not None:
         bad = [i for i, u in enumerate(res.unreliable) if u]
         result["unreliable"] = len(bad)

@@ -352,3 +352,24 @@ def test_shortcut_digits_sis_contains_the_marker():
     sizes = sorted(res[i].size for i in ok)
     clean_sizes = sorted(r.size for r in rc if r.ok)
     assert sizes[len(sizes) // 2] < clean_sizes[len(clean_sizes) // 2]
+
+
+def test_explain_cli_sis_masks_with_the_training_mean(tmp_path, capsys):
+    """`trustvision explain --method sis`: mask="mean" is the training split's mean pixel (digits:
+    0.3045), not the zoo model's fixed normalisation mean 0.5; every subset is written as PNG + JSON."""
+    import json
+
+    from trustvision import data
+    from trustvision.cli import main
+
+    out = tmp_path / "sis"
+    assert main(["explain", "--model", "zoo:small-cnn-digits", "--data", "digits", "--method", "sis", "--n", "2",
+                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert "one subset per image (PNG, JSON)" in capsys.readouterr().out
+    scores = json.loads((out / "scores.json").read_text())
+    x, _ = data.load("digits", split="train").tensors()
+    assert scores["method_kw"]["mask"] == f"mean: the training-set mean pixel [{round(float(x.double().mean()), 4)}]"
+    for row in scores["images"]:
+        stem = out / "sis" / f"{scores['images'].index(row):03d}_idx{row['index']}"
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        assert saved["status"] == row["sis_status"] and stem.with_suffix(".png").is_file()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from trustvision._utils.progress import silent_tracker
+from trustvision.audit.store import ScratchStore, safe_key
 from trustvision.data import SPLITS, ImageDataset, TensorImageDataset
 
 __all__ = ["AuditContext", "LazySplits", "SPLITS"]
@@ -69,6 +71,8 @@ class AuditContext:
         check_options: the declared options of the check now running (set by the runner).
         log: ``log(message)`` reports a finished unit of a long check (e.g. one explanation
             method): a line on the progress console, a plain line with ``--no-progress``.
+        scratch_root: where :meth:`scratch` keeps partial results (``out/scratch/<model-key>``,
+            set by the runner); None: in memory, for this audit only.
     """
 
     model: torch.nn.Module
@@ -82,7 +86,9 @@ class AuditContext:
     track: Callable[..., Iterable] = field(default=silent_tracker, repr=False)
     check_options: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = field(default=lambda message: None, repr=False)
+    scratch_root: Path | None = None
     _logits: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _scratch: dict[str, ScratchStore] = field(default_factory=dict, repr=False)
     _subsets: dict[str, ImageDataset] = field(default_factory=dict, repr=False)
 
     def option(self, key: str, default: Any = None) -> Any:
@@ -92,6 +98,16 @@ class AuditContext:
         if value is None:
             value = self.options.get(key)
         return default if value is None else value
+
+    def scratch(self, name: str) -> ScratchStore:
+        """A :class:`~trustvision.audit.store.ScratchStore` for the partial results of a long check
+        (e.g. one entry per image, stored as each finishes): under ``scratch_root / name`` when the
+        audit writes files, so a rerun after an interruption finds them; in memory otherwise. Keys
+        must name everything a result depends on (the model's weights, the settings, the input)."""
+        if name not in self._scratch:
+            root = None if self.scratch_root is None else Path(self.scratch_root) / safe_key(name)
+            self._scratch[name] = ScratchStore(root)
+        return self._scratch[name]
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU ``torch.Generator`` seeded with ``seed + offset``."""

@@ -507,6 +507,7 @@ def run(
             ctx = AuditContext(model=am.model, model_name=am.name, datasets=splits, options=dict(opts),
                                device=device, seed=seed, compare=cmp_model, compare_name=cmp_name,
                                track=_tracker(prog),
+                               scratch_root=None if out is None else out / "scratch" / key,
                                log=lambda msg, _name=am.name: _log(prog, progress, f"  {escape(_name)}: {escape(msg)}"))
             records: dict[str, dict] = {}
             for cls in check_classes:

@@ -9,6 +9,11 @@ Every file is written to a temporary file in the same directory and moved into p
 ``os.replace``, and the record JSON is written last, so an interrupted audit leaves either a
 complete record or none. A record is reused only when its ``fingerprint`` (model weights and
 config, dataset, options, check version) equals the current one.
+
+A check whose work comes in many small units (e.g. one result per image) keeps them in a
+:class:`ScratchStore` (``ctx.scratch(name)``), under ``scratch/<model-key>/<name>/`` (one small JSON
+file per key, written atomically as each unit finishes), so an interrupted check resumes without
+recomputing the finished units; the check makes its keys say everything the unit depends on.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from trustvision._utils.io import atomic_write_bytes, atomic_write_json, to_json
 __all__ = [
     "ResultStore",
     "MemoryStore",
+    "ScratchStore",
     "atomic_write_bytes",
     "atomic_write_json",
     "to_jsonable",
@@ -123,3 +129,46 @@ class MemoryStore:
 
     def save(self, model_key: str, check: str, fp: str, record: dict, figures: dict[str, bytes]) -> dict:
         return {**record, "fingerprint": fp, "figures": {name: f"memory:{name}" for name in figures}}
+
+
+class ScratchStore:
+    """Partial results of a check, one JSON value per string key: under ``root`` (one file per key,
+    named by the key's SHA-256, written atomically) or, with ``root=None``, in memory (an audit that
+    writes no files). Unreadable files count as missing.
+
+    Example:
+        >>> s = ScratchStore()
+        >>> s["image 3"] = {"order": [2, 0, 1]}
+        >>> s.get("image 3"), s.get("image 4"), len(s)
+        ({'order': [2, 0, 1]}, None, 1)
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = None if root is None else Path(root)
+        self._memory: dict[str, Any] = {}
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{hashlib.sha256(str(key).encode('utf-8')).hexdigest()[:40]}.json"  # type: ignore[operator]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if self.root is None:
+            return self._memory.get(key, default)
+        try:
+            return json.loads(self._path(key).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, OSError):
+            return default
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if self.root is None:
+            self._memory[key] = to_jsonable(value)
+            return
+        text = json.dumps(to_jsonable(value), allow_nan=False, separators=(",", ":"))
+        atomic_write_bytes(self._path(key), text.encode("utf-8"))
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(str(key)) is not None
+
+    def __len__(self) -> int:
+        if self.root is None:
+            return len(self._memory)
+        return sum(1 for _ in self.root.glob("*.json")) if self.root.is_dir() else 0
