@@ -17,11 +17,20 @@ SMALL = {"overinterpretation.n": 24, "overinterpretation.train_n": 40, "overinte
          "overinterpretation.ensemble": 2, "overinterpretation.gallery": 4}
 
 
+def _root_conftest():
+    """tests/conftest.py by path (``import conftest`` finds whichever conftest was imported first)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_tv_root_conftest", Path(__file__).parents[1] / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def tiny_cnn():
-    from conftest import make_splits
-
-    splits = make_splits()
+    splits = _root_conftest().make_splits()
     net = models.create("small-cnn", num_classes=3, in_chans=1, image_size=4)
     fit(net, splits["train"], epochs=8, lr=1e-2, batch_size=16, progress=False)
     return net.eval(), splits
