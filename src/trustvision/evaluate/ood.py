@@ -13,6 +13,9 @@ Scores:
     - ``complexity_corrected``: ``-(S(x))`` with ``S(x) = -log2 p(x) - L(x)``, L = PNG length in
       bits of the 8-bit image (Serra et al. ICLR 2020).
     - ``max_softmax``: the maximum class probability (Hendrycks & Gimpel 2017), for any classifier.
+    - The post-hoc detectors of :mod:`trustvision.evaluate.detectors` (``list_detectors()``:
+      max-softmax, max-logit, energy, Mahalanobis, KNN, ViM), fitted on the training split where
+      they need it, same convention.
 
 Example:
     >>> import torch
@@ -32,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trustvision.evaluate.detectors import Detector, get_detector, list_detectors
+
 __all__ = [
     "OODMetrics",
     "OODResult",
@@ -47,6 +52,9 @@ __all__ = [
     "build_ood_sets",
     "evaluate_ood",
     "OOD_SETS",
+    "list_detectors",
+    "get_detector",
+    "Detector",
 ]
 
 OOD_SETS = ("faces", "textures", "uniform", "gaussian", "rotated", "inverted")
