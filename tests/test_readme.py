@@ -44,7 +44,9 @@ SKIP = ("pip ", "pytest", "torchrun ", "python benchmarks/", "python scripts/")
 SMALL_AUDIT = ["--n-max", "60", "-O", "explanations.n=2", "-O", "explanations.sag_n=1", "-O",
                "explanations.iterations=2", "-O", "ood.n=30", "-O", "generative.ood_n=30", "-O",
                "generative.counterfactual_n=2", "-O", "overinterpretation.n=12", "-O", "overinterpretation.train_n=60",
-               "-O", "overinterpretation.epochs=1", "-O", "overinterpretation.ensemble=2", "--no-progress"]
+               "-O", "overinterpretation.epochs=1", "-O", "overinterpretation.ensemble=2",
+               "-O", "adversarial.n=8", "-O", "adversarial.explain_n=2", "-O", "adversarial.pairs=1",
+               "-O", "corruptions.n=8", "--no-progress"]
 
 
 def _shell_lines() -> list[str]:

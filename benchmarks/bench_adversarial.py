@@ -1,0 +1,169 @@
+"""PGD benchmarks: PGD images/s per step against the model's own forward + backward throughput,
+measured in the same run on the same batch (target: ratio >= 0.8).
+
+Two uses:
+
+* ``benchmarks/run.py`` imports this module: it registers throughput workloads (images/s of a
+  whole 10-step PGD-Linf attack) for the runner's table: ``zoo:small-cnn-digits`` (8 x 8) and
+  ``zoo:small-cnn-textures`` (32 x 32) at batch 64.
+* ``python benchmarks/bench_adversarial.py [--device cuda] [--threads 1] [--steps 10] [--json F]``
+  prints the table: per model (8 x 8 digits, 32 x 32 textures) and batch (1, 64), PGD-Linf and
+  PGD-L2 images x steps per second, the forward + backward images/s of the cross-entropy
+  gradient w.r.t. the input (what one PGD step needs at least), and their ratio. One PGD call of
+  ``steps`` steps costs ``steps`` forward + backward passes, one scoring forward of the last
+  iterate, the seeded random start and the projections; the ratio says how close that comes to
+  the passes alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from registry import Workload, register, sync  # noqa: E402
+
+MODELS = {"small-cnn-digits": "digits", "small-cnn-textures": "textures"}
+
+
+def _load(name: str, device):
+    from trustvision import data, models
+
+    net = models.load(f"zoo:{name}").to(device).eval()
+    x, y = data.load(MODELS[name], split="test").tensors()
+    return net, x.to(device), y.to(device)
+
+
+def _batch(x: torch.Tensor, y: torch.Tensor, n: int):
+    reps = math.ceil(n / len(x))
+    return x.repeat(reps, 1, 1, 1)[:n].contiguous(), y.repeat(reps)[:n].contiguous()
+
+
+# -- runner workloads ------------------------------------------------------------------------
+
+
+def _workload(name: str, batch: int, steps: int = 10):
+    def bench(device):
+        from trustvision.evaluate.adversarial import headline_eps, pgd
+
+        try:
+            net, x, y = _load(name, device)
+        except Exception:  # zoo not built
+            return None
+        xb, yb = _batch(x, y, batch)
+        eps = headline_eps(tuple(x.shape[-2:]))
+        return Workload(run=lambda: pgd(net, xb, yb, eps, steps=steps, seed=0), images=batch, warmup=1,
+                        min_seconds=0.5, max_runs=50)
+
+    return bench
+
+
+for _name in MODELS:
+    register(f"pgd-linf-10:{_name}:b64")(_workload(_name, 64))
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+def _best(fn, device, repeat: int = 5, min_seconds: float = 0.3) -> float:
+    """Best seconds of one call of ``fn`` over ``repeat`` rounds (each at least ``min_seconds``)."""
+    fn()
+    sync(device)
+    best = math.inf
+    for _ in range(repeat):
+        calls, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            sync(device)
+            dt = time.perf_counter() - t0
+            if dt >= min_seconds:
+                break
+        best = min(best, dt / calls)
+    return best
+
+
+def fwd_bwd_seconds(net, x: torch.Tensor, y: torch.Tensor, device, repeat: int = 5) -> float:
+    """Seconds of one forward + backward of the per-image cross-entropy w.r.t. the input."""
+
+    def step():
+        xi = x.detach().requires_grad_(True)
+        loss = F.cross_entropy(net(xi), y, reduction="none")
+        torch.autograd.grad(loss.sum(), xi)
+
+    return _best(step, device, repeat)
+
+
+def speed(device, steps: int, emit, repeat: int = 5) -> None:
+    """Rows of the table. The forward + backward pass and the two attacks are timed in interleaved
+    rounds (best of ``repeat`` each), so a neighbour's load on a shared machine hits both alike."""
+    from trustvision.evaluate.adversarial import headline_eps, pgd
+
+    for name in MODELS:
+        net, x, y = _load(name, device)
+        size = tuple(x.shape[-2:])
+        for batch in (1, 64):
+            xb, yb = _batch(x, y, batch)
+            fb, sec = math.inf, {"linf": math.inf, "l2": math.inf}
+            attacks = {norm: (lambda norm=norm: pgd(net, xb, yb, headline_eps(size, norm), norm=norm, steps=steps,
+                                                    seed=0)) for norm in sec}
+            for _ in range(repeat):
+                fb = min(fb, fwd_bwd_seconds(net, xb, yb, device, repeat=1))
+                for norm, fn in attacks.items():
+                    sec[norm] = min(sec[norm], _best(fn, device, repeat=1))
+            fb_rate = batch / fb
+            for norm in ("linf", "l2"):
+                rate = batch * steps / sec[norm]
+                emit({"benchmark": f"pgd-{norm}:{name}", "image_size": list(size), "batch": batch, "steps": steps,
+                      "eps": headline_eps(size, norm), "seconds_per_attack": sec[norm],
+                      "pgd_images_steps_per_s": rate, "fwd_bwd_images_per_s": fb_rate, "ratio": rate / fb_rate})
+
+
+def print_speed(rows: list[dict]) -> None:
+    print("\nPGD images x steps / s vs the model's forward + backward images / s (same run, same batch; "
+          "target >= 0.8)")
+    print(f"{'attack':9} {'model':20} {'size':>5} {'batch':>5} {'steps':>5} {'s/attack':>9} {'PGD img*step/s':>15} "
+          f"{'fwd+bwd img/s':>14} {'ratio':>6}")
+    for r in rows:
+        attack, model = r["benchmark"].split(":", 1)
+        print(f"{attack:9} {model:20} {r['image_size'][0]:>5} {r['batch']:>5} {r['steps']:>5} "
+              f"{r['seconds_per_attack']:>9.4f} {r['pgd_images_steps_per_s']:>15.0f} {r['fwd_bwd_images_per_s']:>14.0f} "
+              f"{r['ratio']:>6.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=9, help="interleaved timing rounds (best of each)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out: list[dict] = []
+
+    def emit(r):
+        out.append(r)
+        print(json.dumps(r), flush=True)
+
+    speed(device, args.steps, emit, args.repeat)
+    print_speed(out)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
