@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from registry import Workload, register, sync  # noqa: E402
+from registry import Workload, register, sync, emitter  # noqa: E402
 
 MODELS = {"small-cnn-digits": "digits", "small-cnn-textures": "textures"}
 
@@ -153,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     out: list[dict] = []
-
-    def emit(r):
-        out.append(r)
-        print(json.dumps(r), flush=True)
+    emit = emitter(out)
 
     speed(device, args.steps, emit, args.repeat)
     print_speed(out)

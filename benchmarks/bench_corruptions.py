@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from registry import Workload, register, sync  # noqa: E402
+from registry import Workload, register, sync, emitter  # noqa: E402
 
 TARGET_32 = 200.0
 
@@ -116,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     batches = {s: args.batch32 if s <= 64 else args.batch224 for s in sizes}
     out: list[dict] = []
-
-    def emit(r):
-        out.append(r)
-        print(json.dumps(r), flush=True)
+    emit = emitter(out)
 
     speed(torch.device(args.device), sizes, batches, args.repeats, emit)
     print_speed(out)

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Workload", "register", "BENCHMARKS", "sync", "zoo_names", "zoo_workload", "training_run"]
+__all__ = ["Workload", "register", "BENCHMARKS", "sync", "emitter", "zoo_names", "zoo_workload", "training_run"]
 
 
 @dataclass
@@ -50,6 +50,18 @@ def register(name: str):
         return fn
 
     return deco
+
+
+def emitter(out: list) -> Callable[[dict], None]:
+    """A function that appends a result row to ``out`` and prints it as one JSON line (the
+    ``bench_*`` scripts' raw output, before their tables)."""
+    import json
+
+    def emit(row: dict) -> None:
+        out.append(row)
+        print(json.dumps(row), flush=True)
+
+    return emit
 
 
 def sync(device: torch.device) -> None:
