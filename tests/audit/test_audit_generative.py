@@ -46,7 +46,7 @@ def test_generative_audit_with_twin(tmp_path, trained):
     assert ood["status"] == "ok", ood
     rows = ood["data"]["rows"]
     dets = {r["detector"] for r in rows}
-    assert {"log_px", "typicality", "complexity", "max_softmax", "max_softmax (compare)"} <= dets
+    assert {"log_px", "typicality", "complexity", "max-softmax", "max-softmax (compare)"} <= dets
     assert {r["ood_set"] for r in rows} == {"faces", "textures", "uniform", "gaussian", "rotated",
                                              "inverted"}
     assert all(0.0 <= r["auroc"] <= 1.0 and 0.0 <= r["fpr_at_95_tpr"] <= 1.0 for r in rows)

@@ -112,23 +112,26 @@ def fpr_at_tpr(scores_in, scores_out, tpr: float = 0.95) -> float:
 
 @dataclass
 class OODMetrics:
-    """AUROC, AUPR-In and FPR at 95% TPR (ID positive, higher score = more ID)."""
+    """AUROC, AUPR-In (ID positive), AUPR-Out (OOD positive, scores negated) and FPR at 95% TPR
+    (higher score = more ID)."""
 
     auroc: float
     aupr_in: float
     fpr_at_95_tpr: float
     n_in: int
     n_out: int
+    aupr_out: float = float("nan")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def ood_metrics(scores_in, scores_out) -> OODMetrics:
-    """All three metrics for one detector and one OOD set."""
-    return OODMetrics(auroc(scores_in, scores_out), aupr(scores_in, scores_out),
-                      fpr_at_tpr(scores_in, scores_out, 0.95), len(_np(scores_in)),
-                      len(_np(scores_out)))
+    """All the metrics for one detector and one OOD set (AUPR-Out: the OOD images as the positive
+    class, scored by the negated scores)."""
+    s_in, s_out = _np(scores_in), _np(scores_out)
+    return OODMetrics(auroc(s_in, s_out), aupr(s_in, s_out), fpr_at_tpr(s_in, s_out, 0.95), len(s_in),
+                      len(s_out), aupr_out=aupr(-s_out, -s_in))
 
 
 # -- scores -------------------------------------------------------------------------------------
@@ -284,6 +287,16 @@ class OODResult:
     convention: str = ("higher score = more in-distribution; in-distribution is the positive "
                        "class for AUROC, AUPR-In and FPR@95%TPR")
     typicality: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)  # detector -> why it did not run
+
+    def best(self, ood_set: str, detectors: Sequence[str] | None = None) -> dict:
+        """The row of the detector with the highest AUROC on ``ood_set`` (among ``detectors``;
+        the compared model's rows never count); ties go to the detector listed first."""
+        rows = [r for r in self.rows if r["ood_set"] == ood_set and not r["detector"].endswith("(compare)")
+                and (detectors is None or r["detector"] in detectors)]
+        if not rows:
+            raise KeyError(ood_set)
+        return max(rows, key=lambda r: r["auroc"])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -296,35 +309,53 @@ class OODResult:
 
 
 def evaluate_ood(model, x_train: torch.Tensor, x_test: torch.Tensor,
-                 ood_sets: dict[str, torch.Tensor], *, compare=None, alpha: float = 0.05,
+                 ood_sets: dict[str, torch.Tensor], *, y_train: torch.Tensor | None = None,
+                 detectors: Sequence[str] | None = None, compare=None, alpha: float = 0.05,
                  batch_size: int = 256) -> OODResult:
     """Score ID test and every OOD set with each applicable detector and compute the metrics.
 
-    Generative classifiers (:func:`trustvision.models.is_generative`) get ``log_px``,
-    ``typicality`` (threshold from ``x_train``) and ``complexity``; every model gets
-    ``max_softmax``; ``compare`` (e.g. the feed-forward twin) adds ``max_softmax (compare)``.
+    Every model gets the post-hoc detectors of :func:`list_detectors` that apply to it
+    (``detectors``: a subset of their names; the default is all), fitted on ``x_train`` /
+    ``y_train`` where they need fitting (without ``y_train`` only those that need no fitting run);
+    a detector that cannot be fitted to this model (e.g. ViM on a head that is not affine) is
+    left out with its reason in ``OODResult.skipped``. Generative classifiers
+    (:func:`trustvision.models.is_generative`) also get ``log_px``, ``typicality`` (threshold from
+    ``x_train``) and ``complexity``; ``compare`` (e.g. the feed-forward twin) adds
+    ``max-softmax (compare)``.
     """
+    from trustvision.errors import TrustVisionError
     from trustvision.models import is_generative
 
-    detectors: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     result = OODResult()
     if is_generative(model):
         test = TypicalityTest(model, alpha, batch_size).fit(x_train)
         result.typicality = {"mean_l_x": test.mean, "std_l_x": test.std,
                              "threshold": test.threshold, "alpha": alpha}
-        detectors["log_px"] = lambda x: log_px_score(model, x, batch_size)
-        detectors["typicality"] = test.score
-        detectors["complexity"] = lambda x: complexity_corrected_score(model, x, batch_size)
+        scorers["log_px"] = lambda x: log_px_score(model, x, batch_size)
+        scorers["typicality"] = test.score
+        scorers["complexity"] = lambda x: complexity_corrected_score(model, x, batch_size)
         flagged = {"id_test": float(test.is_ood(x_test).float().mean())}
         for name, x in ood_sets.items():
             flagged[name] = float(test.is_ood(x).float().mean())
         result.typicality["rejected_fraction"] = flagged
-    detectors["max_softmax"] = lambda x: max_softmax_score(model, x, batch_size)
+    names = list_detectors(model) if detectors is None else [d for d in detectors if d in list_detectors(model)]
+    for name in names:
+        cls = get_detector(name)
+        if cls.needs_fit and y_train is None:
+            result.skipped[name] = "needs the training labels"
+            continue
+        try:
+            det = cls().fit(model, x_train, y_train, batch_size) if cls.needs_fit else cls()
+        except TrustVisionError as exc:
+            result.skipped[name] = str(exc)
+            continue
+        scorers[name] = (lambda d: (lambda x: d.score(model, x, batch_size)))(det)
     if compare is not None:
-        detectors["max_softmax (compare)"] = lambda x: max_softmax_score(compare, x, batch_size)
-    for det, fn in detectors.items():
+        scorers["max-softmax (compare)"] = lambda x: max_softmax_score(compare, x, batch_size)
+    for det_name, fn in scorers.items():
         s_in = fn(x_test)
         for name, x in ood_sets.items():
             m = ood_metrics(s_in, fn(x))
-            result.rows.append({"detector": det, "ood_set": name, **m.to_dict()})
+            result.rows.append({"detector": det_name, "ood_set": name, **m.to_dict()})
     return result

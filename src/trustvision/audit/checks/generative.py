@@ -32,7 +32,7 @@ WORKS, FAILS = 0.9, 0.6
 def _verdicts(res) -> dict:
     """Per OOD set: each detector's AUROC and, in words, which detectors work (>= 0.9) and which
     fail (< 0.6, near or below chance); the full table (AUPR, FPR) is in the ood check."""
-    dets = [d for d in ("log_px", "typicality", "complexity", "max_softmax")
+    dets = [d for d in ("log_px", "typicality", "complexity", "max-softmax")
             if any(r["detector"] == d for r in res.rows)]
     rows = []
     for s in dict.fromkeys(r["ood_set"] for r in res.rows):
@@ -126,7 +126,7 @@ class GenerativeCheck(Check):
                 try:
                     rows.append([f"OOD AUROC vs {s} (typicality / max-softmax)",
                                  res.get("typicality", s)["auroc"],
-                                 res.get("max_softmax (compare)", s)["auroc"]])
+                                 res.get("max-softmax (compare)", s)["auroc"]])
                 except KeyError:
                     pass
             tables["Generative classifier vs feed-forward twin"] = {

@@ -1,7 +1,9 @@
 """The ``ood`` check: out-of-distribution detection on OOD sets built from the embedded data.
 
-Generative classifiers are scored by log p(x), the two-tailed typicality test on L_X and the
-complexity-corrected score; every model (and the ``--compare`` model) by max-softmax.
+Every model is scored by the post-hoc detectors of :mod:`trustvision.evaluate.detectors`
+(max-softmax, max-logit, energy, and on penultimate features Mahalanobis, KNN and ViM, fitted on
+the training split); generative classifiers also by log p(x), the two-tailed typicality test on L_X
+and the complexity-corrected score; the ``--compare`` model by max-softmax.
 """
 
 from __future__ import annotations
@@ -12,18 +14,18 @@ from matplotlib.figure import Figure
 
 from trustvision.audit.context import AuditContext
 from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
-from trustvision.evaluate.ood import OOD_SETS, OODResult, build_ood_sets, evaluate_ood
+from trustvision.evaluate.ood import OOD_SETS, OODResult, build_ood_sets, evaluate_ood, list_detectors
 
-__all__ = ["OODCheck", "run_ood", "ood_table", "ood_figure", "primary_detector", "SUMMARY_SETS"]
+__all__ = ["OODCheck", "run_ood", "ood_table", "ood_figure", "SUMMARY_SETS"]
 
 #: OOD sets whose AUROC goes to the report's summary table (one column each)
 SUMMARY_SETS = ("uniform", "faces", "textures")
 
 OOD_LEGEND = ("AUROC for telling the test images (positive) from out-of-distribution images of the same "
-              "shape (0.5 = chance, 1 = perfect), scored by the model's own primary detector, named under "
-              "the value: typicality = two-tailed typicality test on -log p(x)/D (generative "
-              "classifiers), max-softmax = maximum class probability (every other classifier). All "
-              "detectors and OOD sets are in each model's out-of-distribution section.")
+              "shape (0.5 = chance, 1 = perfect), by the model's best detector on that set, named under "
+              "the value (max-softmax, max-logit, energy, mahalanobis, knn, vim; for generative "
+              "classifiers also log_px, typicality = two-tailed typicality test on -log p(x)/D, "
+              "complexity). Every detector and OOD set is in each model's out-of-distribution section.")
 
 CONVENTION = ("Higher score = more in-distribution; the in-distribution test images are the "
               "positive class for AUROC, AUPR-In and FPR at 95% TPR (OpenOOD uses the opposite).")
@@ -32,16 +34,16 @@ CONVENTION = ("Higher score = more in-distribution; the in-distribution test ima
 def run_ood(ctx: AuditContext, sets=OOD_SETS, n: int = 500) -> OODResult:
     """OOD evaluation of ``ctx.model`` (and ``ctx.compare``) on ``sets`` built from the test split,
     each at most ``n`` images."""
-    from trustvision.models import is_generative
-
     test = ctx.dataset("test")
     x_test = test.tensors()[0]
     ood_sets = build_ood_sets(test, names=sets, n=min(len(x_test), int(n)), seed=ctx.seed)
-    # the training images set the typicality threshold: only generative classifiers need them
-    x_train = ctx.dataset("train").tensors()[0] if is_generative(ctx.model) else x_test[:0]
+    # the training split fits the detectors (class means, covariance, neighbours, principal space)
+    # and sets the typicality threshold
+    x_train, y_train = ctx.dataset("train").tensors()
     batch = int(ctx.option("batch_size", 256))
     model, cmp = ctx.model, ctx.compare
-    return evaluate_ood(model, x_train, x_test, ood_sets, compare=cmp, batch_size=batch)
+    return evaluate_ood(model, x_train, x_test, ood_sets, y_train=y_train, detectors=ctx.option("detectors"),
+                        compare=cmp, batch_size=batch)
 
 
 def _below_chance(metrics: dict, ood_set: str) -> str | None:
@@ -52,26 +54,23 @@ def _below_chance(metrics: dict, ood_set: str) -> str | None:
     return None
 
 
-def primary_detector(detectors: Iterable[str]) -> str:
-    """The detector that stands for a model in the summary: the two-tailed typicality test for
-    generative classifiers (the detector of Mackowiak et al. 2021), max-softmax otherwise.
-
-    ``detectors``: the detector names evaluated for the model (e.g. ``{r["detector"] for r in
-    OODResult.rows}``); ``max_softmax (compare)`` belongs to the compared model and never counts.
-    """
-    return "typicality" if "typicality" in set(detectors) else "max_softmax"
-
-
 def ood_table(res: OODResult) -> dict:
-    return {"columns": ["detector", "OOD set", "AUROC", "AUPR-In", "FPR@95%TPR"],
-            "rows": [[r["detector"], r["ood_set"], r["auroc"], r["aupr_in"], r["fpr_at_95_tpr"]]
-                     for r in res.rows]}
+    """Per OOD set, every detector's AUROC, AUPR-In, AUPR-Out and FPR@95%TPR; the best (highest
+    AUROC) of each set is marked."""
+    rows = []
+    for s in dict.fromkeys(r["ood_set"] for r in res.rows):
+        best = res.best(s)["detector"]
+        for r in (r for r in res.rows if r["ood_set"] == s):
+            rows.append([s, r["detector"], r["auroc"], r["aupr_in"], r["aupr_out"], r["fpr_at_95_tpr"],
+                         "best" if r["detector"] == best else ""])
+    return {"columns": ["OOD set", "detector", "AUROC", "AUPR-In", "AUPR-Out", "FPR@95%TPR", "best AUROC"],
+            "rows": rows}
 
 
 def ood_figure(res: OODResult) -> Figure:
     dets = list(dict.fromkeys(r["detector"] for r in res.rows))
     sets = list(dict.fromkeys(r["ood_set"] for r in res.rows))
-    fig = Figure(figsize=(1.3 * len(sets) + 4.0, 3.4), dpi=100, layout="constrained")
+    fig = Figure(figsize=(0.25 * len(dets) * len(sets) + 4.0, 3.4), dpi=100, layout="constrained")
     ax = fig.subplots()
     width = 0.8 / max(len(dets), 1)
     for i, d in enumerate(dets):
@@ -93,18 +92,23 @@ class OODCheck(Check):
         "Can the model tell images unlike its training data? OOD sets built from the embedded data "
         "and shaped like the test images: faces and textures (converted to the test image size and "
         "channels), uniform noise, Gaussian noise (ID mean/std), and the test images rotated by 90 "
-        "degrees and inverted. Detectors: maximum softmax probability (any classifier, and the "
-        "--compare model); for generative classifiers also log p(x), the two-tailed typicality "
+        "degrees and inverted. Detectors for every classifier: maximum softmax probability, maximum "
+        "logit, energy (T = 1), and on the penultimate features Mahalanobis distance (class means, "
+        "shared covariance), KNN (k = 50, normalised features; Sun et al. 2022) and ViM (Wang et al. "
+        "2022), fitted on the training split; max-softmax of the --compare model; for generative "
+        "classifiers also log p(x), the two-tailed typicality "
         "test on L_X = -log p(x)/D with its threshold from the training images (Mackowiak et al. "
         "2021), and the complexity-corrected score -log2 p(x) - PNG bits (Serra et al. 2020). "
         + CONVENTION + " Higher AUROC/AUPR and lower FPR are better."
     )
     order = 40
-    version = 2  # 2: summary metrics "OOD AUROC vs <set>" (primary detector), not one per detector
+    version = 3  # 3: every post-hoc detector, the summary shows the best one per set
     uses_compare = True
     options = {
         "n": Option(int, 500, "most images per OOD set (all ID test images are used)", min=1),
         "sets": Option(list, list(OOD_SETS), "OOD sets to build", choices=tuple(OOD_SETS)),
+        "detectors": Option(list, list_detectors, "post-hoc detectors (those that apply to the model run)",
+                            choices=list_detectors),
     }
     metrics = {"OOD AUROC vs {set}": Metric("higher", OOD_LEGEND, group="OOD AUROC")}
     conditions = tuple(Condition(f"detects {s} better than chance", (lambda m, d, s=s: _below_chance(m, s)),
@@ -117,18 +121,21 @@ class OODCheck(Check):
         summary = (f"Best detector/set: {best['detector']} on {best['ood_set']} (AUROC "
                    f"{best['auroc']:.3f}); hardest: {worst['detector']} on {worst['ood_set']} "
                    f"(AUROC {worst['auroc']:.3f}). {CONVENTION}")
-        # one summary number per OOD set, from the model's own primary detector (named in the
-        # report from data["rows"] with primary_detector), so all models share the same columns
+        # one summary number per OOD set: the AUROC of the model's best detector on it (named
+        # under the value), so every model has the same columns
         metrics, notes = {}, {}
-        main = primary_detector(r["detector"] for r in res.rows)
         for s in SUMMARY_SETS:
             try:
-                metrics[f"OOD AUROC vs {s}"] = res.get(main, s)["auroc"]
-                notes[f"OOD AUROC vs {s}"] = main.replace("_", "-")
+                b = res.best(s)
             except KeyError:
-                pass
+                continue
+            metrics[f"OOD AUROC vs {s}"] = b["auroc"]
+            notes[f"OOD AUROC vs {s}"] = b["detector"].replace("_", "-")
+        if res.skipped:
+            summary += " Not run: " + "; ".join(f"{k} ({v})" for k, v in res.skipped.items()) + "."
         return CheckResult(data=res.to_dict(), figures={"auroc": ood_figure(res)}, summary=summary,
                            captions={"auroc": "AUROC of every detector (bars) against every OOD set: the test "
-                                              "images are the positive class; 0.5 (dotted) is chance, 1 perfect."},
+                                              "images are the positive class; 0.5 (dotted) is chance, 1 perfect. "
+                                              "The table marks the best detector of each set."},
                            metrics=metrics, notes=notes,
                            tables={"OOD detection (ID = positive)": ood_table(res)})

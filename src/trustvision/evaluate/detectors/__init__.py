@@ -42,8 +42,17 @@ _REGISTRY: Registry = Registry("OOD detector", "trustvision.evaluate.ood.list_de
 
 
 def has_features(model: nn.Module) -> bool:
-    """Whether the model exposes penultimate features (``features`` and ``forward_head``)."""
-    return callable(getattr(model, "features", None)) and callable(getattr(model, "forward_head", None))
+    """Whether the model exposes penultimate features (``features`` and ``forward_head``, not the
+    abstract ones of :class:`~trustvision.models.ImageClassifier`)."""
+    from trustvision.models import ImageClassifier
+
+    if not (callable(getattr(model, "features", None)) and callable(getattr(model, "forward_head", None))):
+        return False
+    if isinstance(model, ImageClassifier):
+        t = type(model)
+        return (t.forward_features is not ImageClassifier.forward_features
+                and t.forward_head is not ImageClassifier.forward_head)
+    return True
 
 
 @torch.no_grad()
