@@ -43,7 +43,7 @@ def test_chunked_with_progress_equals_one_call(sample, method, kw):
         assert chunked.info.target == whole.info.target and len(chunked.info.constant) == 7
 
 
-def test_default_chunk_is_an_eighth_and_results_keep_their_kind(sample):
+def test_default_chunk_is_a_quarter_and_results_keep_their_kind(sample):
     net, s = sample
     counts = []
 
@@ -56,7 +56,7 @@ def test_default_chunk_is_an_eighth_and_results_keep_their_kind(sample):
     assert counts == [1, 1] and len(res.results) == 2  # every result of each chunk is kept
     counts.clear()
     explain.explain_images(net, s, "saliency", track=track)
-    assert counts == [1] * 7  # 7 images: chunks of ceil(7 / 8) = 1
+    assert counts == [2, 2, 2, 1]  # 7 images: chunks of ceil(7 / 4) = 2
     assert list(silent_tracker([1, 2])) == [1, 2]
 
 
@@ -83,7 +83,7 @@ def test_explain_no_progress_prints_a_line_per_chunk_with_eta(tmp_path, capsys):
                  "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     cap = capsys.readouterr()
     lines = [line for line in cap.err.splitlines() if line.strip()]
-    assert [re.match(r"saliency: (\d+)/16 images", line).group(1) for line in lines] == [str(2 * k) for k in range(1, 9)]
+    assert [re.match(r"saliency: (\d+)/16 images", line).group(1) for line in lines] == ["4", "8", "12", "16"]
     assert all("eta" in line for line in lines[:-1])
     assert "written to" in cap.out and json.loads((out / "scores.json").read_text())["n"] == 16
 
