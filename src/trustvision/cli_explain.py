@@ -126,8 +126,9 @@ def run_explain(
             shown_kw["mask"] = f"mean: the training-set mean pixel {[round(v, 4) for v in kw['mask'].flatten().tolist()]}"
         except TrustVisionError:
             pass
-    if cls.unmet_requirement(net) is not None:
-        raise TrustVisionError(cls.unmet_requirement(net))
+    reason = cls.unmet_requirement(net)
+    if reason is not None:
+        raise TrustVisionError(reason)
     with progress_bar(progress) as bar:
         track = (bar_tracker(bar) if progress is True else line_tracker(unit="images") if progress == "lines"
                  else None)

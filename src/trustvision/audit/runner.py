@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from rich.markup import escape
@@ -51,6 +51,7 @@ from trustvision.audit.registry import (
     resolve_check_options,
 )
 from trustvision._utils.io import ensure_writable_dir, remove_stale_temp_files
+from trustvision._utils.progress import bar_tracker, progress_bar
 from trustvision.audit.store import (
     MemoryStore,
     ResultStore,
@@ -61,7 +62,6 @@ from trustvision.audit.store import (
     to_jsonable,
 )
 from trustvision.data import ImageDataset
-from trustvision._utils.progress import bar_tracker, progress_bar
 from trustvision.errors import TrustVisionError
 
 __all__ = [
@@ -226,14 +226,6 @@ def _model_info(am: AuditModel, key: str, fp: str) -> dict:
         "num_parameters": int(sum(p.numel() for p in m.parameters())),
         "fingerprint": fp,
     }
-
-
-def _make_progress(enabled: bool | str):
-    return progress_bar(enabled)
-
-
-def _tracker(progress) -> Callable[..., Iterable]:
-    return bar_tracker(progress, indent="  ")
 
 
 def _split_sizes(splits: LazySplits) -> dict[str, int]:
@@ -497,7 +489,7 @@ def run(
     n_computed = n_cached = 0
     all_figures: dict[tuple[str, str], dict[str, bytes]] = {}
 
-    with _make_progress(progress) as prog:
+    with progress_bar(progress) as prog:
         overall = prog.add_task("audit", total=len(audit_models) * len(check_classes))
         for am, key in zip(audit_models, keys):
             mfp = model_fingerprint(am.model)
@@ -506,7 +498,7 @@ def run(
             info["compare"] = cmp_name
             ctx = AuditContext(model=am.model, model_name=am.name, datasets=splits, options=dict(opts),
                                device=device, seed=seed, compare=cmp_model, compare_name=cmp_name,
-                               track=_tracker(prog),
+                               track=bar_tracker(prog, indent="  "),
                                scratch_root=None if out is None else out / "scratch" / key,
                                log=lambda msg, _name=am.name: _log(prog, progress, f"  {escape(_name)}: {escape(msg)}"))
             records: dict[str, dict] = {}

@@ -339,7 +339,8 @@ def evaluate_ood(model, x_train: torch.Tensor, x_test: torch.Tensor,
         for name, x in ood_sets.items():
             flagged[name] = float(test.is_ood(x).float().mean())
         result.typicality["rejected_fraction"] = flagged
-    names = list_detectors(model) if detectors is None else [d for d in detectors if d in list_detectors(model)]
+    applicable = list_detectors(model)
+    names = applicable if detectors is None else [d for d in detectors if d in applicable]
     for name in names:
         cls = get_detector(name)
         if cls.needs_fit and y_train is None:

@@ -8,8 +8,6 @@ and the complexity-corrected score; the ``--compare`` model by max-softmax.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from matplotlib.figure import Figure
 
 from trustvision.audit.context import AuditContext

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn

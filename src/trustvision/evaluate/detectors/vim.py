@@ -24,19 +24,19 @@ def default_dim(features: int) -> int:
 
 
 @torch.no_grad()
-def affine_head(model) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W (K, D), b (K,)) of ``model.forward_head``, read by probing; refused when it is not affine."""
+def affine_head(model, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (K, D), b (K,)) of ``model.forward_head`` on ``dim`` features, read by probing; refused
+    when it is not affine."""
     p = next(model.parameters())
     was = model.training
     model.eval()
     try:
-        d = _feature_dim(model)
-        eye = torch.eye(d, device=p.device, dtype=p.dtype)
-        zero = torch.zeros(1, d, device=p.device, dtype=p.dtype)
+        eye = torch.eye(dim, device=p.device, dtype=p.dtype)
+        zero = torch.zeros(1, dim, device=p.device, dtype=p.dtype)
         b = model.forward_head(zero)[0].double().cpu()
         w = (model.forward_head(eye).double().cpu() - b).T  # (K, D)
         g = torch.Generator().manual_seed(0)
-        probe = torch.randn(4, d, generator=g, dtype=torch.float64)
+        probe = torch.randn(4, dim, generator=g, dtype=torch.float64)
         got = model.forward_head(probe.to(p.device, p.dtype)).double().cpu()
         want = probe @ w.T + b
         if not torch.allclose(got, want, atol=1e-3 * (1 + want.abs().max().item()), rtol=1e-3):
@@ -45,14 +45,6 @@ def affine_head(model) -> tuple[torch.Tensor, torch.Tensor]:
     finally:
         model.train(was)
     return w, b
-
-
-def _feature_dim(model) -> int:
-    p = next(model.parameters())
-    c = getattr(model, "in_chans", 3)
-    size = getattr(model, "image_size", (32, 32))
-    x = torch.zeros(1, c, *size, device=p.device, dtype=p.dtype)
-    return int(model.features(x).flatten(1).shape[1])
 
 
 @register_detector
@@ -66,10 +58,9 @@ class ViM(Detector):
         self.d = None if d is None else int(d)
 
     def fit_outputs(self, logits, features, labels, model):
-        w, b = affine_head(model)
-        self.set_head(w, b)
         f = features.double()
         dim = f.shape[1]
+        self.set_head(*affine_head(model, dim))
         d = default_dim(dim) if self.d is None else self.d
         if not 0 < d < dim:
             raise TrustVisionError(f"vim needs 0 < d < {dim} (the feature dimension), got d = {d}")
