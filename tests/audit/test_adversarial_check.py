@@ -67,6 +67,20 @@ def test_condition_warns_when_the_smallest_radius_flips_most_predictions(tiny_mo
     assert res.records()["adversarial"]["conditions"][0]["status"] == "pass"
 
 
+def test_autoattack_option_is_at_most_pgd_and_named_in_the_metrics(tiny_model, toy_splits):
+    pytest.importorskip("pyautoattack")
+    opts = {**SMALL, "adversarial.n": 12, "adversarial.eps_linf": "0,0.4", "adversarial.explain_n": 0,
+            "adversarial.minimal_eps": False, "adversarial.attacks": "pgd-linf,autoattack"}
+    res = audit.run({"t": tiny_model}, toy_splits, checks="adversarial", options=opts)
+    assert res.ok, res.results["errors"]
+    d = res.records()["adversarial"]["data"]["attacks"]
+    assert d["autoattack"]["eps"] == [0.0, 0.4] and d["autoattack"]["norm"] == "linf"
+    assert d["autoattack"]["accuracy"][0] == d["pgd-linf"]["accuracy"][0]
+    assert all(a <= p for a, p in zip(d["autoattack"]["accuracy"], d["pgd-linf"]["accuracy"]))
+    rows = res.records()["adversarial"]["tables"]["Robust accuracy"]["rows"]
+    assert any(r[0] == "AutoAttack-Linf" for r in rows)
+
+
 def test_bad_eps_option_is_one_line(tiny_model, toy_splits):
     res = audit.run({"t": tiny_model}, toy_splits, checks="adversarial",
                     options={**SMALL, "adversarial.eps_linf": "0,eight"})

@@ -232,3 +232,69 @@ def test_cuda_matches_cpu():
     gpu = adv.pgd(net.cuda(), x.cuda(), y.cuda(), 0.05, steps=4, seed=1)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-8)
+
+
+# --- AutoAttack (pyautoattack, the original algorithm repackaged) ---------------------------------
+
+def _linear10(n=60, seed=1):
+    """A 10-class linear model on images far from the bounds, and each image's analytic minimal
+    Linf radius min_j (z_y - z_j) / ||w_y - w_j||_1 (exact while the box [0, 1] does not bind)."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(64, 10)
+    net = nn.Sequential(nn.Flatten(), lin).eval()
+    g = torch.Generator().manual_seed(seed)
+    x = 0.35 + 0.3 * torch.rand(n, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        z = net(x)
+    y = z.argmax(1)
+    w = lin.weight.detach()
+    m = (z.gather(1, y[:, None]) - z) / (w[y][:, None, :] - w[None]).abs().sum(-1).clamp_min(1e-12)
+    m[torch.arange(n), y] = float("inf")
+    return net, x, y, m.min(1).values
+
+
+def test_autoattack_on_a_linear_model_breaks_exactly_the_images_within_their_analytic_radius():
+    pytest.importorskip("pyautoattack")
+    net, x, y, radius = _linear10()
+    s = radius.sort().values
+    i = len(s) // 2
+    eps = float((s[i - 1] + s[i]) / 2)  # between two images' radii: no image sits on the boundary
+    a = adv.autoattack(net, x, y, eps, seed=0)
+    assert (a - x).abs().max() <= eps + 1e-6 and a.min() >= 0 and a.max() <= 1
+    with torch.no_grad():
+        robust = net(a).argmax(1) == y
+    assert torch.equal(robust, radius > eps)
+    # PGD (10 steps on the cross-entropy) is weaker on this model: AutoAttack is never above it
+    p = adv.pgd(net, x, y, eps, seed=0)
+    with torch.no_grad():
+        assert int(robust.sum()) <= int((net(p).argmax(1) == y).sum())
+
+
+def test_autoattack_equals_the_package_run_directly_and_leaves_the_global_rng_alone():
+    pyautoattack = pytest.importorskip("pyautoattack")
+    net, x, y, radius = _linear10(n=16, seed=2)
+    s = radius.sort().values
+    eps = float((s[-3] + s[-2]) / 2)  # two images stay robust: every attack of the standard version runs
+    before = torch.random.get_rng_state()
+    ours = adv.autoattack(net, x, y, eps, seed=3, batch_size=8)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    aa = pyautoattack.AutoAttack(net, norm="Linf", eps=eps, seed=3, version="standard", device="cpu")
+    aa.verbose = False
+    theirs, _ = aa.run_standard_evaluation(x, y, batch_size=8)
+    assert torch.equal(ours, theirs)
+    with torch.no_grad():
+        assert torch.equal(net(ours).argmax(1) == y, radius > eps)
+
+
+def test_autoattack_in_robust_accuracy_l2_ball_and_errors(monkeypatch):
+    pytest.importorskip("pyautoattack")
+    net, x, y, _ = _linear10(n=20)
+    r = adv.robust_accuracy(net, x, y, "autoattack-l2", [0.0, 3.0], seed=0)
+    assert r.norm == "l2" and r.accuracy == [1.0, 0.0]
+    a = adv.attack(net, x, y, "autoattack-l2", 3.0, seed=0)
+    assert float((a - x).flatten(1).norm(dim=1).max()) <= 3.0 + 1e-5
+    with pytest.raises(TrustVisionError, match="one radius"):
+        adv.autoattack(net, x, y, torch.linspace(0.1, 0.2, len(x)))
+    monkeypatch.setitem(__import__("sys").modules, "pyautoattack", None)
+    with pytest.raises(TrustVisionError, match=r"trustvision\[autoattack\]"):
+        adv.autoattack(net, x, y, 0.1)
