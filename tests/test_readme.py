@@ -18,6 +18,9 @@ def _blocks(marker: str) -> list[str]:
 
 
 @pytest.mark.parametrize("marker,check", [
+    ("mmd_critic(", "assert len(res.prototypes) == 50 and len(res.criticisms) == 50\n"
+                    "r = sum(v['rate'] for v in enrich.values()) / 10\n"
+                    "assert r > 1.5 * float((~test.marked).double().mean()), r  # criticisms enriched for unmarked\n"),
     ("audit.run(", "assert set(res.metrics) == {'zoo:small-cnn-digits'}\n"
                    "import pathlib; assert pathlib.Path('report-py/report.html').is_file()\n"
                    "assert png.startswith(b'\\x89PNG')\n"),
