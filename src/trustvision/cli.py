@@ -426,18 +426,21 @@ def explain_cmd(
     iterations: int = typer.Option(None, "--iterations", min=0, max=100_000, help="I-GOS/iGOS++ iterations (default 15); same as --method-kw iterations=N."),
     batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, max=1_000_000, help="Most images per forward/backward pass (the methods' internal_batch_size)."),
     grid: int = typer.Option(None, "--grid", min=1, max=1024, help="SAG patches per side (default 7, fewer for small images); same as --method-kw grid=N."),
+    concepts: int = typer.Option(None, "--concepts", min=1, max=64, help="x-features of --method xnn (default 5): an XNN is fitted on the training split and saved in OUT/xnn-model, unless --method-kw xnn=FOLDER names a saved one."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed of the image sample and of the method (I-GOS noise, RISE masks)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar: one plain line per finished chunk of images (on stderr)."),
 ) -> None:
     """Explain N test images: PNG overlays + heatmaps.npy + scores.json (deletion/insertion AUCs);
-    --method sag writes structured attention graphs (PNG, SVG, JSON)."""
+    --method sag writes structured attention graphs (PNG, SVG, JSON); --method xnn fits an XNN
+    (--concepts N x-features) and writes each image's x-features, contributions and heatmaps."""
     from trustvision.cli_explain import parse_method_kw, run_explain
 
     res = run_explain(model, data, method, n, out, split=split, target=target, device=device, seed=seed,
                       iterations=iterations, internal_batch_size=batch_size, grid=grid, data_root=data_dir,
-                      method_kw=parse_method_kw(method_kw), progress="lines" if no_progress else True)
+                      method_kw=parse_method_kw(method_kw), progress="lines" if no_progress else True,
+                      concepts=concepts)
     if "summary" in res:
         s = res["summary"]
         typer.echo(f"{method} on {res['n']} images: deletion AUC {s['deletion_mean']:.4f} +- {s['deletion_std']:.4f} "

@@ -58,6 +58,34 @@ def method_help() -> str:
     return "Explanation method: " + ", ".join(parts) + "."
 
 
+def _concept_model(net, data, kw: dict, shown_kw: dict, *, seed: int, data_root, track):
+    """The XNN a concept method explains with: the saved one ``kw["xnn"]`` names, or one fitted
+    now on the training split of ``data`` (a dataset name) with ``kw["n_concepts"]`` x-features."""
+    from trustvision.explain.xnn import XNN
+
+    kw, shown_kw = dict(kw), dict(shown_kw)
+    if "xnn" in kw:
+        xnn = kw["xnn"] if isinstance(kw["xnn"], XNN) else XNN.load(kw["xnn"], net)
+    else:
+        if "fit_on" in kw:
+            source = kw.pop("fit_on")
+        elif isinstance(data, str):
+            from trustvision import data as data_mod
+
+            source = data_mod.load(data, split="train", root=data_root)
+        else:
+            raise TrustVisionError("xnn needs a training set to fit on: give --data a dataset name, or "
+                                   "--method-kw xnn=FOLDER of a saved XNN")
+        n = int(kw.get("n_concepts", 5))
+        xnn = XNN(net, n_concepts=n).to(next(net.parameters()).device).fit(source, seed=seed, track=track)
+        shown_kw["xnn"] = f"fitted with {n} x-features on the training split (seed {seed}), saved in xnn-model"
+    kw["xnn"] = xnn
+    kw.pop("n_concepts", None)
+    shown_kw.pop("n_concepts", None)
+    shown_kw["n_concepts"] = xnn.n_concepts
+    return xnn, kw, shown_kw
+
+
 def run_explain(
     model: str,
     data: str,
@@ -76,6 +104,7 @@ def run_explain(
     method_kw: Mapping[str, Any] | None = None,
     echo: Callable[[str], Any] | None = print,
     progress: bool | str = False,
+    concepts: int | None = None,
 ) -> dict:
     """Explain ``n`` seeded images of ``data``/``split`` with ``method``; returns the scores dict.
 
@@ -84,7 +113,10 @@ def run_explain(
     When some heatmaps are unreliable, ``scores["warning"]`` counts them by reason and ``echo``
     (default ``print``; None = silent) prints it. ``progress``: True = a progress bar with an ETA
     on stderr, ``"lines"`` = one plain stderr line per finished chunk of images (images done,
-    elapsed, ETA), False = silent.
+    elapsed, ETA), False = silent. ``concepts``: x-features of a concept method (``xnn``); unless
+    ``method_kw["xnn"]`` names a saved XNN, one is fitted on the dataset's training split and saved
+    under ``out/xnn-model`` with its metrics on the explained split in scores.json and the
+    top-activating images of every x-feature in ``out/xnn/top_activating.png``.
     """
     import numpy as np
 
@@ -103,7 +135,7 @@ def run_explain(
         raise TrustVisionError(f"--target must be 'predicted' or 'label', got {target!r}")
     cls = explain.get(method)  # unknown names: one-line error with a did-you-mean
     kw = dict(method_kw or {})
-    for key, v in (("iterations", iterations), ("grid", grid)):
+    for key, v in (("iterations", iterations), ("grid", grid), ("n_concepts", concepts)):
         if v is not None:
             kw[key] = v
     explain.check_keywords(cls, kw)
@@ -129,7 +161,12 @@ def run_explain(
     reason = cls.unmet_requirement(net)
     if reason is not None:
         raise TrustVisionError(reason)
+    xnn = None
     with progress_bar(progress) as bar:
+        if cls.kind == "concepts":
+            xnn, kw, shown_kw = _concept_model(net, data, kw, shown_kw, seed=seed, data_root=data_root,
+                                               track=bar_tracker(bar) if progress is True else
+                                               line_tracker(unit="epochs", lines=5) if progress == "lines" else None)
         track = (bar_tracker(bar) if progress is True else line_tracker(unit="images") if progress == "lines"
                  else None)
         res = explain.explain_sample(
@@ -165,6 +202,16 @@ def run_explain(
         for stem, r in zip(stems, res.results or []):
             r.render(folder / stem)
             (folder / f"{stem}.json").write_text(json.dumps(r.to_json(), indent=1))
+        if xnn is not None:
+            from trustvision.audit.checks.concepts import concept_gallery
+
+            xs, ys = dataset.tensors() if hasattr(dataset, "tensors") else (res.images, None)
+            result["xnn_metrics"] = xnn.metrics((xs, ys) if ys is not None else xs).to_json()
+            fig, top = concept_gallery(xnn, xs, 6, list(getattr(dataset, "classes", []) or []) or None)
+            fig.savefig(folder / "top_activating.png", dpi=120)
+            result["xnn_top_activating"] = top
+            if "xnn" not in (method_kw or {}):
+                result["xnn_model"] = str(xnn.save(out / "xnn-model"))
         result["formats"] = sorted({f.suffix[1:].upper() for f in folder.iterdir() if f.suffix}, key="PNG SVG JSON".find)
     result["seconds"] = time.perf_counter() - t0
     (out / "scores.json").write_text(json.dumps(_nan_to_null(result), indent=1, default=str))

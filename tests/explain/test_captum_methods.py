@@ -70,8 +70,9 @@ def test_registry_names_and_errors():
         ["gradcam", "igos", "igos++", "integrated-gradients", "likelihood-ratio", "occlusion",
          "rise", "saliency"]
     )
-    assert explain.list_methods(kind=None) == sorted(explain.list_methods() + ["sag", "sis", "bgsis"])
+    assert explain.list_methods(kind=None) == sorted(explain.list_methods() + ["sag", "sis", "bgsis", "xnn"])
     assert explain.list_methods(kind="subset") == ["bgsis", "sis"]
+    assert explain.list_methods(kind="concepts") == ["xnn"]
     assert explain.get("igos++") is explain.IGOSPlusPlus
     with pytest.raises(TrustVisionError, match="did you mean 'igos\\+\\+'"):
         explain.get("igos+")

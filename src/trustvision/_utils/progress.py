@@ -43,19 +43,25 @@ def _fmt_seconds(s: float) -> str:
     return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}min"
 
 
-def line_tracker(emit: Callable[[str], Any] | None = None, unit: str = "") -> Tracker:
+def line_tracker(emit: Callable[[str], Any] | None = None, unit: str = "", lines: int | None = None) -> Tracker:
     """A tracker that writes one plain line per finished item with the units done, the elapsed
-    time and (when ``total`` is known) the estimated time left, to ``emit`` (default: stderr)."""
+    time and (when ``total`` is known) the estimated time left, to ``emit`` (default: stderr).
+    ``lines``: at most about this many lines when ``total`` is known (every ``ceil(total /
+    lines)`` items, and the last one), e.g. 10 for the epochs of a long fit."""
     if emit is None:
         def emit(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
 
     def track(iterable: Iterable, total: int | None = None, description: str = "",
               weight: Callable[[Any], int] | None = None) -> Iterator:
-        t0, done = time.perf_counter(), 0
+        t0, done, shown = time.perf_counter(), 0, 0
+        step = -(-total // lines) if lines and total else 1
         for item in iterable:
             yield item
             done += weight(item) if weight is not None else 1
+            if done - shown < step and not (total and done >= total):
+                continue
+            shown = done
             elapsed = time.perf_counter() - t0
             of = f"/{total}" if total else ""
             eta = (f", eta {_fmt_seconds(elapsed / done * (total - done))}"

@@ -1,0 +1,205 @@
+"""The ``concepts`` check: an XNN explanation network (Qi, Khorram & Li, AI 2021) fitted on the
+model's penultimate features: a few non-negative x-features from which the model's logits are
+rebuilt linearly, each shown as a heatmap, with the XNN's faithfulness, reconstruction,
+orthogonality and sparsity, the accuracy when each x-feature is removed, and the top-activating
+test images of every x-feature so a person can name the concepts.
+
+Opt-in (``trustvision audit --checks concepts``): fitting the XNN takes a few seconds per model on
+the embedded data (150 epochs over the training split's features).
+"""
+
+from __future__ import annotations
+
+import torch
+from matplotlib.figure import Figure
+
+from trustvision.audit.context import AuditContext
+from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
+from trustvision.evaluate.detectors import has_features
+from trustvision.evaluate.ood import auroc
+from trustvision.explain.xnn import XNN
+
+__all__ = ["ConceptsCheck", "concept_gallery", "marker_alignment"]
+
+#: seed offset of the XNN's fit and of the sample of explained images
+SEED_OFFSET = 1515
+
+
+def concept_gallery(xnn: XNN, x: torch.Tensor, k: int = 6, class_names=None, positions: list[int] | None = None
+                    ) -> tuple[Figure, dict]:
+    """Per x-feature (rows) its ``k`` top-activating images of ``x`` (N, C, H, W), each with the
+    heatmap of that x-feature on it (image and heatmap side by side); returns the figure and
+    ``{"indices": (L, k) positions, "values": (L, k)}``."""
+    from trustvision.explain.plot import image_to_numpy
+
+    idx, vals = xnn.top_activating(x, k)
+    L, k = idx.shape
+    fig = Figure(figsize=(1.25 * 2 * k + 0.8, 1.35 * L + 0.4), dpi=100, layout="constrained")
+    axes = fig.subplots(L, 2 * k, squeeze=False)
+    preds = None
+    with torch.no_grad():
+        logits = xnn.model(x[idx.flatten()].to(next(xnn.parameters()).device)).cpu()
+        preds = logits.argmax(1).view(L, k)
+    for ax in axes.flat:
+        ax.axis("off")
+    for l in range(L):
+        heat = xnn.heatmaps(x[idx[l]])[:, l]
+        for j in range(k):
+            img = x[idx[l, j]]
+            axes[l, 2 * j].imshow(image_to_numpy(img), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1,
+                                  interpolation="nearest")
+            c = int(preds[l, j])
+            name = str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c)
+            pos = int(idx[l, j]) if positions is None else positions[int(idx[l, j])]
+            axes[l, 2 * j].set_title(f"#{pos} pred {name}\ne = {float(vals[l, j]):.2f}", fontsize=6.5)
+            h = heat[j].float()
+            top = float(h.abs().max()) or 1.0
+            axes[l, 2 * j + 1].imshow(h.numpy(), cmap="RdBu_r", vmin=-top, vmax=top, interpolation="nearest")
+            if j == 0:
+                axes[l, 2 * j + 1].set_title(f"x{l + 1} heatmap", fontsize=6.5)
+    return fig, {"indices": idx.tolist(), "values": vals.tolist()}
+
+
+def marker_alignment(xnn: XNN, x: torch.Tensor, marked: torch.Tensor, masks: torch.Tensor) -> list[dict]:
+    """Per x-feature, against a planted marker: the AUROC of its value separating marked
+    (positive) from unmarked images, and the mean share of its positive heatmap mass on the marker
+    pixels of the marked images."""
+    e = xnn.features_of(x).cpu()
+    marked = marked.bool()
+    xm, mm = x[marked], masks[marked].float()
+    heat = xnn.heatmaps(xm).clamp_min(0) if len(xm) else torch.zeros(0, xnn.n_concepts, *x.shape[-2:])
+    out = []
+    for l in range(xnn.n_concepts):
+        au = auroc(e[marked, l], e[~marked, l]) if bool(marked.any()) and bool((~marked).any()) else None
+        h = heat[:, l]
+        mass = (h * mm[:, 0]).flatten(1).sum(1) / h.flatten(1).sum(1).clamp_min(1e-12) if len(h) else None
+        out.append({"concept": l + 1, "auroc": au, "marker_mass": float(mass.mean()) if mass is not None else None})
+    return out
+
+
+def _unfaithful(d: dict) -> str | None:
+    m = d["metrics"]
+    if m["agreement"] < 0.9:
+        return (f"the x-features rebuild the model's decision on only {m['agreement']:.0%} of the test images: the "
+                f"{d['n_concepts']} concepts do not explain this model (try more, option n_concepts)")
+    return None
+
+
+@register_check("concepts")
+class ConceptsCheck(Check):
+    title = "Concept explanations (XNN)"
+    description = (
+        "Which few concepts does the decision rest on? An explanation network (XNN; Qi, Khorram & Li, Artificial "
+        "Intelligence 2021) is fitted on the frozen model's penultimate features of the training split: an encoder "
+        "to a few non-negative x-features from which a linear read-out rebuilds the model's logits (faithfulness: "
+        "squared error on logits and probabilities), a decoder that reconstructs only part of the features (sparse "
+        "reconstruction) and a pull-away term that keeps the x-features apart. Shown on the test split: how often "
+        "the rebuilt logits keep the model's decision (agreement, higher is better), their error, the share of the "
+        "features' variance left unreconstructed, the mean |cos| between x-features (lower = more distinct), their "
+        "sparsity, the accuracy when each x-feature is zeroed (a large drop: the decision rests on it), per image "
+        "each x-feature's value, contribution to the logit and gradient x input heatmap, and per x-feature its "
+        "top-activating test images, so a person can name the concept. With a planted marker (shortcut-digits) the "
+        "x-feature that best separates marked from unmarked images is reported."
+    )
+    order = 72
+    version = 1
+    default = False  # opt-in: fitting the XNN takes seconds per model
+    options = {
+        "n_concepts": Option(int, 5, "x-features", min=1, max=64),
+        "epochs": Option(int, 150, "epochs of the XNN's fit", min=1, max=10_000),
+        "top": Option(int, 6, "top-activating test images shown per x-feature", min=1, max=16),
+        "explain_n": Option(int, 4, "test images explained x-feature by x-feature", min=0, max=16),
+    }
+    metrics = {
+        "XNN agreement": Metric(
+            "higher", "share of the test images on which the XNN's {n_concepts} x-features rebuild the model's "
+                      "predicted class (the logit error is under the value)"),
+    }
+    conditions = (
+        Condition("the x-features rebuild the decision on >= 90% of the test images", lambda m, d: _unfaithful(d),
+                  metric="XNN agreement"),
+    )
+
+    def applies_to(self, ctx: AuditContext) -> bool:
+        return has_features(ctx.model)
+
+    def run(self, ctx: AuditContext) -> CheckResult:
+        model = ctx.model.eval()
+        L = int(ctx.option("n_concepts"))
+        seed = int(ctx.seed) + SEED_OFFSET
+        train, test = ctx.dataset("train"), ctx.dataset("test")
+        xnn = XNN(model, n_concepts=L).to(ctx.device)
+        xnn.fit(train, epochs=int(ctx.option("epochs")), seed=seed, track=ctx.track,
+                batch_size=int(ctx.option("batch_size", 256)))
+        x, y = test.tensors()
+        met = xnn.metrics((x, y))
+        classes = ctx.classes
+        positions = _positions(test)
+        gallery, top = concept_gallery(xnn, x, int(ctx.option("top")), classes, positions)
+        figures = {"concepts": gallery}
+        captions = {"concepts": (
+            f"Each row is one of the {L} x-features: its {len(top['indices'][0])} most activated test images (dataset "
+            "index, predicted class, value e) with the x-feature's heatmap on each (gradient x input; red raises e, "
+            "blue lowers it). What the images and the red pixels share is the concept the x-feature stands for.")}
+        k = min(int(ctx.option("explain_n")), len(x))
+        if k:
+            g = ctx.generator(SEED_OFFSET)
+            pick = torch.randperm(len(x), generator=g)[:k].sort().values
+            for r, i in zip(xnn.explain(x[pick].to(ctx.device)), pick.tolist()):
+                name = f"image_{positions[i]}"
+                figures[name] = r.figure(classes)
+                captions[name] = (f"Test image {positions[i]}: each x-feature's heatmap (titled with its value e and "
+                                  f"its contribution to the logit of the predicted class), and the contributions as "
+                                  f"bars; the model's logit {r.logit:.2f}, the XNN's {r.estimate:.2f}.")
+        tables = {
+            "XNN faithfulness and structure": {
+                "columns": ["metric", "value", "better"],
+                "rows": [["agreement with the model's prediction", met.agreement, "higher"],
+                         ["logit MSE", met.logit_mse, "lower"],
+                         ["unreconstructed share of the features' variance", met.reconstruction_error, "lower"],
+                         ["mean |cos| between x-features", met.mean_abs_cos, "lower"],
+                         ["sparsity (share of values near 0)", met.sparsity, "higher"],
+                         ["dead x-features", met.dead, "lower"],
+                         ["accuracy of the XNN's decision", met.accuracy, "higher"],
+                         ["accuracy of the model", met.model_accuracy, "higher"]]},
+            "Accuracy with one x-feature removed": {
+                "columns": ["x-feature", "test accuracy", "drop"],
+                "rows": [[f"x{l + 1}", a, met.accuracy - a] for l, a in enumerate(met.ablation)]},
+        }
+        marker = None
+        marked, masks = _attribute(test, "marked"), _attribute(test, "masks")
+        if marked is not None and masks is not None:
+            marked = torch.as_tensor(marked).bool()
+            if bool(marked.any()) and bool((~marked).any()):
+                marker = marker_alignment(xnn, x, marked, torch.as_tensor(masks))
+                tables["x-features vs the planted marker"] = {
+                    "columns": ["x-feature", "AUROC marked vs unmarked", "heatmap mass on the marker"],
+                    "rows": [[f"x{r['concept']}", r["auroc"], r["marker_mass"]] for r in marker]}
+        metrics = {"XNN agreement": met.agreement}
+        notes = {"XNN agreement": f"logit MSE {met.logit_mse:.3g}"}
+        best = max(range(L), key=lambda l: met.accuracy - met.ablation[l])
+        summary = (f"{L} x-features rebuild the model's decision on {met.agreement:.1%} of the {met.n} test images "
+                   f"(logit MSE {met.logit_mse:.3g}; mean |cos| {met.mean_abs_cos:.2f}); removing x{best + 1} costs the "
+                   f"most accuracy ({met.accuracy:.3f} -> {met.ablation[best]:.3f}).")
+        if marker:
+            top_m = max(marker, key=lambda r: (r["auroc"] or 0))
+            summary += (f" Planted marker: x{top_m['concept']} separates marked from unmarked images best (AUROC "
+                        f"{top_m['auroc']:.2f}, {top_m['marker_mass']:.0%} of its heatmap on the marker).")
+        data = {"n_concepts": L, "metrics": met.to_json(), "top_activating": {
+                    "positions": [[positions[i] for i in row] for row in top["indices"]], "values": top["values"]},
+                "marker": marker, "config": xnn.config(), "epochs": int(ctx.option("epochs")), "seed": seed}
+        return CheckResult(data=data, figures=figures, captions=captions, summary=summary, metrics=metrics,
+                           notes=notes, tables=tables)
+
+
+def _positions(ds) -> list[int]:
+    idx = getattr(ds, "indices", None)
+    return [int(i) for i in idx] if idx is not None else list(range(len(ds)))
+
+
+def _attribute(ds, name: str):
+    v = getattr(ds, name, None)
+    if v is None and getattr(ds, "parent", None) is not None and getattr(ds, "indices", None) is not None:
+        parent = getattr(ds.parent, name, None)
+        v = None if parent is None else torch.as_tensor(parent)[ds.indices]
+    return v
