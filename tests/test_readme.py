@@ -18,6 +18,9 @@ def _blocks(marker: str) -> list[str]:
 
 
 @pytest.mark.parametrize("marker,check", [
+    ("XNN(net", "assert m.agreement >= 0.95 and len(r.values) == 5 and tuple(idx.shape) == (5, 6)\n"
+                "assert abs(sum(r.contributions) - r.estimate) < 1e-3\n"
+                "assert XNN.load('xnn-digits', net).metrics(test).agreement == m.agreement\n"),
     ("mmd_critic(", "assert len(res.prototypes) == 50 and len(res.criticisms) == 50\n"
                     "r = sum(v['rate'] for v in enrich.values()) / 10\n"
                     "assert r > 1.5 * float((~test.marked).double().mean()), r  # criticisms enriched for unmarked\n"),
