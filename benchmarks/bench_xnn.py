@@ -6,8 +6,8 @@ Two uses:
 * ``benchmarks/run.py`` imports this module: it registers throughput workloads (images/s) for the
   runner's table: fitting an XNN on the digits training split (images of the split per second,
   activations included), and the x-feature heatmaps of 32 textures images.
-* ``python benchmarks/bench_xnn.py [--device cuda] [--threads 1] [--only table|shortcut]
-  [--seed 0] [--json FILE]`` prints tables:
+* ``python benchmarks/bench_xnn.py [--device cuda] [--threads 1] [--only table|shortcut|marker]
+  [--seed 0] [--seeds 0 1 2 3 4] [--json FILE]`` prints tables:
 
   - ``table``: per dataset (digits, textures) and L in 3, 5, 8: seconds to fit (default
     constants, training split), then on the test split the agreement of argmax y_hat with the
@@ -18,7 +18,13 @@ Two uses:
     split) the x-feature credited with each class (largest mean contribution on the class's marked
     training images), the share of its positive heatmap mass on the marker pixel of marked test
     images and the AUROC of its value, marked vs unmarked test images of its classes; pooled over
-    all classes and per x-feature.
+    all classes and per x-feature;
+  - ``marker``: the literal target, ONE x-feature for all markers, on a half-marked training split
+    (``marker_fraction=0.5``): per configuration (the defaults at L = 5; ``n_concepts=11,
+    bias=True, eta=0``, the one documented in :mod:`trustvision.explain.xnn`) and seed
+    (``--seeds``, default 0-4), the x-feature chosen on the validation split (largest min(AUROC,
+    2 x marker mass)), then on the test split (``marker_fraction=0.5``) its AUROC over all marked
+    vs all unmarked images, its marker mass and the agreement.
 """
 
 from __future__ import annotations
@@ -163,12 +169,56 @@ def print_shortcut(rows: list[dict]) -> None:
                   f"{f['auroc_all_images']:>18.3f}")
 
 
+MARKER_CONFIGS = {"defaults L=5": {"n_concepts": 5},
+                  "L=11 bias eta=0": {"n_concepts": 11, "bias": True, "eta": 0.0}}
+
+
+def _marker_scores(xnn, ds, device):
+    x, m = ds.tensors()[0].to(device), ds.marked
+    e = xnn.features_of(x).cpu()
+    heat = xnn.heatmaps(x[m.to(device)]).cpu().clamp_min(0)
+    mass = ((heat * ds.masks[m]).sum((2, 3)) / heat.sum((2, 3)).clamp_min(1e-12)).mean(0)
+    return torch.tensor([_auroc(e[m, l], e[~m, l]) for l in range(e.shape[1])]), mass
+
+
+def marker(device, seeds: list[int], emit) -> None:
+    from trustvision import data, models
+    from trustvision.explain.xnn import XNN
+
+    net = models.load("zoo:small-cnn-shortcut-digits").to(device).eval()
+    train = data.load("shortcut-digits", split="train", marker_fraction=0.5)
+    val, test = (data.load("shortcut-digits", split=s, marker_fraction=0.5, return_mask=True) for s in ("val", "test"))
+    for name, kw in MARKER_CONFIGS.items():
+        for seed in seeds:
+            xnn = XNN(net, **kw).fit(train, seed=seed)
+            a_val, m_val = _marker_scores(xnn, val, device)
+            chosen = int(torch.minimum(a_val, 2 * m_val).argmax())
+            a, m = _marker_scores(xnn, test, device)
+            met = xnn.metrics(test)
+            emit({"benchmark": "xnn-marker:small-cnn-shortcut-digits", "config": name, "seed": seed,
+                  "x_feature": chosen + 1, "auroc": float(a[chosen]), "marker_mass": float(m[chosen]),
+                  "met": bool(a[chosen] >= 0.9 and m[chosen] >= 0.5), "agreement": met.agreement,
+                  "mean_abs_cos": met.mean_abs_cos})
+
+
+def print_marker(rows: list[dict]) -> None:
+    rows = [r for r in rows if r["benchmark"].startswith("xnn-marker")]
+    if not rows:
+        return
+    print("\nshortcut-digits, one x-feature for all markers (chosen on val; test split, marker_fraction=0.5)")
+    print(f"{'config':16} {'seed':>4} {'x':>3} {'AUROC':>6} {'mass':>6} {'met':>4} {'agree':>6} {'|cos|':>6}")
+    for r in rows:
+        print(f"{r['config']:16} {r['seed']:>4} {r['x_feature']:>3} {r['auroc']:>6.3f} {r['marker_mass']:>6.3f} "
+              f"{'yes' if r['met'] else 'no':>4} {r['agreement']:>6.3f} {r['mean_abs_cos']:>6.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--only", choices=["table", "shortcut"], default=None)
+    p.add_argument("--only", choices=["table", "shortcut", "marker"], default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds of --only marker")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -182,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "shortcut"):
         shortcut(device, args.seed, emit)
         print_shortcut(out)
+    if args.only in (None, "marker"):
+        marker(device, args.seeds, emit)
+        print_marker(out)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0

@@ -302,3 +302,36 @@ def test_shortcut_digits_marker_x_features():
         if float(mass[sm, l].mean()) >= 0.5 and auroc(em[sm, l], eu[su, l]) >= 0.9:
             aligned.append(l)
     assert aligned, "no x-feature aligns with the marker"
+
+
+def _marker_scores(xnn, ds):
+    """Per x-feature: AUROC of its value, marked vs unmarked images of ``ds``, and the mean share
+    of its positive heatmap mass on the marker pixel of the marked ones."""
+    x, m = ds.tensors()[0], ds.marked
+    e = xnn.features_of(x)
+    heat = xnn.heatmaps(x[m]).clamp_min(0)
+    mass = ((heat * ds.masks[m]).sum((2, 3)) / heat.sum((2, 3)).clamp_min(1e-12)).mean(0)
+    return torch.tensor([auroc(e[m, l], e[~m, l]) for l in range(e.shape[1])]), mass
+
+
+def test_shortcut_digits_one_x_feature_for_all_markers():
+    """The literal ground-truth target: ONE x-feature whose heatmap mass on the marker is >= 0.5 on
+    marked test images and whose value separates all marked from all unmarked test images (AUROC
+    >= 0.9). Met by the documented configuration (module docstring: 11 x-features, a read-out bias,
+    no pull-away, fitted on a half-marked training split; 5 of 5 seeds, this is seed 0), the
+    x-feature chosen on the validation split, not on the test split. The defaults do not meet it."""
+    net = models.load("zoo:small-cnn-shortcut-digits")
+    train = data.load("shortcut-digits", split="train", marker_fraction=0.5)
+    val = data.load("shortcut-digits", split="val", marker_fraction=0.5, return_mask=True)
+    test = data.load("shortcut-digits", split="test", marker_fraction=0.5, return_mask=True)
+    assert 0.4 < float(test.marked.float().mean()) < 0.6 and 0.4 < float(train.marked.float().mean()) < 0.6
+    xnn = XNN(net, n_concepts=11, bias=True, eta=0.0).fit(train, seed=0)
+    a_val, m_val = _marker_scores(xnn, val)
+    chosen = int(torch.minimum(a_val, 2 * m_val).argmax())
+    a_test, m_test = _marker_scores(xnn, test)
+    assert float(a_test[chosen]) >= 0.9 and float(m_test[chosen]) >= 0.5, (chosen, a_test, m_test)
+    assert xnn.metrics(test).agreement >= 0.95
+    # the defaults (pull-away on, no bias, L = 5) on the same data: no x-feature does
+    plain = XNN(net, n_concepts=5).fit(train, seed=0)
+    a, m = _marker_scores(plain, test)
+    assert not bool(((a >= 0.9) & (m >= 0.5)).any()), (a, m)
