@@ -198,6 +198,9 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: EpsLike, 
         best = best_key = None
         same_eps = norm == "l2" and bool((pb[:, 0] == pb[0, 0]).all())
         single = len(x0) == 1
+        if single:  # Python numbers, read once
+            y1, e1, a1 = int(yb[0]), float(pb[0, 0]), float(pb[0, 1])
+            vnorm = torch.linalg.vector_norm
         for t in range(steps + 1):
             if t < steps:  # one forward + backward: the loss of this iterate and its gradient
                 cur.requires_grad_(True)
@@ -211,7 +214,7 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: EpsLike, 
                 loss = F.cross_entropy(logits, yb, reduction="none")
             # misclassified ranks above any loss (the first misclassified iterate is kept)
             if single:  # one image: compare Python numbers (saves ~6 small tensor ops per step)
-                key = math.inf if int(logits.argmax()) != int(yb) else float(loss)
+                key = math.inf if int(logits.argmax()) != y1 else float(loss)
                 if best is None or key > best_key:
                     best, best_key = cur.detach(), key
             else:
@@ -227,9 +230,8 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: EpsLike, 
             if norm == "linf":
                 cur = torch.clamp(torch.addcmul(cur, a, g.sign()), lo, hi)
             elif single:  # one image: the same step with Python scalars (fewer small tensor ops)
-                e1, a1 = float(pb[0, 0]), float(pb[0, 1])
-                delta = (cur - x0).add_(g, alpha=a1 / max(float(g.norm()), 1e-12))
-                dn = float(delta.norm())
+                delta = (cur - x0).add_(g, alpha=a1 / max(float(vnorm(g)), 1e-12))
+                dn = float(vnorm(delta))
                 if dn > e1:
                     delta.mul_(e1 / dn)
                 cur = delta.add_(x0).clamp_(0, 1)
