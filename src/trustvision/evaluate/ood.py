@@ -29,13 +29,13 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trustvision.evaluate.detectors import Detector, get_detector, list_detectors
+from trustvision.evaluate.detectors import Detector, get_detector, list_detectors, model_outputs
 
 __all__ = [
     "OODMetrics",
@@ -54,6 +54,7 @@ __all__ = [
     "OOD_SETS",
     "list_detectors",
     "get_detector",
+    "split_labels",
     "Detector",
 ]
 
@@ -136,13 +137,34 @@ def ood_metrics(scores_in, scores_out) -> OODMetrics:
 
 # -- scores -------------------------------------------------------------------------------------
 
-def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int,
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x, batch_size: int,
              device) -> torch.Tensor:
+    """``fn`` over batches of ``x`` (images or a dataset, streamed), concatenated (float64, CPU)."""
+    from trustvision.evaluate.detectors import image_batches
+
     out = []
     with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            out.append(fn(x[i: i + batch_size].to(device)).detach().cpu().double())
+        for xb in image_batches(x, batch_size, device=device):
+            out.append(fn(xb.to(device)).detach().cpu().double())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def split_labels(ds) -> torch.Tensor:
+    """Labels (N,) of a dataset without decoding its images when it records them (``labels``,
+    also through a subset's ``parent``); otherwise read item by item."""
+    labels = getattr(ds, "labels", None)
+    if labels is not None:
+        return torch.as_tensor(labels).long().flatten()
+    parent, idx = getattr(ds, "parent", None), getattr(ds, "indices", None)
+    if parent is not None and idx is not None and getattr(parent, "labels", None) is not None:
+        return torch.as_tensor(parent.labels).long().flatten()[torch.as_tensor(idx).long()]
+    return torch.tensor([int(ds[i][1]) for i in range(len(ds))], dtype=torch.long)
+
+
+def _dim(x) -> int:
+    """Values per image of images (N, C, H, W) or of a dataset's first item."""
+    first = x[0]
+    return (first[0] if isinstance(first, (list, tuple)) else first).numel()
 
 
 def _device(model) -> torch.device:
@@ -175,9 +197,8 @@ class TypicalityTest:
         self.std: float | None = None
         self.threshold: float | None = None
 
-    def l_x(self, x: torch.Tensor) -> torch.Tensor:
-        dim = x[0].numel()
-        return -log_px_score(self.model, x, self.batch_size) / dim
+    def l_x(self, x) -> torch.Tensor:
+        return -log_px_score(self.model, x, self.batch_size) / _dim(x)
 
     def fit(self, x_train: torch.Tensor) -> "TypicalityTest":
         lx = self.l_x(x_train)
@@ -220,9 +241,9 @@ def complexity_corrected_score(model, x: torch.Tensor, batch_size: int = 256) ->
 
     ``-log2 p(x)`` is the model's code length of the 8-bit image (bits/dim times D).
     """
-    dim = x[0].numel()
-    nll_bits = _batched(model.bits_per_dim, x, batch_size, _device(model)) * dim
-    return png_bits(x) - nll_bits
+    dim = _dim(x)
+    return _batched(lambda xb: png_bits(xb) - model.bits_per_dim(xb).double().cpu() * dim, x, batch_size,
+                    _device(model))
 
 
 # -- OOD test sets ------------------------------------------------------------------------------
@@ -250,7 +271,12 @@ def build_ood_sets(id_test, names: Sequence[str] = OOD_SETS, n: int | None = Non
     from trustvision import data
     from trustvision.errors import TrustVisionError
 
-    x_id, _ = data.as_image_dataset(id_test).tensors()
+    ds = data.as_image_dataset(id_test)
+    if n is not None and int(n) < len(ds):
+        # a seeded sample of n test images (of a streamed split, only these are ever decoded)
+        pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(int(seed) + 7))[: int(n)]
+        ds = ds.subset(pick.sort().values)
+    x_id, _ = ds.tensors()
     c, size = x_id.shape[1], tuple(x_id.shape[2:])
     n = len(x_id) if n is None else int(n)
     g = torch.Generator().manual_seed(int(seed))
@@ -341,22 +367,50 @@ def evaluate_ood(model, x_train: torch.Tensor, x_test: torch.Tensor,
         result.typicality["rejected_fraction"] = flagged
     applicable = list_detectors(model)
     names = applicable if detectors is None else [d for d in detectors if d in applicable]
+    # the model's outputs (logits, and features when a detector needs them) are computed once per
+    # image set and shared by every post-hoc detector: one streamed pass over each split
+    feats_needed = any(get_detector(n).needs_features for n in names)
+    outputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def outs(key: str, x) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if key not in outputs:
+            outputs[key] = model_outputs(model, x, batch_size, features=feats_needed)
+        return outputs[key]
+
+    y_fit = None if y_train is None else torch.as_tensor(y_train).long().cpu()
+    posthoc: dict[str, Any] = {}
     for name in names:
         cls = get_detector(name)
-        if cls.needs_fit and y_train is None:
+        if cls.needs_fit and y_fit is None:
             result.skipped[name] = "needs the training labels"
             continue
         try:
-            det = cls().fit(model, x_train, y_train, batch_size) if cls.needs_fit else cls()
+            det = cls()
+            det._check(model)
+            if cls.needs_fit:
+                logits, feats = outs("__train__", x_train)
+                det.fit_outputs(logits, feats if cls.needs_features else None, y_fit, model)
+                det.fitted = True
         except TrustVisionError as exc:
             result.skipped[name] = str(exc)
             continue
-        scorers[name] = (lambda d: (lambda x: d.score(model, x, batch_size)))(det)
+        posthoc[name] = det
+    outputs.pop("__train__", None)
+    order = [*scorers, *posthoc]  # the generative scores, then the post-hoc detectors, then compare
     if compare is not None:
         scorers["max-softmax (compare)"] = lambda x: max_softmax_score(compare, x, batch_size)
-    for det_name, fn in scorers.items():
-        s_in = fn(x_test)
-        for name, x in ood_sets.items():
-            m = ood_metrics(s_in, fn(x))
+    sets = {"__test__": x_test, **ood_sets}
+    scores: dict[str, dict[str, torch.Tensor]] = {k: {} for k in sets}
+    for key, x in sets.items():
+        for det_name, det in posthoc.items():
+            logits, feats = outs(key, x)
+            scores[key][det_name] = det.score_outputs(logits, feats if det.needs_features else None)
+        outputs.pop(key, None)
+        for det_name, fn in scorers.items():
+            scores[key][det_name] = fn(x)
+    for det_name in order + [k for k in scorers if k not in order]:
+        s_in = scores["__test__"][det_name]
+        for name in ood_sets:
+            m = ood_metrics(s_in, scores[name][det_name])
             result.rows.append({"detector": det_name, "ood_set": name, **m.to_dict()})
     return result

@@ -36,7 +36,8 @@ from torch import nn
 from trustvision._utils.registry import Registry
 from trustvision.errors import TrustVisionError
 
-__all__ = ["Detector", "register_detector", "get_detector", "list_detectors", "model_outputs", "has_features"]
+__all__ = ["Detector", "register_detector", "get_detector", "list_detectors", "model_outputs", "has_features",
+           "image_batches"]
 
 _REGISTRY: Registry = Registry("OOD detector", "trustvision.evaluate.ood.list_detectors()")
 
@@ -55,19 +56,41 @@ def has_features(model: nn.Module) -> bool:
     return True
 
 
+def image_batches(data, batch_size: int = 256, *, num_workers: int = 0, device: torch.device | str = "cpu",
+                  labels: list | None = None):
+    """Batches of images (B, C, H, W) from a tensor (slices) or a dataset of (image, label, ...)
+    items (a torch ``DataLoader`` in order, ``num_workers`` processes, pinned memory when the model
+    is on CUDA): a split is streamed, never held as one tensor. ``labels``: a list that receives
+    the items' labels (datasets only)."""
+    if isinstance(data, torch.Tensor):
+        for i in range(0, len(data), batch_size):
+            yield data[i: i + batch_size]
+        return
+    from torch.utils.data import DataLoader
+
+    pin = torch.device(device).type == "cuda"
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin)
+    for item in loader:
+        xb = item[0] if isinstance(item, (list, tuple)) else item
+        if labels is not None and isinstance(item, (list, tuple)) and len(item) > 1:
+            labels.extend(torch.as_tensor(item[1]).long().flatten().tolist())
+        yield xb
+
+
 @torch.no_grad()
-def model_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 256, *,
-                  features: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def model_outputs(model: nn.Module, x, batch_size: int = 256, *, features: bool = True,
+                  num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logits (N, K), features (N, D) or None) in float64 on the CPU, batched, in eval mode; the
-    logits are ``forward_head(features)`` when the model has features (one pass for both)."""
+    logits are ``forward_head(features)`` when the model has features (one pass for both). ``x``:
+    images (N, C, H, W) or a dataset, streamed (:func:`image_batches`)."""
     device = next(model.parameters()).device
     use_feats = features and has_features(model)
     logits, feats = [], []
     was = model.training
     model.eval()
     try:
-        for i in range(0, len(x), batch_size):
-            xb = x[i: i + batch_size].to(device)
+        for xb in image_batches(x, batch_size, num_workers=num_workers, device=device):
+            xb = xb.to(device, non_blocking=True)
             if use_feats:
                 f = model.features(xb).flatten(1)
                 feats.append(f.double().cpu())

@@ -1,0 +1,72 @@
+"""Streaming (issue 16, first part): the accuracy, calibration and ood checks read an image folder
+batch by batch (its images are never stacked into one tensor: ``tensors()`` is made to fail), and
+give the same numbers as the same images held in memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trustvision import audit, data
+from trustvision.data._base import TensorImageDataset
+from trustvision.data.torchvision_sets import ImageFolderDataset
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """digits as PNG files: PATH/{train,test}/<class>/<i>.png (grey, 8 x 8)."""
+    root = tmp_path_factory.mktemp("digits-folder")
+    for split, n in (("train", 300), ("test", 120)):
+        x, y = data.load("digits", split=split).tensors()
+        for i in range(n):
+            d = root / split / str(int(y[i]))
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((x[i, 0].numpy() * 255).round().astype(np.uint8), mode="L").save(d / f"{i:04d}.png")
+    return root
+
+
+def _in_memory(spec: str) -> dict:
+    out = {}
+    for split in ("train", "val", "test"):
+        ds = data.load(spec, split=split)
+        x, y = torch.stack([ds[i][0] for i in range(len(ds))]), ds.labels.clone()
+        out[split] = TensorImageDataset(x, y, classes=ds.classes, name=ds.name, split=split)
+    return out
+
+
+CHECKS = ["accuracy", "calibration", "ood"]
+OPTS = {"ood.n": 60, "ood.sets": "uniform,faces,inverted"}
+
+
+def test_folder_is_streamed_and_equals_the_in_memory_run(folder, monkeypatch):
+    spec = f"imagefolder:{folder}"
+    ref = audit.run({"cnn": "zoo:small-cnn-digits"}, _in_memory(spec), checks=CHECKS, options=OPTS)
+    assert ref.ok, ref.results["errors"]
+
+    def no_stacking(self):
+        raise AssertionError("a streamed split was stacked into one tensor")
+
+    monkeypatch.setattr(ImageFolderDataset, "tensors", no_stacking)
+    got = audit.run({"cnn": "zoo:small-cnn-digits"}, spec, checks=CHECKS, options=OPTS)
+    assert got.ok, got.results["errors"]
+    a, b = ref.metrics["cnn"], got.metrics["cnn"]
+    assert set(a) == set(b) and a["Accuracy"] > 0.9
+    for k in a:
+        assert b[k] == pytest.approx(a[k], abs=1e-6), k
+    ra, rb = ref.records("cnn")["ood"]["data"], got.records("cnn")["ood"]["data"]
+    rows_a = {(r["detector"], r["ood_set"]): r["auroc"] for r in ra["rows"]}
+    rows_b = {(r["detector"], r["ood_set"]): r["auroc"] for r in rb["rows"]}
+    assert rows_a.keys() == rows_b.keys() and len(rows_a) >= 12
+    bad = {k: (v, rows_b[k]) for k, v in rows_a.items() if abs(rows_b[k] - v) > 1e-6}
+    assert not bad, bad
+
+
+def test_split_labels_without_decoding(folder, monkeypatch):
+    from trustvision.evaluate.ood import split_labels
+
+    ds = data.load(f"imagefolder:{folder}", split="train")
+    monkeypatch.setattr(ImageFolderDataset, "__getitem__", lambda self, i: (_ for _ in ()).throw(AssertionError))
+    y = split_labels(ds)
+    assert torch.equal(y, ds.labels) and torch.equal(split_labels(ds.subset([3, 1])), ds.labels[[3, 1]])
