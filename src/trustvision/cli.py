@@ -319,6 +319,8 @@ def audit_cmd(
     n_bins: int = typer.Option(15, "--n-bins", min=1, max=1000, help="Equal-width confidence bins for ECE/MCE."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Random seed of the checks and of --n-max subsets."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
+    image_size: int = typer.Option(None, "--image-size", min=1, max=8192, help="imagefolder:PATH: the side images are resized / cropped to (default: the model's image size)."),
+    crop: float = typer.Option(None, "--crop", min=0.01, max=1.0, help="imagefolder:PATH: resize the shorter side to image-size / CROP and centre-crop (timm's crop_pct, e.g. 0.875: 256 -> 224); default: plain resize."),
     list_checks_: bool = typer.Option(False, "--list-checks", help="List the available checks with their options and exit."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars: one plain line per finished check instead."),
 ) -> None:
@@ -359,8 +361,10 @@ def audit_cmd(
 
     from trustvision import data as tv_data
 
+    data_kw = _image_data_kwargs(data, loaded[0].model, image_size, crop)
+
     def load_split(split: str):
-        return tv_data.load(data, split=split, root=data_dir)
+        return tv_data.load(data, split=split, root=data_dir, **data_kw)
 
     command = _command_line(ctx, {
         "--model": list(dict.fromkeys(names)), "--data": [data], "--out": [out],
@@ -430,6 +434,8 @@ def explain_cmd(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed of the image sample and of the method (I-GOS noise, RISE masks)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
+    image_size: int = typer.Option(None, "--image-size", min=1, max=8192, help="imagefolder:PATH: the side images are resized / cropped to (default: the model's image size)."),
+    crop: float = typer.Option(None, "--crop", min=0.01, max=1.0, help="imagefolder:PATH: resize the shorter side to image-size / CROP and centre-crop (e.g. 0.875)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar: one plain line per finished chunk of images (on stderr)."),
 ) -> None:
     """Explain N test images: PNG overlays + heatmaps.npy + scores.json (deletion/insertion AUCs);
@@ -440,7 +446,7 @@ def explain_cmd(
     res = run_explain(model, data, method, n, out, split=split, target=target, device=device, seed=seed,
                       iterations=iterations, internal_batch_size=batch_size, grid=grid, data_root=data_dir,
                       method_kw=parse_method_kw(method_kw), progress="lines" if no_progress else True,
-                      concepts=concepts)
+                      concepts=concepts, image_size=image_size, crop=crop)
     if "summary" in res:
         s = res["summary"]
         typer.echo(f"{method} on {res['n']} images: deletion AUC {s['deletion_mean']:.4f} +- {s['deletion_std']:.4f} "
@@ -453,6 +459,26 @@ def explain_cmd(
     if flagged:
         typer.echo(f"warning: {flagged} images have low confidence or a wrong prediction; their explanations are unreliable")
     typer.echo(f"written to {out} ({res['seconds']:.1f}s)")
+
+
+def _image_data_kwargs(data: str, model, image_size: int | None, crop: float | None) -> dict:
+    """Loader options of ``--image-size`` / ``--crop``: for ``imagefolder:PATH`` the size and
+    channels default to the model's (its config); other datasets take neither (a one-line error)."""
+    kw: dict = {}
+    if image_size is not None:
+        kw["image_size"] = int(image_size)
+    if crop is not None:
+        kw["crop"] = float(crop)
+    if isinstance(data, str) and data.startswith("imagefolder:"):
+        cfg = getattr(model, "tv_config", None) or {}
+        if "image_size" not in kw and cfg.get("image_size"):
+            size = cfg["image_size"]
+            kw["image_size"] = (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
+        if cfg.get("in_chans") in (1, 3):
+            kw["channels"] = int(cfg["in_chans"])
+    elif kw:
+        raise TrustVisionError(f"--image-size and --crop apply to imagefolder:PATH data, not {data!r}")
+    return kw
 
 
 def _is(exc: BaseException, *names: str) -> bool:

@@ -58,7 +58,7 @@ def method_help() -> str:
     return "Explanation method: " + ", ".join(parts) + "."
 
 
-def _concept_model(net, data, kw: dict, shown_kw: dict, *, seed: int, data_root, track):
+def _concept_model(net, data, kw: dict, shown_kw: dict, *, seed: int, data_root, track, data_kw=None):
     """The XNN a concept method explains with: the saved one ``kw["xnn"]`` names, or one fitted
     now on the training split of ``data`` (a dataset name) with ``kw["n_concepts"]`` x-features."""
     from trustvision.explain.xnn import XNN
@@ -72,7 +72,7 @@ def _concept_model(net, data, kw: dict, shown_kw: dict, *, seed: int, data_root,
         elif isinstance(data, str):
             from trustvision import data as data_mod
 
-            source = data_mod.load(data, split="train", root=data_root)
+            source = data_mod.load(data, split="train", root=data_root, **(data_kw or {}))
         else:
             raise TrustVisionError("xnn needs a training set to fit on: give --data a dataset name, or "
                                    "--method-kw xnn=FOLDER of a saved XNN")
@@ -105,6 +105,8 @@ def run_explain(
     echo: Callable[[str], Any] | None = print,
     progress: bool | str = False,
     concepts: int | None = None,
+    image_size: int | None = None,
+    crop: float | None = None,
 ) -> dict:
     """Explain ``n`` seeded images of ``data``/``split`` with ``method``; returns the scores dict.
 
@@ -142,11 +144,14 @@ def run_explain(
     ensure_writable_dir(out, "--out")  # before the work, not after it
     net = models.load(model).to(resolve_device(device)).eval()
     t0 = time.perf_counter()
-    dataset, shown_kw = data, dict(kw)
+    dataset, shown_kw, data_kw = data, dict(kw), {}
     if isinstance(data, str):  # bad data is a one-line error before any progress is shown
         from trustvision import data as data_mod
 
-        dataset = data_mod.load(data, split=split, root=data_root)
+        from trustvision.cli import _image_data_kwargs
+
+        data_kw = _image_data_kwargs(data, net, image_size, crop)
+        dataset = data_mod.load(data, split=split, root=data_root, **data_kw)
         models.check_compatible(net, dataset)
     if cls.kind == "subset" and kw.get("mask", "mean") == "mean" and isinstance(data, str):
         # mask="mean" is the training-set mean pixel (the paper's choice), not the model's fixed
@@ -154,7 +159,7 @@ def run_explain(
         from trustvision.evaluate.overinterpretation import training_mean
 
         try:
-            kw["mask"] = training_mean(data_mod.load(data, split="train", root=data_root))
+            kw["mask"] = training_mean(data_mod.load(data, split="train", root=data_root, **data_kw))
             shown_kw["mask"] = f"mean: the training-set mean pixel {[round(v, 4) for v in kw['mask'].flatten().tolist()]}"
         except TrustVisionError:
             pass
@@ -164,7 +169,7 @@ def run_explain(
     xnn = None
     with progress_bar(progress) as bar:
         if cls.kind == "concepts":
-            xnn, kw, shown_kw = _concept_model(net, data, kw, shown_kw, seed=seed, data_root=data_root,
+            xnn, kw, shown_kw = _concept_model(net, data, kw, shown_kw, seed=seed, data_root=data_root, data_kw=data_kw,
                                                track=bar_tracker(bar) if progress is True else
                                                line_tracker(unit="epochs", lines=5) if progress == "lines" else None)
         track = (bar_tracker(bar) if progress is True else line_tracker(unit="images") if progress == "lines"

@@ -398,7 +398,8 @@ class ImageFolderDataset(ImageDataset):
     ``files`` lists the image paths; ``labels`` (N,) int64 their class indices.
     """
 
-    def __init__(self, files, labels, classes, name, split, image_size, num_channels):
+    def __init__(self, files, labels, classes, name, split, image_size, num_channels, crop=None):
+        self.crop = None if crop is None else float(crop)
         self.files = list(files)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.classes = list(classes)
@@ -411,7 +412,7 @@ class ImageFolderDataset(ImageDataset):
         return len(self.files)
 
     def __getitem__(self, idx: int):
-        return _read_image(self.files[idx], self.image_size, self.num_channels), int(self.labels[idx])
+        return _read_image(self.files[idx], self.image_size, self.num_channels, self.crop), int(self.labels[idx])
 
 
 def _unreadable(path: Path, err: BaseException) -> TrustVisionError:
@@ -421,13 +422,27 @@ def _unreadable(path: Path, err: BaseException) -> TrustVisionError:
     )
 
 
-def _read_image(path: Path, size: tuple[int, int], channels: int) -> torch.Tensor:
+def _read_image(path: Path, size: tuple[int, int], channels: int, crop: float | None = None) -> torch.Tensor:
+    """The image file as (C, H, W) floats in [0, 1] of ``size``: resized (bilinear) to it, or with
+    ``crop`` (timm's crop_pct) resized so that its shorter side is ``max(size) / crop`` (aspect kept)
+    and centre-cropped to ``size``, as torchvision's ``Resize(int(224 / 0.875))`` +
+    ``CenterCrop(224)``."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (size[1], size[0]):
+            if crop is not None:
+                short = max(1, int(max(size) / crop))
+                w, h = img.size
+                # torchvision's rounding: the long side truncated, the crop offset rounded
+                nw, nh = (short, max(1, int(short * h / w))) if w <= h else (max(1, int(short * w / h)), short)
+                nw, nh = max(nw, size[1]), max(nh, size[0])
+                if (nw, nh) != (w, h):
+                    img = img.resize((nw, nh), Image.BILINEAR)
+                left, top = int(round((nw - size[1]) / 2.0)), int(round((nh - size[0]) / 2.0))
+                img = img.crop((left, top, left + size[1], top + size[0]))
+            elif img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
     except Exception as err:
@@ -484,6 +499,7 @@ def load_imagefolder(
     image_size: tuple[int, int] | int | None = None,
     channels: int | None = None,
     val_fraction: float = VAL_FRACTION,
+    crop: float | None = None,
 ) -> ImageFolderDataset:
     """Images in class folders: ``PATH/<class>/*`` or ``PATH/<split>/<class>/*``.
 
@@ -495,7 +511,11 @@ def load_imagefolder(
       folders (names starting with ``.``) are ignored.
     * One size for every split: each image is resized (bilinear) to ``image_size`` (an int or
       ``(H, W)``), by default the size of the first training image (in sorted class/file order),
-      and converted to ``channels`` (1 or 3), by default that image's channel count.
+      and converted to ``channels`` (1 or 3), by default that image's channel count. With
+      ``crop`` (0 < crop <= 1, timm's ``crop_pct``, e.g. 0.875) each image is instead resized so
+      that its shorter side is ``max(image_size) / crop`` (aspect ratio kept) and centre-cropped to
+      ``image_size``: the evaluation transform of torchvision and timm (256 -> 224 at 0.875).
+      Images are decoded when an item is read, so a split is never held in memory.
     * Refused, in one line naming the file or folder: an image that cannot be read anywhere in
       the folder (every image file of every split is opened and verified when any split is
       loaded, so a corrupt validation image stops loading the test split too: nothing is skipped
@@ -503,6 +523,8 @@ def load_imagefolder(
     """
     val_fraction = _check_val_fraction(val_fraction)
     size = _check_size(image_size)
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1):
+        raise TrustVisionError(f"crop must be a fraction in (0, 1] such as 0.875, got {crop!r}")
     if channels is not None and channels not in (1, 3):
         raise TrustVisionError(f"channels must be 1 or 3, got {channels!r}")
     folder = Path(path).expanduser()
@@ -564,7 +586,7 @@ def load_imagefolder(
         raise TrustVisionError(f"the {split} split of {folder} is empty; add more images per class")
     probe_size, probe_channels = _probe(first)
     num_channels = channels if channels is not None else probe_channels
-    return ImageFolderDataset(files, labels, classes, name, split, size or probe_size, num_channels)
+    return ImageFolderDataset(files, labels, classes, name, split, size or probe_size, num_channels, crop)
 
 
 def _flatten(dirs: dict[str, list[Path]], classes: list[str]) -> tuple[list[Path], np.ndarray]:
