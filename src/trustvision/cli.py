@@ -323,6 +323,9 @@ def audit_cmd(
     crop: float = typer.Option(None, "--crop", min=0.01, max=1.0, help="imagefolder:PATH: resize the shorter side to image-size / CROP and centre-crop (timm's crop_pct, e.g. 0.875: 256 -> 224); default: plain resize."),
     list_checks_: bool = typer.Option(False, "--list-checks", help="List the available checks with their options and exit."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars: one plain line per finished check instead."),
+    ray: str = typer.Option(None, "--ray", metavar="auto|ADDRESS", help="Shard per-image explanation work over Ray actors: 'auto' (the RAY_ADDRESS cluster or a local one) or a cluster address; needs pip install \"trustvision[ray]\"."),
+    ray_workers: int = typer.Option(None, "--ray-workers", min=1, max=10_000, help="Ray actors (default: one per cluster CPU)."),
+    ray_gpus_per_worker: float = typer.Option(0.0, "--ray-gpus-per-worker", min=0.0, max=64.0, help="GPUs per Ray actor (0: CPU actors)."),
 ) -> None:
     """Audit models on a dataset: writes OUT/report.html (self-contained) and OUT/results.json.
 
@@ -374,6 +377,7 @@ def audit_cmd(
         loaded, audit.LazySplits(load_split), checks=check_names, out=out, device=dev, seed=seed, compare=cmp,
         options={"n_max": n_max, "batch_size": batch_size, "n_bins": n_bins, **check_options},
         progress="lines" if no_progress else True, command=command, dataset_name=data,
+        ray=ray, ray_workers=ray_workers, ray_gpus_per_worker=ray_gpus_per_worker,
     )
     for m in result.results["models"]:
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m["metrics"].items())

@@ -73,6 +73,9 @@ class AuditContext:
             method): a line on the progress console, a plain line with ``--no-progress``.
         scratch_root: where :meth:`scratch` keeps partial results (``out/scratch/<model-key>``,
             set by the runner); None: in memory, for this audit only.
+        executor: with ``--ray``, where per-image explanation work runs
+            (:class:`trustvision.audit.distributed.RayPool`; pass it to
+            :func:`trustvision.explain.explain_images` as ``executor``); None: in this process.
     """
 
     model: torch.nn.Module
@@ -87,6 +90,7 @@ class AuditContext:
     check_options: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = field(default=lambda message: None, repr=False)
     scratch_root: Path | None = None
+    executor: Callable[..., Any] | None = field(default=None, repr=False)
     _logits: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _scratch: dict[str, ScratchStore] = field(default_factory=dict, repr=False)
     _subsets: dict[str, ImageDataset] = field(default_factory=dict, repr=False)

@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+
 import datetime as _dt
 import hashlib
 import math
@@ -404,6 +406,9 @@ def run(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     dataset_name: str | None = None,
+    ray: str | None = None,
+    ray_workers: int | None = None,
+    ray_gpus_per_worker: float = 0.0,
 ) -> AuditResult:
     """Audit ``models`` on ``data`` with ``checks``; results as Python objects, files only with ``out``.
 
@@ -432,6 +437,10 @@ def run(
         render: write ``report.html`` (only with ``out``).
         classes: class names when ``data`` carries none.
         dataset_name: display name of the dataset.
+        ray: "auto" or a Ray cluster address: per-image explanation work runs on ``ray_workers``
+            Ray actors (``ray_gpus_per_worker`` GPUs each) that load each model from its
+            checkpoint path or zoo name (:mod:`trustvision.audit.distributed`); the results are
+            those of the single-process run.
 
     Returns:
         An :class:`AuditResult`; ``n_errors`` counts checks that raised (the audit still finished).
@@ -489,7 +498,13 @@ def run(
     n_computed = n_cached = 0
     all_figures: dict[tuple[str, str], dict[str, bytes]] = {}
 
-    with progress_bar(progress) as prog:
+    ray_started = False
+    if ray:  # connect and check the cluster before any progress is shown (bad input: one line)
+        from trustvision.audit.distributed import connect, require_ray
+
+        ray_started = not require_ray().is_initialized()
+        connect(ray, ray_workers, ray_gpus_per_worker, [am.source for am in audit_models])
+    with progress_bar(progress) as prog, _ray_session(ray_started):
         overall = prog.add_task("audit", total=len(audit_models) * len(check_classes))
         for am, key in zip(audit_models, keys):
             mfp = model_fingerprint(am.model)
@@ -502,6 +517,12 @@ def run(
                                scratch_root=None if out is None else out / "scratch" / key,
                                log=lambda msg, _name=am.name: _log(prog, progress, f"  {escape(_name)}: {escape(msg)}"))
             records: dict[str, dict] = {}
+            pool = None
+            if ray:
+                from trustvision.audit.distributed import RayPool
+
+                pool = RayPool(am.source, ray, ray_workers, ray_gpus_per_worker)
+                ctx.executor = pool.executor()
             for cls in check_classes:
                 check = cls()
                 ctx.check_options = dict(check_opts[cls.name])
@@ -543,6 +564,8 @@ def run(
                         _log(prog, progress, f"[green]done[/] {check.name} for {escape(am.name)} "
                                              f"({record['duration_s']:.1f}s)")
                 prog.advance(overall)
+            if pool is not None:
+                pool.close()
             # checks stored in `out` by an earlier audit of the same model, data and options but not
             # selected this time are kept (a rerun with --checks accuracy does not drop the others)
             for cls in kept_classes:
@@ -624,6 +647,18 @@ def _log(progress, enabled: bool | str, message: str) -> None:
 def _error_record(base: dict, exc: BaseException) -> dict:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return {**base, "status": "error", "error": _format_exc(exc), "traceback": tb}
+
+
+@contextlib.contextmanager
+def _ray_session(started: bool):
+    """Shut down the Ray session this audit started (a cluster it joined is left running)."""
+    try:
+        yield
+    finally:
+        if started:
+            from trustvision.audit.distributed import require_ray
+
+            require_ray().shutdown()
 
 
 def _format_exc(exc: BaseException) -> str:

@@ -286,6 +286,8 @@ def build_ood_sets(id_test, names: Sequence[str] = OOD_SETS, n: int | None = Non
             continue
         if name in ("faces", "textures"):
             x, _ = data.load(name, split="test").tensors()
+            if len(x) > n:  # the same draw as below, before the conversion (large images: memory)
+                x = x[torch.randperm(len(x), generator=g)[:n]]
             x = _convert(x, c, size)
         elif name == "uniform":
             x = torch.rand(n, c, *size, generator=g)

@@ -221,6 +221,7 @@ def explain_images(
     faithfulness: Callable[..., Any] | None = None,
     track: Callable[..., Any] | None = None,
     chunk: int | None = None,
+    executor: Callable[..., Any] | None = None,
 ) -> SampleExplanation:
     """Explain ``sample`` with ``method`` (a registered name or an :class:`Explainer` class).
 
@@ -237,6 +238,11 @@ def explain_images(
     not depend on the chunking (up to float rounding): every registered method explains each
     image independently of the others in its batch (I-GOS noise is drawn per image, RISE masks
     come from the seed alone).
+
+    ``executor``: ``executor(method_name, [(images, targets), ...], method_kw)`` yielding
+    ``(output, last_info)`` per chunk in order, e.g. a Ray pool's
+    (:class:`trustvision.audit.distributed.RayPool`): the chunks are explained there instead of
+    here, with the same results.
     """
     cls = _method(method)
     kw = {"seed": seed, "internal_batch_size": internal_batch_size, **dict(method_kw or {})}
@@ -247,7 +253,7 @@ def explain_images(
     explainer = cls(model)
     t0 = time.perf_counter()
     n = sample.images.shape[0]
-    if track is None:
+    if track is None and executor is None:
         bounds = [(0, n)]
     else:
         size = max(1, chunk or -(-n // 4))
@@ -255,12 +261,23 @@ def explain_images(
     outs, infos = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        parts = bounds if track is None else track(bounds, total=n, description=cls.name,
-                                                   weight=lambda b: b[1] - b[0])
-        for a, b in parts:
-            o = explainer.attribute(sample.images[a:b], target=sample.targets[a:b], **kw)
-            outs.append(o[0] if cls.kind == "heatmap" and isinstance(o, tuple) else o)
-            infos.append(getattr(explainer, "last_info", None))
+        if executor is None:
+            def run_chunks():
+                for a, b in bounds:
+                    o = explainer.attribute(sample.images[a:b], target=sample.targets[a:b], **kw)
+                    yield (o[0] if cls.kind == "heatmap" and isinstance(o, tuple) else o,
+                           getattr(explainer, "last_info", None))
+            results = run_chunks()
+        else:
+            results = executor(cls.name, [(sample.images[a:b], sample.targets[a:b]) for a, b in bounds], kw)
+        pairs = zip(bounds, results)
+        parts = pairs if track is None else track(pairs, total=n, description=cls.name,
+                                                  weight=lambda p: p[0][1] - p[0][0])
+        for _, (o, info) in parts:
+            if isinstance(o, torch.Tensor):
+                o = o.to(sample.images.device)
+            outs.append(o)
+            infos.append(info)
     seconds = time.perf_counter() - t0
     res = SampleExplanation(method=cls.name, title=cls.title, kind=cls.kind, sample=sample, seconds=seconds)
     info = (ExplanationInfo.concat(infos) if infos and all(isinstance(i, ExplanationInfo) for i in infos)

@@ -1,0 +1,117 @@
+"""Sharding the audit's per-image work over Ray (issue 16) on a local 2-CPU cluster: the same
+results as the single-process run (bit-identical on the CPU), a worker killed mid-run is replaced
+and the audit completes with the same results, and without Ray ``--ray`` is one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from trustvision import audit, data, explain, models
+from trustvision.cli import main
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a local Ray cluster: worker processes start (seconds each)
+
+OPTS = {"explanations.n": 8, "explanations.methods": "saliency,igos,rise", "explanations.iterations": 2,
+        "explanations.sag_n": 1}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _strip(d):
+    """The record without timings."""
+    if isinstance(d, dict):
+        return {k: _strip(v) for k, v in d.items() if "second" not in k and k not in ("duration_s", "created")}
+    if isinstance(d, list):
+        return [_strip(v) for v in d]
+    return d
+
+
+def test_sharded_explanations_equal_the_single_process_run(cluster):
+    one = audit.run("zoo:small-cnn-digits", "digits", checks=["explanations"], options=OPTS)
+    two = audit.run("zoo:small-cnn-digits", "digits", checks=["explanations"], options=OPTS, ray="auto",
+                    ray_workers=2)
+    assert one.ok and two.ok, (one.results["errors"], two.results["errors"])
+    a = one.records()["explanations"]["data"]
+    b = two.records()["explanations"]["data"]
+    assert _strip(a) == _strip(b)  # every number, bit for bit
+    assert a["methods"]["igos"]["deletion_auc"] and len(a["methods"]["igos"]["deletion_auc"]) == 8
+
+
+def test_pool_results_are_in_chunk_order_and_survive_a_killed_worker(cluster):
+    from trustvision.audit.distributed import RayPool
+
+    net = models.load("zoo:small-cnn-digits").eval()
+    sample = explain.draw_sample(net, data.load("digits", split="test"), 12, seed=3)
+    local = explain.explain_images(net, sample, "igos", method_kw={"iterations": 2}, chunk=3,
+                                   track=lambda it, total=None, description="", weight=None: it)
+    pool = RayPool("zoo:small-cnn-digits", workers=2)
+    pids = ray.get([a.ping.remote() for a in pool.actors])
+    first = pool.actors[0]
+
+    def killing(method, chunks, kw):
+        gen = RayPool.attribute_chunks(pool, method, chunks, kw)
+        out = next(gen)
+        ray.kill(first, no_restart=False)  # mid-run: the actor dies, Ray restarts it and retries its chunks
+        yield out
+        yield from gen
+
+    remote = explain.explain_images(net, sample, "igos", method_kw={"iterations": 2}, chunk=3, executor=killing)
+    assert torch.equal(local.heatmaps, remote.heatmaps)
+    assert ray.get(first.ping.remote()) != pids[0]  # a fresh process took its place
+    pool.close()
+
+
+def test_audit_survives_a_killed_worker(cluster, monkeypatch):
+    from trustvision.audit import distributed
+
+    original = distributed.RayPool.attribute_chunks
+    killed = []
+
+    def killing(self, method, chunks, kw):
+        gen = original(self, method, chunks, kw)
+        yield next(gen)
+        if not killed:
+            ray.kill(self.actors[-1], no_restart=False)
+            killed.append(method)
+        yield from gen
+
+    monkeypatch.setattr(distributed.RayPool, "attribute_chunks", killing)
+    opts = {**OPTS, "explanations.methods": "saliency,igos", "explanations.sag_n": 0}
+    one = audit.run("zoo:small-cnn-digits", "digits", checks=["explanations"], options=opts)
+    two = audit.run("zoo:small-cnn-digits", "digits", checks=["explanations"], options=opts, ray="auto",
+                    ray_workers=2)
+    assert killed and two.ok, two.results["errors"]
+    assert _strip(one.records()["explanations"]["data"]) == _strip(two.records()["explanations"]["data"])
+
+
+def test_ray_cli_and_its_errors(tmp_path, capsys, cluster):
+    rc = main(["audit", "--model", "zoo:small-cnn-digits", "--data", "digits", "--checks", "explanations",
+               "-O", "explanations.n=4", "-O", "explanations.methods=saliency", "-O", "explanations.sag_n=0",
+               "--ray", "auto", "--ray-workers", "2", "--out", str(tmp_path / "r"), "--no-progress"])
+    assert rc == 0
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["status"] == "ok"
+    capsys.readouterr()
+    rc = main(["audit", "--model", "zoo:small-cnn-digits", "--data", "digits", "--checks", "explanations",
+               "--ray", "auto", "--ray-workers", "64", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "more than the cluster's 2 CPUs" in err[0]
+
+
+def test_without_ray_it_is_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    rc = main(["audit", "--model", "zoo:small-cnn-digits", "--data", "digits", "--checks", "explanations",
+               "--ray", "auto", "--out", str(tmp_path / "n")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and 'pip install "trustvision[ray]"' in err[0]
