@@ -1,4 +1,4 @@
-"""Streaming (issue 16, first part): the accuracy, calibration and ood checks read an image folder
+"""Streaming (issue 16, first part): the accuracy, calibration, ood and criticism checks read an image folder
 batch by batch (its images are never stacked into one tensor: ``tensors()`` is made to fail), and
 give the same numbers as the same images held in memory."""
 
@@ -36,7 +36,7 @@ def _in_memory(spec: str) -> dict:
     return out
 
 
-CHECKS = ["accuracy", "calibration", "ood"]
+CHECKS = ["accuracy", "calibration", "ood", "criticism"]
 OPTS = {"ood.n": 60, "ood.sets": "uniform,faces,inverted"}
 
 
@@ -61,6 +61,9 @@ def test_folder_is_streamed_and_equals_the_in_memory_run(folder, monkeypatch):
     assert rows_a.keys() == rows_b.keys() and len(rows_a) >= 12
     bad = {k: (v, rows_b[k]) for k, v in rows_a.items() if abs(rows_b[k] - v) > 1e-6}
     assert not bad, bad
+    ca, cb = ref.records("cnn")["criticism"]["data"], got.records("cnn")["criticism"]["data"]
+    assert ca["classes"] == cb["classes"] and ca["mistakes"] == cb["mistakes"]
+    assert ca["prototype_curve"] == cb["prototype_curve"]
 
 
 def test_split_labels_without_decoding(folder, monkeypatch):

@@ -28,7 +28,9 @@ from trustvision.audit.context import AuditContext
 from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
 from trustvision.errors import TrustVisionError
 from trustvision.evaluate.criticism import bias_enrichment, median_gamma, mmd_critic, prototype_curve
+from trustvision.data import TensorImageDataset
 from trustvision.evaluate.detectors import has_features, model_outputs
+from trustvision.evaluate.ood import split_labels
 from trustvision.explain._base import ExplanationWarning
 
 __all__ = ["CriticismCheck", "class_gallery", "mistake_figure", "class_criticism"]
@@ -186,12 +188,16 @@ class CriticismCheck(Check):
             raise TrustVisionError(f"option criticism.split={split} names a split this data set does not have; "
                                    f"use one of {', '.join(ctx.datasets)}")
         ds = ctx.dataset(split)
-        x, y = ds.tensors()
+        if isinstance(ds, TensorImageDataset):  # in memory already
+            x, y = ds.tensors()
+            source = x
+        else:  # streamed: features batch by batch, only the images shown are decoded
+            x, y, source = _LazyImages(ds), split_labels(ds), ds
         if len(x) < 2:
             raise TrustVisionError(f"the {split} split has {len(x)} images; the criticism check needs at least 2")
         bs = int(ctx.option("batch_size", 256))
         model.eval()
-        logits, feats = model_outputs(model, x, bs)
+        logits, feats = model_outputs(model, source, bs)
         probs = torch.softmax(logits, 1).float()
         conf, pred = probs.max(1)
         feats = feats.float()
@@ -271,8 +277,9 @@ class CriticismCheck(Check):
         curve, headline, acc = None, None, {}
         ms = sorted({int(v) for v in ctx.option("curve") if str(v).strip()})
         if ms and "train" in ctx.datasets:
-            xt, yt = ctx.dataset("train").tensors()
-            _, ft = model_outputs(model, xt, bs)
+            train = ctx.dataset("train")
+            yt = train.tensors()[1] if isinstance(train, TensorImageDataset) else split_labels(train)
+            _, ft = model_outputs(model, train.tensors()[0] if isinstance(train, TensorImageDataset) else train, bs)
             counts = torch.bincount(yt)
             ms = [v for v in ms if v <= int(counts[counts > 0].min())]
             if ms:
@@ -389,3 +396,19 @@ def _attribute(ds, name: str):
         parent = getattr(ds.parent, name, None)
         v = None if parent is None else torch.as_tensor(parent)[ds.indices]
     return v
+
+
+class _LazyImages:
+    """The images of a streamed split, decoded when indexed: ``[i]`` one image (C, H, W),
+    ``[indices]`` a stack of them."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, torch.Tensor) and idx.dim() > 0:
+            return torch.stack([self.ds[int(i)][0] for i in idx.tolist()])
+        return self.ds[int(idx)][0]
