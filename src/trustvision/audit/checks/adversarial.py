@@ -366,7 +366,8 @@ def _detection(ctx, model, x, y, main, eps, steps, seed, bs) -> dict | None:
     out = {"n_clean": len(x), "n_adversarial": int(flipped.sum()),
            "auroc_log_px": auroc(log_px_score(model, x, bs), log_px_score(model, xa, bs))}
     if "train" in list(ctx.datasets):
-        xt = ctx.dataset("train").tensors()[0][:2000]
+        train = ctx.dataset("train")
+        xt = train.subset(range(min(2000, len(train)))).tensors()[0]  # only these are read
         t = TypicalityTest(model, batch_size=bs).fit(xt)
         out["auroc_typicality"] = auroc(t.score(x), t.score(xa))
     return out

@@ -151,12 +151,12 @@ class CorruptionsCheck(Check):
         if not types:
             raise TrustVisionError("option corruptions.types is empty; give e.g. gaussian-noise,fog")
         test = ctx.dataset("test")
-        x, y = test.tensors()
         n = int(ctx.option("n"))
-        if n and n < x.shape[0]:
+        if n and n < len(test):  # only the sampled images are read (a streamed split stays on disk)
             g = torch.Generator().manual_seed(int(ctx.seed) + 600)
-            idx = torch.randperm(x.shape[0], generator=g)[:n].sort().values
-            x, y = x[idx], y[idx]
+            idx = torch.randperm(len(test), generator=g)[:n].sort().values
+            test = test.subset(idx)
+        x, y = test.tensors()
         seed = int(ctx.option("seed"))
         n_bins = int(ctx.option("n_bins", 15))
         res = corruption_accuracy(ctx.model, (x, y), severities=severities, corruptions=types,

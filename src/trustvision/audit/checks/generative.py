@@ -12,6 +12,7 @@ import torch
 
 from trustvision.audit.checks.ood import CONVENTION, run_ood
 from trustvision.audit.context import AuditContext
+from trustvision.data import TensorImageDataset
 from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
 from trustvision.data import random_subset
 from trustvision.evaluate.calibration import expected_calibration_error
@@ -92,10 +93,12 @@ class GenerativeCheck(Check):
         classes = ctx.classes
         test = ctx.dataset("test")
         batch = int(ctx.option("batch_size", 256))
-        x_all = test.tensors()[0]
-        with torch.no_grad():
-            bpd = torch.cat([model.bits_per_dim(x_all[i: i + batch].to(dev)).cpu()
-                             for i in range(0, len(x_all), batch)])
+        from trustvision.evaluate.detectors import image_batches
+
+        with torch.no_grad():  # streamed: a split on disk is read batch by batch
+            bpd = torch.cat([model.bits_per_dim(xb.to(dev)).cpu()
+                             for xb in image_batches(test if not isinstance(test, TensorImageDataset)
+                                                     else test.tensors()[0], batch, device=dev)])
         samples = sample_grid(model, n=ctx.option("samples_per_class"), temperature=ctx.option("temperature"),
                               seed=ctx.seed)
         x, _, _ = random_subset(test, ctx.option("counterfactual_n"), ctx.generator(77))
