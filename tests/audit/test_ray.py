@@ -96,6 +96,17 @@ def test_audit_survives_a_killed_worker(cluster, monkeypatch):
     assert _strip(one.records()["explanations"]["data"]) == _strip(two.records()["explanations"]["data"])
 
 
+def test_sharded_attacks_equal_the_single_process_run(cluster):
+    opts = {"adversarial.n": 24, "adversarial.steps": 3, "adversarial.minimal_eps": False, "adversarial.explain_n": 0,
+            "adversarial.attacks": "fgsm,pgd-linf,pgd-l2", "batch_size": 8}
+    one = audit.run("zoo:small-cnn-digits", "digits", checks=["adversarial"], options=opts)
+    two = audit.run("zoo:small-cnn-digits", "digits", checks=["adversarial"], options=opts, ray="auto",
+                    ray_workers=2)
+    assert one.ok and two.ok, (one.results["errors"], two.results["errors"])
+    a, b = one.records()["adversarial"]["data"]["attacks"], two.records()["adversarial"]["data"]["attacks"]
+    assert a == b and a["pgd-linf"]["accuracy"][-1] < a["pgd-linf"]["accuracy"][0]
+
+
 def test_ray_cli_and_its_errors(tmp_path, capsys, cluster):
     rc = main(["audit", "--model", "zoo:small-cnn-digits", "--data", "digits", "--checks", "explanations",
                "-O", "explanations.n=4", "-O", "explanations.methods=saliency", "-O", "explanations.sag_n=0",

@@ -2,7 +2,9 @@
 
 A :class:`RayPool` starts ``workers`` actors that each load the audited model once from its
 checkpoint path or ``zoo:NAME`` (never through Ray's object store) and explain chunks of images
-with a registered method. :meth:`RayPool.attribute_chunks` hands the chunks out round-robin and
+with a registered method (the ``explanations`` check) or attack them (the ``adversarial`` check's
+FGSM / PGD sweeps; PGD's random start is seeded per image, so sharding does not change it;
+AutoAttack, whose randomness follows the batch, runs in the driver). :meth:`RayPool.attribute_chunks` hands the chunks out round-robin and
 returns the results in chunk order, so the merged result is the single-process one: every method
 explains each image independently of its batch, its randomness derived from (seed, the image)
 and never from a worker's state, so on the CPU the results are bit-identical.
@@ -53,6 +55,13 @@ class _Worker:
         import os
 
         return os.getpid()
+
+    def attack(self, name: str, images, labels, kw: dict) -> torch.Tensor:
+        from trustvision.evaluate.adversarial import attack
+
+        x = torch.from_numpy(images.copy()).to(self.device)
+        y = torch.from_numpy(labels.copy()).to(self.device)
+        return attack(self.model, x, y, name, **kw).detach().cpu()
 
     def attribute(self, method: str, images, targets, kw: dict) -> tuple[Any, Any]:
         import warnings
@@ -139,9 +148,26 @@ class RayPool:
         for ref in refs:
             yield ray.get(ref)
 
+    def attack_chunks(self, name: str, chunks: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                      kw: dict) -> Iterator[torch.Tensor]:
+        """Adversarial images of attack ``name`` for each chunk ``(images, labels)``, in order."""
+        ray = require_ray()
+        refs = [self.actors[i % len(self.actors)].attack.remote(name, x.detach().cpu().numpy(),
+                                                                 y.detach().cpu().numpy(), kw)
+                for i, (x, y) in enumerate(chunks)]
+        for ref in refs:
+            yield ray.get(ref)
+
     def executor(self) -> Callable:
-        """What :func:`trustvision.explain.explain_images` takes as ``executor``."""
-        return self.attribute_chunks
+        """``executor(task, chunks, kw)``: what :func:`trustvision.explain.explain_images` (task = a
+        method name) and :func:`trustvision.evaluate.adversarial.robust_accuracy` (task =
+        ``"attack:NAME"``) take as ``executor``."""
+        def run(task: str, chunks, kw: dict):
+            if task.startswith("attack:"):
+                return self.attack_chunks(task.split(":", 1)[1], chunks, kw)
+            return self.attribute_chunks(task, chunks, kw)
+
+        return run
 
     def close(self) -> None:
         ray = require_ray()

@@ -383,13 +383,25 @@ class RobustAccuracy:
         return asdict(self)
 
 
+#: attacks whose result does not depend on the batch (seeded per image): they may be sharded
+SHARDABLE = ("fgsm", "pgd-linf", "pgd-l2")
+
+
+def _sharded(executor, name: str, x: torch.Tensor, y: torch.Tensor, kw: dict, chunk: int) -> torch.Tensor:
+    chunks = [(x[i:i + chunk], y[i:i + chunk]) for i in range(0, len(x), chunk)]
+    return torch.cat([a.to(x.device) for a in executor(f"attack:{name}", chunks, kw)]) if chunks else x.clone()
+
+
 def robust_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str = "pgd-linf",
                     eps_list: Sequence[float] | None = None, *, steps: int = 10, seed: int = 0,
-                    batch_size: int | None = 256, track: Callable | None = None) -> RobustAccuracy:
+                    batch_size: int | None = 256, track: Callable | None = None,
+                    executor: Callable | None = None) -> RobustAccuracy:
     """Accuracy of ``model`` on ``x`` (N, C, H, W) in [0, 1], labels ``y`` (N,), under ``attack``
     at every eps of ``eps_list`` (default :func:`eps_sweep` for the image size). An image counts
     as robust at eps when it is classified correctly clean *and* attacked (eps = 0: clean
-    accuracy). Higher is better."""
+    accuracy). Higher is better. ``executor(task, chunks, kw)``: where to run the attacks of
+    :data:`SHARDABLE` (e.g. a Ray pool, :mod:`trustvision.audit.distributed`), one chunk per
+    batch of ``batch_size`` images (the batches of the single-process run: the same result)."""
     name = attack
     fn = _get(name)
     eps_list = list(eps_sweep(x.shape[-2:], NORM_OF[name]) if eps_list is None else eps_list)
@@ -400,7 +412,12 @@ def robust_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, at
         if e == 0:
             ok = clean.clone()
         else:
-            adv = fn(model, x, y, float(e), steps=steps, seed=seed, batch_size=batch_size)
+            if executor is not None and name in SHARDABLE:
+                kw = {"eps": float(e), "steps": steps, "seed": seed, "batch_size": batch_size}
+                # one chunk per local batch: the same batches as in one process, so the same floats
+                adv = _sharded(executor, name, x, y, kw, batch_size or len(x) or 1)
+            else:
+                adv = fn(model, x, y, float(e), steps=steps, seed=seed, batch_size=batch_size)
             ok = clean & _correct(model, adv, y, batch_size)
         rows.append(ok)
     n = len(x)
