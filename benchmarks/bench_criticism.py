@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from registry import Workload, emitter, register, sync  # noqa: E402
+from registry import Workload, emitter, register, reset_hwm, rss_kb, sync  # noqa: E402
 
 DIM, CLASSES, PROTOTYPES, CRITICISMS = 512, 10, 10, 5
 
@@ -71,24 +71,6 @@ def _w_speed(device):
 # -- speed -----------------------------------------------------------------------------------
 
 
-def _rss_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure(n: int, device: torch.device) -> dict:
     from trustvision.evaluate.criticism import BLOCK_SIZE
 
@@ -102,8 +84,8 @@ def measure(n: int, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         how = "cuda max_memory_allocated"
     else:
-        hwm = _reset_hwm() and _rss_kb("VmRSS") is not None
-        base = _rss_kb("VmRSS") if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hwm = reset_hwm() and rss_kb("VmRSS") is not None
+        base = rss_kb("VmRSS") if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         how = "VmHWM - VmRSS" if hwm else "ru_maxrss delta"
     t0 = time.perf_counter()
     res = _run(x, y)
@@ -112,7 +94,7 @@ def measure(n: int, device: torch.device) -> dict:
     if cuda:
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
-        peak = _rss_kb("VmHWM") if how == "VmHWM - VmRSS" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = rss_kb("VmHWM") if how == "VmHWM - VmRSS" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak_mb = max(peak - base, 0) / 1024
     return {"benchmark": f"mmd-critic:n{n}", "device": str(device), "n": n, "dim": DIM, "classes": CLASSES,
             "prototypes_per_class": PROTOTYPES, "criticisms_per_class": CRITICISMS, "seconds": sec,

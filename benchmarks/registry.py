@@ -20,11 +20,13 @@ clock), :func:`zoo_names`, :func:`zoo_workload` (a zoo model with a seeded rando
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-__all__ = ["Workload", "register", "BENCHMARKS", "sync", "emitter", "zoo_names", "zoo_workload", "training_run"]
+__all__ = ["Workload", "register", "BENCHMARKS", "sync", "emitter", "zoo_names", "zoo_workload", "training_run",
+           "rss_kb", "reset_hwm"]
 
 
 @dataclass
@@ -109,3 +111,23 @@ def training_run(opt: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor]
         opt.step()
 
     return run
+
+
+def rss_kb(field: str) -> int | None:
+    """A memory field of /proc/self/status in KB (``VmRSS``, ``VmHWM``), None where unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_hwm() -> bool:
+    """Reset the process's peak RSS (``VmHWM``) to its current RSS; False where not supported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False

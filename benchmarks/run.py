@@ -40,29 +40,11 @@ def _discover() -> dict:
     return BENCHMARKS
 
 
-def _rss_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure(name: str, device_name: str) -> dict:
     """Run benchmark ``name`` in this process; returns images/s and peak memory (MB)."""
     import torch
 
-    from registry import sync
+    from registry import reset_hwm, rss_kb, sync
 
     benches = _discover()
     device = torch.device(device_name)
@@ -75,8 +57,8 @@ def measure(name: str, device_name: str) -> dict:
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        base = _rss_kb("VmRSS")
-        hwm_ok = _reset_hwm()
+        base = rss_kb("VmRSS")
+        hwm_ok = reset_hwm()
         if not hwm_ok or base is None:
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(work.warmup):
@@ -100,7 +82,7 @@ def measure(name: str, device_name: str) -> dict:
     if cuda:
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
-        peak = _rss_kb("VmHWM") if hwm_ok else None
+        peak = rss_kb("VmHWM") if hwm_ok else None
         if peak is None:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak_mb = max(peak - base, 0) / 1024

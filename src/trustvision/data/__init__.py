@@ -14,12 +14,13 @@ import inspect
 from typing import Callable
 
 from trustvision._utils.registry import Registry
-from trustvision.data._base import SPLITS, ImageDataset, TensorImageDataset, random_subset
+from trustvision.data._base import SPLITS, ImageDataset, TensorImageDataset, item_attribute, random_subset
 from trustvision.errors import TrustVisionError
 
 __all__ = [
     "ImageDataset",
     "TensorImageDataset",
+    "item_attribute",
     "SPLITS",
     "as_image_dataset",
     "random_subset",

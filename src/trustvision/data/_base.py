@@ -161,6 +161,16 @@ class TensorImageDataset(ImageDataset):
         return out
 
 
+def item_attribute(ds, name: str):
+    """A per-item attribute of a dataset (e.g. ``marked`` or ``masks`` of ``shortcut-digits``),
+    also through a subset of it (taken at the subset's indices); None when it has none."""
+    v = getattr(ds, name, None)
+    if v is None and getattr(ds, "parent", None) is not None and getattr(ds, "indices", None) is not None:
+        parent = getattr(ds.parent, name, None)
+        v = None if parent is None else torch.as_tensor(parent)[torch.as_tensor(ds.indices).long()]
+    return v
+
+
 def random_subset(
     ds: ImageDataset, n: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

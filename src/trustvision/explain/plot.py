@@ -88,3 +88,17 @@ def heatmap_grid(
     if mappable is not None:
         _colorbar(fig, mappable, axes)
     return fig
+
+
+def save_png(figure: "Figure", path) -> list:
+    """Write ``figure`` as ``<path>.png`` (a ``.png`` / ``.svg`` / ``.json`` suffix of ``path`` is
+    replaced), creating the folder; returns ``[the path written]`` (what the results' ``render``
+    methods return)."""
+    from pathlib import Path
+
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix.lower() in (".png", ".svg", ".json") else path
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = stem.with_name(stem.name + ".png")
+    figure.savefig(out, dpi=120)
+    return [out]

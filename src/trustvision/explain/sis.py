@@ -384,12 +384,9 @@ class SISResult:
 
     def render(self, path: str | Path) -> list[Path]:
         """Write :meth:`figure` as ``<path>.png``; returns the paths written."""
-        path = Path(path)
-        stem = path.with_suffix("") if path.suffix.lower() in (".png", ".svg", ".json") else path
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        out = stem.with_name(stem.name + ".png")
-        self.figure().savefig(out, dpi=120)
-        return [out]
+        from trustvision.explain.plot import save_png
+
+        return save_png(self.figure(), path)
 
 
 @dataclass

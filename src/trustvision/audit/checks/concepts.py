@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from trustvision.audit.context import AuditContext
 from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
+from trustvision.data import item_attribute
 from trustvision.evaluate.detectors import has_features
 from trustvision.evaluate.ood import auroc
 from trustvision.explain.xnn import XNN
@@ -167,7 +168,7 @@ class ConceptsCheck(Check):
                 "rows": [[f"x{l + 1}", a, met.accuracy - a] for l, a in enumerate(met.ablation)]},
         }
         marker = None
-        marked, masks = _attribute(test, "marked"), _attribute(test, "masks")
+        marked, masks = item_attribute(test, "marked"), item_attribute(test, "masks")
         if marked is not None and masks is not None:
             marked = torch.as_tensor(marked).bool()
             if bool(marked.any()) and bool((~marked).any()):
@@ -195,11 +196,3 @@ class ConceptsCheck(Check):
 def _positions(ds) -> list[int]:
     idx = getattr(ds, "indices", None)
     return [int(i) for i in idx] if idx is not None else list(range(len(ds)))
-
-
-def _attribute(ds, name: str):
-    v = getattr(ds, name, None)
-    if v is None and getattr(ds, "parent", None) is not None and getattr(ds, "indices", None) is not None:
-        parent = getattr(ds.parent, name, None)
-        v = None if parent is None else torch.as_tensor(parent)[ds.indices]
-    return v

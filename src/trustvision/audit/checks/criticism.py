@@ -28,7 +28,7 @@ from trustvision.audit.context import AuditContext
 from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
 from trustvision.errors import TrustVisionError
 from trustvision.evaluate.criticism import bias_enrichment, median_gamma, mmd_critic, prototype_curve
-from trustvision.data import TensorImageDataset
+from trustvision.data import TensorImageDataset, item_attribute
 from trustvision.evaluate.detectors import has_features, model_outputs
 from trustvision.evaluate.ood import split_labels
 from trustvision.explain._base import ExplanationWarning
@@ -346,7 +346,7 @@ class CriticismCheck(Check):
     def _bias_probe(ds, feats, y, pred, m, k, gamma, groupings) -> dict | None:
         """Enrichment of unmarked images among the criticisms of each true class and of marked
         ones among its prototypes, when the split has a ``marked`` attribute with both values."""
-        marked = _attribute(ds, "marked")
+        marked = item_attribute(ds, "marked")
         if marked is None:
             return None
         marked = torch.as_tensor(marked).bool().flatten()
@@ -387,15 +387,6 @@ def ds_i(ds, position: int) -> int:
     """The index into the full split of a position in the (possibly subsampled) split."""
     idx = getattr(ds, "indices", None)
     return int(idx[position]) if idx is not None and len(idx) > position else int(position)
-
-
-def _attribute(ds, name: str):
-    """A per-image attribute of the split (``marked``), also through a subset of it."""
-    v = getattr(ds, name, None)
-    if v is None and getattr(ds, "parent", None) is not None and getattr(ds, "indices", None) is not None:
-        parent = getattr(ds.parent, name, None)
-        v = None if parent is None else torch.as_tensor(parent)[ds.indices]
-    return v
 
 
 class _LazyImages:

@@ -15,7 +15,7 @@ from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Op
 from trustvision.data import TensorImageDataset
 from trustvision.evaluate.ood import OOD_SETS, OODResult, build_ood_sets, evaluate_ood, list_detectors, split_labels
 
-__all__ = ["OODCheck", "run_ood", "ood_table", "ood_figure", "SUMMARY_SETS"]
+__all__ = ["OODCheck", "run_ood", "ood_table", "ood_figure", "generative_verdicts", "SUMMARY_SETS"]
 
 #: OOD sets whose AUROC goes to the report's summary table (one column each)
 SUMMARY_SETS = ("uniform", "faces", "textures")
@@ -47,6 +47,45 @@ def run_ood(ctx: AuditContext, sets=OOD_SETS, n: int = 500) -> OODResult:
     model, cmp = ctx.model, ctx.compare
     return evaluate_ood(model, x_train, x_test, ood_sets, y_train=y_train, detectors=ctx.option("detectors"),
                         compare=cmp, batch_size=batch)
+
+
+#: the generative classifier's own scores
+GENERATIVE_SCORES = ("log_px", "typicality", "complexity")
+
+
+def _verdict(auroc: float) -> str:
+    if auroc >= 0.9:
+        return "works"
+    if auroc < 0.5:
+        return "fails: scores the OOD set as more in-distribution"
+    return "weak"
+
+
+def generative_verdicts(res: OODResult) -> dict | None:
+    """For a generative classifier: per OOD set, each generative score's AUROC with a plain
+    verdict (works >= 0.9; fails < 0.5, i.e. the likelihood prefers the OOD images; weak in
+    between) next to the best post-hoc detector; and one sentence naming what fails. None for
+    other models."""
+    rows, fails, works = [], [], []
+    for s in dict.fromkeys(r["ood_set"] for r in res.rows):
+        gen = {r["detector"]: r["auroc"] for r in res.rows if r["ood_set"] == s and r["detector"] in GENERATIVE_SCORES}
+        if not gen:
+            continue
+        post = [r for r in res.rows if r["ood_set"] == s and r["detector"] not in GENERATIVE_SCORES
+                and not r["detector"].endswith("(compare)")]
+        best_post = max(post, key=lambda r: r["auroc"]) if post else None
+        for d, a in gen.items():
+            v = _verdict(a)
+            rows.append([s, d, a, v, best_post["detector"] if best_post else None,
+                         best_post["auroc"] if best_post else None])
+            (fails if v.startswith("fails") else works if v == "works" else []).append(f"{d} vs {s}")
+    if not rows:
+        return None
+    sentence = ("Generative scores that work (AUROC >= 0.9): " + (", ".join(works) or "none") + "."
+                + (" Failing (below chance: the model's likelihood prefers the OOD images): " + ", ".join(fails) + "."
+                   if fails else ""))
+    return {"table": {"columns": ["OOD set", "generative score", "AUROC", "verdict", "best post-hoc detector",
+                                  "its AUROC"], "rows": rows}, "sentence": sentence}
 
 
 def _below_chance(metrics: dict, ood_set: str) -> str | None:
@@ -136,9 +175,13 @@ class OODCheck(Check):
             notes[f"OOD AUROC vs {s}"] = b["detector"].replace("_", "-")
         if res.skipped:
             summary += " Not run: " + "; ".join(f"{k} ({v})" for k, v in res.skipped.items()) + "."
+        tables = {"OOD detection (ID = positive)": ood_table(res)}
+        verdicts = generative_verdicts(res)
+        if verdicts:
+            tables["Generative scores: which work and which fail"] = verdicts["table"]
+            summary += " " + verdicts["sentence"]
         return CheckResult(data=res.to_dict(), figures={"auroc": ood_figure(res)}, summary=summary,
                            captions={"auroc": "AUROC of every detector (bars) against every OOD set: the test "
                                               "images are the positive class; 0.5 (dotted) is chance, 1 perfect. "
                                               "The table marks the best detector of each set."},
-                           metrics=metrics, notes=notes,
-                           tables={"OOD detection (ID = positive)": ood_table(res)})
+                           metrics=metrics, notes=notes, tables=tables)
