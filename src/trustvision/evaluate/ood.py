@@ -402,6 +402,14 @@ def evaluate_ood(model, x_train: torch.Tensor, x_test: torch.Tensor,
     if compare is not None:
         scorers["max-softmax (compare)"] = lambda x: max_softmax_score(compare, x, batch_size)
     sets = {"__test__": x_test, **ood_sets}
+    if any(d.needs_unnormalised_logits for d in posthoc.values()):
+        logits, _ = outs("__test__", x_test)
+        if len(logits) and bool((torch.logsumexp(logits, 1).abs() < 1e-4).all()):
+            for name in [n for n, d in posthoc.items() if d.needs_unnormalised_logits]:
+                result.skipped[name] = ("the model's outputs are log-probabilities (logsumexp = 0): energy is 0 "
+                                        "for every image and max-logit is the log of max-softmax")
+                del posthoc[name]
+            order = [n for n in order if n in posthoc or n in scorers]
     scores: dict[str, dict[str, torch.Tensor]] = {k: {} for k in sets}
     for key, x in sets.items():
         for det_name, det in posthoc.items():

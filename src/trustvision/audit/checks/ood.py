@@ -144,7 +144,7 @@ class OODCheck(Check):
         + CONVENTION + " Higher AUROC/AUPR and lower FPR are better."
     )
     order = 40
-    version = 3  # 3: every post-hoc detector, the summary shows the best one per set
+    version = 4  # 4: no energy / max-logit on log-probabilities; the generative verdicts
     uses_compare = True
     options = {
         "n": Option(int, 500, "most images per OOD set (all ID test images are used)", min=1),

@@ -112,6 +112,9 @@ class Detector:
     title: ClassVar[str] = ""
     needs_features: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = False
+    #: meaningless when the model's outputs are normalised log-probabilities (logsumexp = 0, as
+    #: the log-posteriors of a generative classifier): left out there with the reason
+    needs_unnormalised_logits: ClassVar[bool] = False
     reference: ClassVar[str] = ""
 
     def __init__(self) -> None:

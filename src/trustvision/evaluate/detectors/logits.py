@@ -22,6 +22,7 @@ class MaxSoftmax(Detector):
 class MaxLogit(Detector):
     name, title = "max-logit", "max-logit"
     reference = "Hendrycks et al., ICML 2022"
+    needs_unnormalised_logits = True  # on log-probabilities it is log max-softmax
 
     def score_outputs(self, logits, features):
         return logits.amax(1)
@@ -31,6 +32,7 @@ class MaxLogit(Detector):
 class Energy(Detector):
     name, title = "energy", "energy (T = 1)"
     reference = "Liu et al., NeurIPS 2020"
+    needs_unnormalised_logits = True  # on log-probabilities it is 0 for every image
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
