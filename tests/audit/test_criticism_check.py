@@ -93,6 +93,27 @@ def test_galleries_mistakes_and_prototype_table_on_clean_digits():
     assert d["prototype_accuracy"]["mmd-critic"] == rows[1][1] and "1-nearest-prototype accuracy" in rec["summary"]
 
 
+def test_pixel_space_gives_the_prototypes_of_the_raw_pixels(tiny_model, toy_splits):
+    """space=pixels: MMD-critic on the raw pixels (the paper's USPS setting; it also lets models
+    without penultimate features have the check): the prototypes are those of the pixels."""
+    from trustvision.audit.checks.criticism import CriticismCheck
+    from trustvision.evaluate.criticism import median_gamma
+
+    opts = {"criticism.space": "pixels", "criticism.curve": "", "criticism.method": "none"}
+    res = audit.run({"t": tiny_model}, toy_splits, checks=["criticism"], options=opts)
+    rec = res.records("t")["criticism"]
+    assert rec["status"] == "ok", rec
+    d = rec["data"]
+    x, y = toy_splits["test"].tensors()
+    with torch.no_grad():
+        pred = tiny_model(x).argmax(1)
+    f = x.flatten(1).double().float()
+    ref = class_criticism(f, pred, 5, 5, median_gamma(f, pred))
+    assert d["space"] == "pixels" and {int(c): g["prototypes"] for c, g in d["classes"]["predicted"].items()} == \
+        {c: g["prototypes"] for c, g in ref.items()}
+    assert CriticismCheck.options["space"].default == "features"
+
+
 def test_small_classes_get_what_they_have():
     g = torch.Generator().manual_seed(0)
     f = torch.randn(12, 3, generator=g)

@@ -138,7 +138,8 @@ class CriticismCheck(Check):
     title = "Model criticism and mistakes"
     description = (
         "How does the model see each class, and are its mistakes plausible? (Stock & Cisse, ECCV 2018.) In the "
-        "model's feature space (model.features(x), the input of its last layer), MMD-critic (Kim et al., NeurIPS "
+        "model's feature space (model.features(x), the input of its last layer; option space=pixels: the raw "
+        "pixels), MMD-critic (Kim et al., NeurIPS "
         "2016; RBF kernel, gamma by the median heuristic, one kernel block per class) picks per class the "
         "prototypes that summarise it best and the criticisms (red) the prototypes explain worst; classes are the "
         "model's predicted labels, as Stock & Cisse do (option by adds the true labels). Shared attributes of the "
@@ -162,6 +163,9 @@ class CriticismCheck(Check):
         "nearest": Option(int, 2, "nearest prototypes shown per mistake for each of the two classes", min=1, max=5),
         "method": Option(str, "saliency", "heatmap method of the mistake review ('none' for no heatmaps)",
                          choices=lambda: ("none", *explain.list_methods("heatmap"))),
+        "space": Option(str, "features", "where prototypes and criticisms are chosen: the model's penultimate "
+                                         "features, or the raw pixels (the paper's USPS setting)",
+                        choices=("features", "pixels")),
         "curve": Option(list, ["1", "2", "5", "10"], "prototypes per class of the 1-nearest-prototype evaluation "
                                                      "(empty: skip it)"),
     }
@@ -179,10 +183,11 @@ class CriticismCheck(Check):
     )
 
     def applies_to(self, ctx: AuditContext) -> bool:
-        return has_features(ctx.model)
+        return has_features(ctx.model) or ctx.option("space") == "pixels"
 
     def run(self, ctx: AuditContext) -> CheckResult:
         model = ctx.model
+        space = str(ctx.option("space"))
         split = str(ctx.option("split"))
         if split not in ctx.datasets:
             raise TrustVisionError(f"option criticism.split={split} names a split this data set does not have; "
@@ -197,7 +202,7 @@ class CriticismCheck(Check):
             raise TrustVisionError(f"the {split} split has {len(x)} images; the criticism check needs at least 2")
         bs = int(ctx.option("batch_size", 256))
         model.eval()
-        logits, feats = model_outputs(model, source, bs)
+        logits, feats = _vectors(model, source, bs, space)
         probs = torch.softmax(logits, 1).float()
         conf, pred = probs.max(1)
         feats = feats.float()
@@ -279,7 +284,7 @@ class CriticismCheck(Check):
         if ms and "train" in ctx.datasets:
             train = ctx.dataset("train")
             yt = train.tensors()[1] if isinstance(train, TensorImageDataset) else split_labels(train)
-            _, ft = model_outputs(model, train.tensors()[0] if isinstance(train, TensorImageDataset) else train, bs)
+            _, ft = _vectors(model, train.tensors()[0] if isinstance(train, TensorImageDataset) else train, bs, space)
             counts = torch.bincount(yt)
             ms = [v for v in ms if v <= int(counts[counts > 0].min())]
             if ms:
@@ -307,7 +312,7 @@ class CriticismCheck(Check):
                 "rows": [[names(c), r["n"], r["base_rate"], r["rate"], r["ratio"], probe["prototypes"][c]["rate"]]
                          for c, r in probe["criticisms"].items()]}
 
-        data = {"split": split, "n": len(x), "gamma": gamma, "by": list(groupings), "prototypes": m, "criticisms": k,
+        data = {"split": split, "space": space, "n": len(x), "gamma": gamma, "by": list(groupings), "prototypes": m, "criticisms": k,
                 "classes": {by: {str(c): {**g, "prototypes": [int(ds_i(ds, i)) for i in g["prototypes"]],
                                           "criticisms": [int(ds_i(ds, i)) for i in g["criticisms"]]}
                                  for c, g in groups.items()} for by, groups in groupings.items()},
@@ -387,6 +392,18 @@ def ds_i(ds, position: int) -> int:
     """The index into the full split of a position in the (possibly subsampled) split."""
     idx = getattr(ds, "indices", None)
     return int(idx[position]) if idx is not None and len(idx) > position else int(position)
+
+
+def _vectors(model, source, batch_size: int, space: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the vectors MMD-critic works on: the penultimate features, or the flattened
+    pixels (both streamed batch by batch)."""
+    if space == "features":
+        return model_outputs(model, source, batch_size)
+    from trustvision.evaluate.detectors import image_batches
+
+    logits, _ = model_outputs(model, source, batch_size, features=False)
+    pixels = torch.cat([xb.flatten(1).double() for xb in image_batches(source, batch_size)])
+    return logits, pixels
 
 
 class _LazyImages:
