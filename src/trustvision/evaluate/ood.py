@@ -212,14 +212,15 @@ class TypicalityTest:
         if self.mean is None:
             raise RuntimeError("call TypicalityTest.fit(training images) first")
 
-    def score(self, x: torch.Tensor) -> torch.Tensor:
+    def score(self, x: torch.Tensor, l_x: torch.Tensor | None = None) -> torch.Tensor:
+        """``-|L_X - mean| / std`` of images ``x`` (or of their ``l_x`` when already computed)."""
         self._require_fit()
-        return -(self.l_x(x) - self.mean).abs() / self.std
+        return -((self.l_x(x) if l_x is None else l_x) - self.mean).abs() / self.std
 
-    def is_ood(self, x: torch.Tensor) -> torch.Tensor:
-        """Boolean (N,): True where the test rejects x at level ``alpha``."""
+    def is_ood(self, x: torch.Tensor, l_x: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean (N,): True where the test rejects x at level ``alpha`` (``l_x``: as in :meth:`score`)."""
         self._require_fit()
-        return (self.l_x(x) - self.mean).abs() > self.threshold
+        return ((self.l_x(x) if l_x is None else l_x) - self.mean).abs() > self.threshold
 
 
 def png_bits(x: torch.Tensor) -> torch.Tensor:
@@ -354,19 +355,27 @@ def evaluate_ood(model, x_train: torch.Tensor, x_test: torch.Tensor,
     from trustvision.errors import TrustVisionError
     from trustvision.models import is_generative
 
-    scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     result = OODResult()
+    sets = {"__test__": x_test, **ood_sets}
+    # the generative scores: log p(x) is computed once per image set, typicality reads it
+    generative: dict[str, Callable[[str, Any], torch.Tensor]] = {}
     if is_generative(model):
         test = TypicalityTest(model, alpha, batch_size).fit(x_train)
         result.typicality = {"mean_l_x": test.mean, "std_l_x": test.std,
                              "threshold": test.threshold, "alpha": alpha}
-        scorers["log_px"] = lambda x: log_px_score(model, x, batch_size)
-        scorers["typicality"] = test.score
-        scorers["complexity"] = lambda x: complexity_corrected_score(model, x, batch_size)
-        flagged = {"id_test": float(test.is_ood(x_test).float().mean())}
-        for name, x in ood_sets.items():
-            flagged[name] = float(test.is_ood(x).float().mean())
-        result.typicality["rejected_fraction"] = flagged
+        log_px: dict[str, torch.Tensor] = {}
+
+        def lpx(key: str, x) -> torch.Tensor:
+            if key not in log_px:
+                log_px[key] = log_px_score(model, x, batch_size)
+            return log_px[key]
+
+        generative["log_px"] = lpx
+        generative["typicality"] = lambda key, x: test.score(x, -lpx(key, x) / _dim(x))
+        generative["complexity"] = lambda key, x: complexity_corrected_score(model, x, batch_size)
+        result.typicality["rejected_fraction"] = {
+            ("id_test" if key == "__test__" else key): float(test.is_ood(x, -lpx(key, x) / _dim(x)).float().mean())
+            for key, x in sets.items()}
     applicable = list_detectors(model)
     names = applicable if detectors is None else [d for d in detectors if d in applicable]
     # the model's outputs (logits, and features when a detector needs them) are computed once per
@@ -398,10 +407,6 @@ def evaluate_ood(model, x_train: torch.Tensor, x_test: torch.Tensor,
             continue
         posthoc[name] = det
     outputs.pop("__train__", None)
-    order = [*scorers, *posthoc]  # the generative scores, then the post-hoc detectors, then compare
-    if compare is not None:
-        scorers["max-softmax (compare)"] = lambda x: max_softmax_score(compare, x, batch_size)
-    sets = {"__test__": x_test, **ood_sets}
     if any(d.needs_unnormalised_logits for d in posthoc.values()):
         logits, _ = outs("__test__", x_test)
         if len(logits) and bool((torch.logsumexp(logits, 1).abs() < 1e-4).all()):
@@ -409,16 +414,17 @@ def evaluate_ood(model, x_train: torch.Tensor, x_test: torch.Tensor,
                 result.skipped[name] = ("the model's outputs are log-probabilities (logsumexp = 0): energy is 0 "
                                         "for every image and max-logit is the log of max-softmax")
                 del posthoc[name]
-            order = [n for n in order if n in posthoc or n in scorers]
+    extra = {"max-softmax (compare)": lambda key, x: max_softmax_score(compare, x, batch_size)} if compare else {}
     scores: dict[str, dict[str, torch.Tensor]] = {k: {} for k in sets}
     for key, x in sets.items():
         for det_name, det in posthoc.items():
             logits, feats = outs(key, x)
             scores[key][det_name] = det.score_outputs(logits, feats if det.needs_features else None)
         outputs.pop(key, None)
-        for det_name, fn in scorers.items():
-            scores[key][det_name] = fn(x)
-    for det_name in order + [k for k in scorers if k not in order]:
+        for det_name, fn in {**generative, **extra}.items():
+            scores[key][det_name] = fn(key, x)
+    # rows: the generative scores, then the post-hoc detectors, then the compared model
+    for det_name in [*generative, *posthoc, *extra]:
         s_in = scores["__test__"][det_name]
         for name in ood_sets:
             m = ood_metrics(s_in, scores[name][det_name])
