@@ -364,7 +364,9 @@ def audit_cmd(
 
     from trustvision import data as tv_data
 
-    data_kw = _image_data_kwargs(data, loaded[0].model, image_size, crop)
+    from trustvision.cli_explain import image_data_kwargs
+
+    data_kw = image_data_kwargs(data, loaded[0].model, image_size, crop)
 
     def load_split(split: str):
         return tv_data.load(data, split=split, root=data_dir, **data_kw)
@@ -463,26 +465,6 @@ def explain_cmd(
     if flagged:
         typer.echo(f"warning: {flagged} images have low confidence or a wrong prediction; their explanations are unreliable")
     typer.echo(f"written to {out} ({res['seconds']:.1f}s)")
-
-
-def _image_data_kwargs(data: str, model, image_size: int | None, crop: float | None) -> dict:
-    """Loader options of ``--image-size`` / ``--crop``: for ``imagefolder:PATH`` the size and
-    channels default to the model's (its config); other datasets take neither (a one-line error)."""
-    kw: dict = {}
-    if image_size is not None:
-        kw["image_size"] = int(image_size)
-    if crop is not None:
-        kw["crop"] = float(crop)
-    if isinstance(data, str) and data.startswith("imagefolder:"):
-        cfg = getattr(model, "tv_config", None) or {}
-        if "image_size" not in kw and cfg.get("image_size"):
-            size = cfg["image_size"]
-            kw["image_size"] = (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
-        if cfg.get("in_chans") in (1, 3):
-            kw["channels"] = int(cfg["in_chans"])
-    elif kw:
-        raise TrustVisionError(f"--image-size and --crop apply to imagefolder:PATH data, not {data!r}")
-    return kw
 
 
 def _is(exc: BaseException, *names: str) -> bool:

@@ -58,6 +58,26 @@ def method_help() -> str:
     return "Explanation method: " + ", ".join(parts) + "."
 
 
+def image_data_kwargs(data: str, model, image_size: int | None, crop: float | None) -> dict:
+    """Loader options of ``--image-size`` / ``--crop``: for ``imagefolder:PATH`` the size and
+    channels default to the model's (its config); other datasets take neither (a one-line error)."""
+    kw: dict = {}
+    if image_size is not None:
+        kw["image_size"] = int(image_size)
+    if crop is not None:
+        kw["crop"] = float(crop)
+    if isinstance(data, str) and data.startswith("imagefolder:"):
+        cfg = getattr(model, "tv_config", None) or {}
+        if "image_size" not in kw and cfg.get("image_size"):
+            size = cfg["image_size"]
+            kw["image_size"] = (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
+        if cfg.get("in_chans") in (1, 3):
+            kw["channels"] = int(cfg["in_chans"])
+    elif kw:
+        raise TrustVisionError(f"--image-size and --crop apply to imagefolder:PATH data, not {data!r}")
+    return kw
+
+
 def _concept_model(net, data, kw: dict, shown_kw: dict, *, seed: int, data_root, track, data_kw=None):
     """The XNN a concept method explains with: the saved one ``kw["xnn"]`` names, or one fitted
     now on the training split of ``data`` (a dataset name) with ``kw["n_concepts"]`` x-features."""
@@ -148,9 +168,7 @@ def run_explain(
     if isinstance(data, str):  # bad data is a one-line error before any progress is shown
         from trustvision import data as data_mod
 
-        from trustvision.cli import _image_data_kwargs
-
-        data_kw = _image_data_kwargs(data, net, image_size, crop)
+        data_kw = image_data_kwargs(data, net, image_size, crop)
         dataset = data_mod.load(data, split=split, root=data_root, **data_kw)
         models.check_compatible(net, dataset)
     if cls.kind == "subset" and kw.get("mask", "mean") == "mean" and isinstance(data, str):
