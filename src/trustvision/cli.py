@@ -316,6 +316,7 @@ def audit_cmd(
     n_max: int = typer.Option(None, "--n-max", min=1, help="Use at most N images of each split (a seeded random subset)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(256, "--batch-size", "-b", min=1, max=1_000_000, help="Inference batch size."),
+    num_workers: int = typer.Option(0, "--num-workers", min=0, max=256, help="DataLoader worker processes decoding streamed splits (image folders); 0: in this process. Results do not depend on it."),
     n_bins: int = typer.Option(15, "--n-bins", min=1, max=1000, help="Equal-width confidence bins for ECE/MCE."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Random seed of the checks and of --n-max subsets."),
     data_dir: str = typer.Option(None, "--data-dir", help="Root folder of downloadable datasets."),
@@ -377,7 +378,8 @@ def audit_cmd(
     })
     result = audit.run(
         loaded, audit.LazySplits(load_split), checks=check_names, out=out, device=dev, seed=seed, compare=cmp,
-        options={"n_max": n_max, "batch_size": batch_size, "n_bins": n_bins, **check_options},
+        options={"n_max": n_max, "batch_size": batch_size, "n_bins": n_bins, "num_workers": num_workers,
+                 **check_options},
         progress="lines" if no_progress else True, command=command, dataset_name=data,
         ray=ray, ray_workers=ray_workers, ray_gpus_per_worker=ray_gpus_per_worker,
     )

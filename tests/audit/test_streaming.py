@@ -73,3 +73,35 @@ def test_split_labels_without_decoding(folder, monkeypatch):
     monkeypatch.setattr(ImageFolderDataset, "__getitem__", lambda self, i: (_ for _ in ()).throw(AssertionError))
     y = split_labels(ds)
     assert torch.equal(y, ds.labels) and torch.equal(split_labels(ds.subset([3, 1])), ds.labels[[3, 1]])
+
+
+def test_num_workers_decodes_in_worker_processes_with_the_same_results(folder, tmp_path, monkeypatch):
+    """``num_workers`` (``--num-workers``): the streamed splits are decoded by DataLoader worker
+    processes; the records are the same as without, and the option is not part of the
+    fingerprints (a rerun with another value reuses every check)."""
+    import os
+
+    spec = f"imagefolder:{folder}"
+    checks = ["accuracy", "calibration", "ood"]
+    base = audit.run({"cnn": "zoo:small-cnn-digits"}, spec, checks=checks, options=OPTS)
+    pids = tmp_path / "pids"
+    original = ImageFolderDataset.__getitem__
+
+    def recording(self, i):
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return original(self, i)
+
+    monkeypatch.setattr(ImageFolderDataset, "__getitem__", recording)
+    out = tmp_path / "out"
+    got = audit.run({"cnn": "zoo:small-cnn-digits"}, spec, checks=checks, options={**OPTS, "num_workers": 2}, out=out)
+    assert got.ok, got.results["errors"]
+    reads = pids.read_text().split()
+    by_workers = [p for p in reads if p != str(os.getpid())]  # the seeded OOD sample is read here
+    assert len(set(by_workers)) >= 2 and len(by_workers) >= 300 + 120  # each split's pass: 2 workers
+    for check in checks:
+        assert got.records("cnn")[check]["data"] == base.records("cnn")[check]["data"], check
+    again = audit.run({"cnn": "zoo:small-cnn-digits"}, spec, checks=checks, options={**OPTS, "num_workers": 0}, out=out)
+    assert again.n_cached == len(checks) and again.n_computed == 0
+    with pytest.raises(Exception, match="num_workers must be an integer"):
+        audit.run({"cnn": "zoo:small-cnn-digits"}, spec, checks=checks, options={"num_workers": -1})

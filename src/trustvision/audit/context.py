@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from torch.utils.data import DataLoader
 
 from trustvision._utils.progress import silent_tracker
 from trustvision.audit.store import ScratchStore, safe_key
-from trustvision.data import SPLITS, ImageDataset, TensorImageDataset
+from trustvision.data import SPLITS, ImageDataset
+from trustvision.evaluate.detectors import image_batches
 
 __all__ = ["AuditContext", "LazySplits", "SPLITS"]
 
@@ -163,28 +163,22 @@ class AuditContext:
 def _predict_logits(model, ds, *, batch_size: int, device: str, track, description: str):
     was_training = model.training
     model.eval()
-    outs, labels = [], []
+    outs = []
     try:
-        if isinstance(ds, TensorImageDataset):
-            images, ys = ds.tensors()
-            starts = range(0, len(ds), batch_size)
-            batches = ((images[s : s + batch_size], ys[s : s + batch_size]) for s in starts)
-            total = len(starts)
-        else:
-            loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
-            batches, total = iter(loader), len(loader)
-        for x, y in track(batches, total=total, description=description):
+        labels: list[int] = []
+        batches = image_batches(ds, batch_size, device=device, labels=labels)  # streamed; --num-workers
+        for x in track(batches, total=-(-len(ds) // batch_size), description=description):
             out = model(x.to(device, non_blocking=True))
             outs.append(out.float().cpu())
-            labels.append(torch.as_tensor(y, dtype=torch.long).cpu())
             del out
     finally:
         model.train(was_training)
     if not outs:
         raise ValueError("the dataset split is empty")
     logits = torch.cat(outs)
+    ys = torch.tensor(labels, dtype=torch.long)
     bad = ~torch.isfinite(logits).all(dim=1)
     if bool(bad.any()):
         raise ValueError(f"the model's outputs are NaN or infinite on {int(bad.sum())} of {len(bad)} images "
                          f"({description}); check its weights and inputs")
-    return logits, torch.cat(labels)
+    return logits, ys

@@ -74,10 +74,11 @@ __all__ = [
 #: version of the results.json layout (bump on incompatible changes)
 SCHEMA_VERSION = 1
 #: options every audit has; each check declares its own (``Check.options``, keys ``check.key``)
-DEFAULT_OPTIONS: dict[str, Any] = {"n_max": None, "batch_size": 256, "n_bins": 15}
+DEFAULT_OPTIONS: dict[str, Any] = {"n_max": None, "batch_size": 256, "n_bins": 15, "num_workers": 0}
 # options that never change a check's numbers (left out of fingerprints); the batch size is not
 # among them: batched float arithmetic differs in the last digits between batch sizes
-_NON_RESULT_OPTIONS: set[str] = set()
+#: audit options that change how, not what, is computed (left out of the checks' fingerprints)
+_NON_RESULT_OPTIONS: set[str] = {"num_workers"}
 
 
 @dataclass
@@ -270,8 +271,11 @@ def _metric_info(check: type[Check], keys, values: Mapping[str, Any]) -> dict[st
 def _run_one(check: Check, ctx: AuditContext, values: Mapping[str, Any]) -> tuple[dict, dict[str, bytes]]:
     from trustvision.report.figures import figure_to_png
 
+    from trustvision.evaluate.detectors import loader_options
+
     t0 = time.perf_counter()
-    result = check.run(ctx)
+    with loader_options(num_workers=int(ctx.options.get("num_workers") or 0)):
+        result = check.run(ctx)
     if not isinstance(result, CheckResult):
         raise TypeError(f"check {check.name!r} returned {type(result).__name__}, expected CheckResult")
     bad = _non_finite_metrics(result.metrics)
@@ -325,7 +329,7 @@ def split_options(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], di
     n_max = audit_opts.get("n_max")
     if n_max is not None and (isinstance(n_max, bool) or not isinstance(n_max, int) or n_max < 1):
         raise TrustVisionError(f"n_max must be a positive integer or None, got {n_max!r}")
-    for key, lo, hi in (("batch_size", 1, 1_000_000), ("n_bins", 1, 1000)):
+    for key, lo, hi in (("batch_size", 1, 1_000_000), ("n_bins", 1, 1000), ("num_workers", 0, 256)):
         v = audit_opts.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi):
             raise TrustVisionError(f"{key} must be an integer from {lo} to {hi}, got {v!r}")
@@ -424,7 +428,8 @@ def run(
             (N, C, H, W) in [0, 1]), or ``{"train"|"val"|"test": dataset}``.
         checks: check names (list or comma-separated); ``None`` runs the default checks.
         options: audit options (``n_max``: a seeded subset of each split, ``batch_size``,
-            ``n_bins``) and check options as ``"check.key": value`` (or ``check: {key: value}``);
+            ``n_bins``, ``num_workers``: DataLoader processes decoding streamed splits, default 0,
+            left out of the fingerprints) and check options as ``"check.key": value`` (or ``check: {key: value}``);
             unknown keys are one-line errors.
         out: output directory: per-check records in ``out/checks`` (an audit into the same folder
             resumes), ``out/results.json`` and ``out/report.html``. ``None``: nothing is written.

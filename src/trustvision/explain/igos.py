@@ -42,6 +42,11 @@ Noise. Each image's noise is drawn from a generator seeded by (``seed``, a hash 
 pixels, the iteration), so an image gets the same heatmap alone, in any batch, in any order and
 with any chunking (to float rounding).
 
+Precision. ``attribute(..., autocast=True)`` runs the model's passes of the optimisation under
+bf16 autocast (``torch.autocast`` on the inputs' device, CPU or CUDA) while the masks, losses, line
+search and heatmaps stay float32; the heatmaps agree with float32 ones in rank (Spearman >= 0.95),
+not bit for bit.
+
 Reliability. :class:`~trustvision.explain.ExplanationInfo` flags per image a low confidence, a
 class the model does not predict, a baseline on which the model still sees the class, and a
 constant heatmap (the mask did not move), with the reasons in words; ``unreliable`` is any of
@@ -109,6 +114,25 @@ CONSTANT_TOL = 1e-4  # a heatmap whose max - min is below this did not move
 NOISE_CHANGE = 0.2  # noise may move the class probability by at most this much (mean |dp|)
 NOISE_DRAWS = 2  # noisy copies per image, point and noise level in that check
 NOISE_HALVINGS = 6  # the noise is halved at most this many times, then switched off
+
+def check_autocast(autocast) -> bool:
+    """``autocast`` as a bool (a one-line error for anything else, e.g. the string ``"bf16"``)."""
+    if not isinstance(autocast, bool):
+        raise TrustVisionError(f"autocast must be true or false (the model's passes in bf16 autocast), "
+                               f"got {autocast!r}")
+    return autocast
+
+
+def model_logits(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> torch.Tensor:
+    """``model(x)``; with ``autocast`` run under ``torch.autocast(x.device.type, torch.bfloat16)``
+    (the backward through it follows) and the bf16 logits cast to float32, so that everything
+    computed from them (softmax, losses, line search) stays float32."""
+    if not autocast:
+        return model(x)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+        out = model(x)
+    return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+
 
 def total_variation(mask: torch.Tensor) -> torch.Tensor:
     """Mean squared difference of vertical and horizontal neighbours, per image: (N,)."""
@@ -208,6 +232,7 @@ class _MaskExplainer(Explainer, register=False):
         l2: float | None = None,
         noise: float | None = None,
         initial_step: float | None = None,
+        autocast: bool = False,
         return_info: bool = False,
         return_mask: bool = False,
     ):
@@ -245,6 +270,16 @@ class _MaskExplainer(Explainer, register=False):
                 can move (the most important cell can move by a whole unit), then x0.2 until
                 sufficient decrease.
             seed: seed of the noise (each image's noise is drawn from (seed, its pixels)).
+            autocast: run the model's passes of the optimisation (the integrated gradients'
+                forward + backward, the line search's forwards) under
+                ``torch.autocast(<the inputs' device type>, torch.bfloat16)`` (CPU and CUDA;
+                ``--method-kw autocast=true`` on the command line). Only the model runs in
+                bf16: its logits are cast to float32, and the masks, the losses, the line search
+                and the heatmaps stay float32. The explained class, the reported probabilities,
+                the baseline and the noise check (a few forwards per image, deciding what is
+                explained) run in float32 either way. The heatmaps rank the cells as the float32
+                ones do (Spearman >= 0.95 in ``tests/explain/test_autocast.py`` and
+                ``benchmarks/gpu_check.py``), not bit for bit. Default False.
             return_info: also return an :class:`ExplanationInfo` (it is always in
                 ``self.last_info``).
             return_mask: return the low-resolution heatmap (N, 1, h, w) instead of upsampling.
@@ -252,6 +287,7 @@ class _MaskExplainer(Explainer, register=False):
         x = check_inputs(inputs).detach()
         if iterations < 0 or ig_steps < 1:
             raise TrustVisionError("iterations must be >= 0 and ig_steps >= 1")
+        autocast = check_autocast(autocast)
         n, _, h, w = x.shape
         mh, mw = default_mask_size(h, w) if mask_size is None else as_pair(mask_size)
         if mh < 1 or mw < 1:
@@ -262,7 +298,7 @@ class _MaskExplainer(Explainer, register=False):
             std = getattr(self.model, "norm_std", None)
             noise = 0.2 * (float(std.float().mean()) if isinstance(std, torch.Tensor) else 0.225)
         device = x.device
-        fw_chunk = self._chunker(x, False, internal_batch_size)
+        fw_chunk = self._chunker(x, False, internal_batch_size)  # the float32 set-up's forwards
 
         with eval_mode(self.model):
             with torch.no_grad():
@@ -289,12 +325,14 @@ class _MaskExplainer(Explainer, register=False):
             k_ls = max(1, min(self.line_search_points, ig_steps))
             ls_points = [round((i + 1) * ig_steps / k_ls) - 1 for i in range(k_ls)]
             self._ctx = dict(
+                autocast=autocast,
                 src=torch.cat([x, base]), diff=torch.cat([x - base, base - x]), n=n, t=t,
                 size=(h, w), images=x, keys=keys, seed=int(seed), sigma=sigma, noisy=bool((sigma > 0).any()),
                 gen=torch.Generator(device=device), k=ig_steps, ls_points=ls_points,
                 alphas=torch.arange(1, ig_steps + 1, device=device, dtype=x.dtype) / ig_steps,
-                fb_chunk=self._chunker(x, True, internal_batch_size), fw_chunk=fw_chunk,
-                fb=0, fw=setup_runs, spec=self._term_spec(x.dtype), cheap=self._cheap_rows(x),
+                fb_chunk=self._chunker(x, True, internal_batch_size, autocast),
+                fw_chunk=self._chunker(x, False, internal_batch_size, autocast),
+                fb=0, fw=setup_runs, spec=self._term_spec(x.dtype), cheap=self._cheap_rows(x, autocast),
             )
             z = torch.ones(n, self.n_masks, mh, mw, device=device, dtype=x.dtype)
             failures = torch.zeros(n, dtype=torch.long)
@@ -410,23 +448,23 @@ class _MaskExplainer(Explainer, register=False):
         return out, runs
 
     @torch.no_grad()
-    def _cheap_rows(self, x: torch.Tensor) -> int:
+    def _cheap_rows(self, x: torch.Tensor, autocast: bool = False) -> int:
         """The most rows one forward call takes for at most twice the time of two rows (measured
         once per image shape, 2, 4, ... 64 rows, best of two after a warm-up call): how many
         line-search trials a call can score nearly for free."""
         if self.line_search_group is not None:
             return 1
-        key = (tuple(x.shape[1:]), x.dtype, str(x.device))
+        key = (tuple(x.shape[1:]), x.dtype, str(x.device), autocast)
         if key not in self._cheap:
             def seconds(k: int) -> float:
                 xb = x[:1].expand(k, *x.shape[1:]).contiguous()
-                self.model(xb)  # the first call at a new shape builds kernels: not timed
+                model_logits(self.model, xb, autocast)  # the first call at a new shape builds kernels: not timed
                 best = float("inf")
                 for _ in range(2):
                     if x.device.type == "cuda":
                         torch.cuda.synchronize(x.device)
                     t0 = time.perf_counter()
-                    self.model(xb)
+                    model_logits(self.model, xb, autocast)
                     if x.device.type == "cuda":
                         torch.cuda.synchronize(x.device)
                     best = min(best, time.perf_counter() - t0)
@@ -438,14 +476,14 @@ class _MaskExplainer(Explainer, register=False):
             self._cheap[key] = k
         return self._cheap[key]
 
-    def _chunker(self, x: torch.Tensor, grad: bool, fixed: int | None) -> AutoChunk:
-        """The chunking of forward(+backward) passes on images shaped like ``x`` (kept per shape,
-        so later calls reuse what was measured)."""
+    def _chunker(self, x: torch.Tensor, grad: bool, fixed: int | None, autocast: bool = False) -> AutoChunk:
+        """The chunking of forward(+backward) passes on images shaped like ``x`` (kept per shape
+        and precision, so later calls reuse what was measured)."""
         if fixed:
             return AutoChunk(fixed)
-        key = (tuple(x.shape[1:]), x.dtype, str(x.device), grad)
+        key = (tuple(x.shape[1:]), x.dtype, str(x.device), grad, autocast)
         if key not in self._chunkers:
-            other = self._chunkers.get(key[:3] + (not grad,))
+            other = self._chunkers.get(key[:3] + (not grad, autocast))
             self._chunkers[key] = AutoChunk(
                 row_bytes=x[0].numel() * x.element_size(), device=x.device, grad=grad,
                 max_rows=None if grad or other is None else other.max_rows,
@@ -509,7 +547,8 @@ class _MaskExplainer(Explainer, register=False):
                     eps = self._noise(img[sl], slot[sl], it)
                     if eps is not None:
                         phi = phi + eps
-                s = torch.softmax(self.model(phi), dim=1).gather(1, targets[sl].view(-1, 1)).squeeze(1)
+                logits = model_logits(self.model, phi, c["autocast"])
+                s = torch.softmax(logits, dim=1).gather(1, targets[sl].view(-1, 1)).squeeze(1)
                 if grad:
                     total = (s * signs[sl]).sum()
                     # a model whose output ignores its input has no graph back to the mask: zero gradient

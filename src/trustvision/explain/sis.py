@@ -84,6 +84,7 @@ from trustvision._utils.images import (
 )
 from trustvision.errors import TrustVisionError
 from trustvision.explain._base import Explainer
+from trustvision.explain.igos import check_autocast, model_logits
 
 __all__ = ["SIS", "BatchedGradientSIS", "BackSelection", "SISResult", "STATUSES", "mask_images", "parse_features"]
 
@@ -230,15 +231,17 @@ class _Features:
         return feature_mask[..., self.fmap]
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
+def _logits(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> torch.Tensor:
+    """The model's logits in float32 (or float64); with ``autocast`` its forward runs in bf16
+    autocast (:func:`~trustvision.explain.igos.model_logits`)."""
+    out = model_logits(model, x, autocast)
     return out if out.dtype in (torch.float32, torch.float64) else out.float()
 
 
-def _prob(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _prob(model: nn.Module, x: torch.Tensor, t: torch.Tensor, autocast: bool = False) -> torch.Tensor:
     """f: the softmax probability of class ``t[i]`` on ``x[i]`` (N,), in float64 (exact copies of
     the model's float32 values: ties stay ties)."""
-    return torch.softmax(_logits(model, x), dim=1).gather(1, t.view(-1, 1)).squeeze(1).double()
+    return torch.softmax(_logits(model, x, autocast), dim=1).gather(1, t.view(-1, 1)).squeeze(1).double()
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -568,7 +571,7 @@ class SIS(Explainer):
         if kw.get("features") is not None:
             other.patch = parse_features(kw["features"])
             other.features = _features_name(other.patch)
-        for key in ("internal_batch_size", "k", "noise"):
+        for key in ("internal_batch_size", "k", "noise", "autocast"):
             if kw.get(key) is not None:
                 setattr(other, key, kw[key])
         other.internal_batch_size = _check_batch(other.internal_batch_size)
@@ -674,6 +677,13 @@ class BatchedGradientSIS(SIS):
         noise: variance of the Gaussian noise added to the gradient (1e-12, the reference's),
             drawn per image from ``seed`` and the image's content.
         seed: seed of the noise of :meth:`find` (``attribute`` takes its own ``seed``).
+        autocast: run the model's passes (the gradient passes, the scoring and the bisection's
+            forwards) under ``torch.autocast(<the inputs' device type>, torch.bfloat16)``; the
+            mask, the gradients, the scores and the order stay float32 / float64 (only the
+            model runs in bf16, its logits are cast to float32). The explained class is chosen in
+            float32. The removal order ranks the features as the float32 one does (Spearman >=
+            0.95 in ``tests/explain/test_autocast.py``), not bit for bit. Default False
+            (``--method-kw autocast=true`` on the command line).
     """
 
     name, title, order = "bgsis", "Batched Gradient SIS", 61
@@ -682,12 +692,13 @@ class BatchedGradientSIS(SIS):
 
     def __init__(self, model: nn.Module, threshold: float = 0.9, k: int | None = None, mask="mean",
                  noise: float = 1e-12, seed: int = 0, features: str = "pixel",
-                 internal_batch_size: int | None = None):
+                 internal_batch_size: int | None = None, autocast: bool = False):
         super().__init__(model, threshold=threshold, mask=mask, features=features,
                          internal_batch_size=internal_batch_size)
         self.k = k
         self.noise = noise
         self.seed = int(seed)
+        self.autocast = autocast
         self._check()
 
     def _check(self) -> None:
@@ -695,6 +706,7 @@ class BatchedGradientSIS(SIS):
             raise TrustVisionError(f"k must be a positive integer (features per iteration) or None, got {self.k!r}")
         if isinstance(self.noise, bool) or not isinstance(self.noise, (int, float)) or not self.noise >= 0:
             raise TrustVisionError(f"noise must be a variance >= 0, got {self.noise!r}")
+        check_autocast(self.autocast)
 
     def find(self, xs: torch.Tensor, targets: TargetType = None) -> list[SISResult]:  # type: ignore[override]
         """The SIS of each image of ``xs`` (N, C, H, W) (a single (C, H, W) image: a list of one)."""
@@ -720,11 +732,14 @@ class BatchedGradientSIS(SIS):
         mask=None,
         noise: float | None = None,
         features: str | None = None,
+        autocast: bool | None = None,
     ) -> list[SISResult]:
         """One :class:`SISResult` per image of ``inputs`` (N, C, H, W) in [0, 1]; ``seed``: the
-        noise's; the other keywords override the constructor's for this call."""
+        noise's; the other keywords override the constructor's for this call (``None``: the
+        constructor's; ``autocast=True``: the model's passes in bf16 autocast, see the class).
+        """
         other = self._with(threshold=threshold, mask=mask, features=features, k=k, noise=noise,
-                           internal_batch_size=internal_batch_size)
+                           internal_batch_size=internal_batch_size, autocast=autocast)
         if other is self:
             other = copy.copy(self)
         other.seed = int(seed)
@@ -764,7 +779,7 @@ class BatchedGradientSIS(SIS):
             pos = 0
             for it in range(iters):
                 m = removed.to(x.dtype).requires_grad_(True)
-                logits = _logits(self.model, inputs(m))
+                logits = _logits(self.model, inputs(m), self.autocast)
                 f = torch.softmax(logits, 1).gather(1, t.view(-1, 1)).squeeze(1)
                 (grad,) = torch.autograd.grad(f.sum(), m)
                 f = f.detach().double()
@@ -783,7 +798,7 @@ class BatchedGradientSIS(SIS):
                 removed.scatter_(1, top, True)
                 pos += take
             with torch.no_grad():
-                values[:, p - 1] = _prob(self.model, base, t)
+                values[:, p - 1] = _prob(self.model, base, t, self.autocast)
                 evals = torch.full((n,), iters + 1, dtype=torch.long)
                 # bisect the last block added back to the shortest sufficient suffix found there
                 tau = self.threshold
@@ -803,7 +818,7 @@ class BatchedGradientSIS(SIS):
                     mid = (lo[act] + hi[act]) // 2
                     keep_from = (rank[act] >= mid[:, None])
                     mp = feats.pixels(~keep_from).unsqueeze(1)
-                    fm = _prob(self.model, torch.where(mp, base[act], x[act]), t[act])
+                    fm = _prob(self.model, torch.where(mp, base[act], x[act]), t[act], self.autocast)
                     evals[act.cpu()] += 1
                     values[act, mid - 1] = fm
                     good = fm >= tau

@@ -83,7 +83,8 @@ classes, which on its own separates marked from unmarked test images with AUROC 
 largest logit does with 1.00).
 
 Training (:meth:`XNN.fit`) precomputes z and the logits of the training images once (the model is
-frozen, in eval mode), then runs Adam on mini-batches, reshuffled each epoch by a generator seeded
+frozen, in eval mode; a dataset not held in memory, e.g. an image folder, is streamed through a
+DataLoader and only z and the logits are kept: :meth:`XNN.outputs`), then runs Adam on mini-batches, reshuffled each epoch by a generator seeded
 from ``(seed, epoch)`` and initialised from ``seed``: the same seed gives the same XNN, and a run
 resumed from a checkpoint (:meth:`XNN.fit` with ``checkpoint=`` / ``resume_from=``: weights,
 Adam's state and the epoch) ends where the uninterrupted run does. :meth:`XNN.save` /
@@ -261,6 +262,22 @@ def _as_tensors(data: Any, what: str = "data") -> tuple[torch.Tensor, torch.Tens
     return x, y
 
 
+def _streamed(data: Any):
+    """The :class:`~trustvision.data.ImageDataset` to stream for ``data``, or None when ``data``
+    is read as tensors (:func:`_as_tensors`): images, a tuple (images, labels), an in-memory
+    :class:`~trustvision.data.TensorImageDataset` (its stored tensors are used as they are) or a
+    torch Dataset / DataLoader (read into memory by :func:`~trustvision.data.as_image_dataset`)."""
+    if isinstance(data, torch.Tensor):
+        return None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return None
+    from trustvision.data import ImageDataset, TensorImageDataset
+
+    if isinstance(data, ImageDataset) and not isinstance(data, TensorImageDataset):
+        return data
+    return None
+
+
 def _fingerprint(model: nn.Module) -> str:
     """sha256 of the model's state dict (names, shapes, dtypes and bytes), 16 hex digits."""
     h = hashlib.sha256()
@@ -432,6 +449,43 @@ class XNN(nn.Module):
                 ls.append(lg)
         return torch.cat(zs), torch.cat(ls)
 
+    @torch.no_grad()
+    def outputs(self, data: Any, internal_batch_size: int | None = 512, *, num_workers: int = 0,
+                what: str = "data") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The frozen model's activations z (N, D), logits (N, K) (on the model's device) and
+        the labels (N,) (None when ``data`` has none) of a set of images, in one pass.
+
+        ``data``: images (N, C, H, W), a tuple (images, labels), an
+        :class:`~trustvision.data.ImageDataset`, a torch Dataset or a DataLoader. An ImageDataset
+        that is not held in memory (an image folder, a subset of one, ...) is streamed through a
+        DataLoader in order (:func:`trustvision.evaluate.detectors.image_batches`: batches of
+        ``internal_batch_size`` images, ``num_workers`` worker processes, pinned memory when the
+        model is on CUDA): only z, the logits and the labels are kept, never the images. The
+        numbers equal :meth:`activations` of the stacked images (bit for bit on the CPU for the
+        same batch boundaries).
+        """
+        ds = _streamed(data)
+        if ds is None:
+            x, y = _as_tensors(data, what)
+            z, logits = self.activations(x, internal_batch_size)
+            return z, logits, y
+        from trustvision.evaluate.detectors import image_batches
+
+        n = len(ds)
+        size = n if not internal_batch_size or internal_batch_size <= 0 else int(internal_batch_size)
+        dev = self._device()
+        zs, ls, labels = [], [], []
+        with eval_mode(self.model):
+            for xb in image_batches(ds, max(size, 1), num_workers=int(num_workers), device=dev, labels=labels):
+                z, lg = self._activations(check_inputs(xb).to(dev, non_blocking=True))
+                zs.append(z)
+                ls.append(lg)
+        if not zs:
+            raise TrustVisionError(f"{what} holds no images; pass a dataset or a tensor of images (N, C, H, W)")
+        z, logits = torch.cat(zs), torch.cat(ls)
+        y = torch.as_tensor(labels, dtype=torch.long) if len(labels) == z.shape[0] else None
+        return z, logits, y
+
     # -- the XNN itself ------------------------------------------------------------------------
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
@@ -485,6 +539,7 @@ class XNN(nn.Module):
         stop_after: int | None = None,
         track: Callable[..., Any] | None = None,
         internal_batch_size: int | None = 512,
+        num_workers: int = 0,
     ) -> "XNN":
         """Fit the XNN on the model's activations of ``data`` (a tensor of images (N, C, H, W), a
         tuple (images, labels), an ImageDataset, a torch Dataset or a DataLoader); returns self.
@@ -496,16 +551,22 @@ class XNN(nn.Module):
         same ``data`` and settings: the result equals the uninterrupted run's). ``stop_after``:
         stop after this epoch (e.g. to test resuming). ``track``: a progress tracker
         (:mod:`trustvision._utils.progress`; default silent), over epochs.
+
+        The frozen model's z and logits are computed once, before training, in batches of
+        ``internal_batch_size`` images (:meth:`outputs`: a dataset not held in memory is streamed
+        through a DataLoader with ``num_workers`` worker processes); training needs only them (not
+        the images, nor the labels).
         """
         for name, v in (("epochs", epochs), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise TrustVisionError(f"{name} must be a positive integer, got {v!r}")
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise TrustVisionError(f"lr must be a positive number, got {lr!r}")
-        x, _ = _as_tensors(data, "the training data")
-        z, logits = self.activations(x, internal_batch_size)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise TrustVisionError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        z, logits, _ = self.outputs(data, internal_batch_size, num_workers=num_workers, what="the training data")
         settings = {"epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
-                    "weight_decay": float(weight_decay), "seed": int(seed), "n_train": int(x.shape[0])}
+                    "weight_decay": float(weight_decay), "seed": int(seed), "n_train": int(z.shape[0])}
         start = 0
         state = None
         if resume_from is not None:
@@ -673,34 +734,41 @@ class XNN(nn.Module):
         ) for i in range(x.shape[0])]
 
     @torch.no_grad()
-    def features_of(self, data: Any, internal_batch_size: int | None = 512) -> torch.Tensor:
-        """x-features e (N, L) of a set of images (a tensor, a dataset, ...)."""
+    def features_of(self, data: Any, internal_batch_size: int | None = 512, *,
+                    num_workers: int = 0) -> torch.Tensor:
+        """x-features e (N, L) of a set of images (a tensor, a dataset, ...; a dataset not held in
+        memory is streamed, see :meth:`outputs`)."""
         self._need_fitted("using it")
-        x, _ = _as_tensors(data)
-        z, _ = self.activations(x, internal_batch_size)
+        z, _, _ = self.outputs(data, internal_batch_size, num_workers=num_workers)
         with eval_mode(self):
             return self.encode(z)
 
-    def top_activating(self, x: Any, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per x-feature the ``k`` images of ``x`` (images or a dataset) with the largest value:
-        indices (L, k) into ``x`` and values (L, k), largest first (ties: lower index first)."""
-        e = self.features_of(x)
-        k = max(1, min(int(k), e.shape[0]))
-        order = torch.sort(e.t(), dim=1, descending=True, stable=True)
-        return order.indices[:, :k], order.values[:, :k]
+    def top_activating(self, x: Any, k: int = 5, internal_batch_size: int | None = 512, *,
+                       num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per x-feature the ``k`` images of ``x`` (images or a dataset, streamed as in
+        :meth:`outputs`) with the largest value: indices (L, k) into ``x`` and values (L, k),
+        largest first (ties: lower index first)."""
+        return top_k(self.features_of(x, internal_batch_size, num_workers=num_workers), k)
 
     # -- metrics -------------------------------------------------------------------------------
 
     @torch.no_grad()
     def metrics(self, x_test: Any, labels: torch.Tensor | None = None,
-                internal_batch_size: int | None = 512) -> "XNNMetrics":
-        """:class:`XNNMetrics` on a test set (images, (images, labels) or a dataset; labels from
-        the set or ``labels``; without labels the ablation is scored against the model)."""
+                internal_batch_size: int | None = 512, *, num_workers: int = 0) -> "XNNMetrics":
+        """:class:`XNNMetrics` on a test set (images, (images, labels) or a dataset, streamed as in
+        :meth:`outputs`; labels from the set or ``labels``; without labels the ablation is scored
+        against the model)."""
         self._need_fitted("scoring it")
-        x, y = _as_tensors(x_test, "the test data")
-        if labels is not None:
-            y = torch.as_tensor(labels).long().flatten()
-        z, logits = self.activations(x, internal_batch_size)
+        z, logits, y = self.outputs(x_test, internal_batch_size, num_workers=num_workers, what="the test data")
+        return self.metrics_from(z, logits, labels if labels is not None else y)
+
+    @torch.no_grad()
+    def metrics_from(self, z: torch.Tensor, logits: torch.Tensor,
+                     labels: torch.Tensor | None = None) -> "XNNMetrics":
+        """:meth:`metrics` from the frozen model's activations z (N, D) and logits (N, K) of a test
+        set (:meth:`outputs`) and its labels (N,) or None."""
+        self._need_fitted("scoring it")
+        y = None if labels is None else torch.as_tensor(labels).long().flatten()
         with eval_mode(self):
             e = self.encode(z)
             y_hat = self.read_out(e)
@@ -720,7 +788,7 @@ class XNN(nn.Module):
             ablation.append(float((self.read_out(ea).argmax(1) == ref).float().mean()))
         var = (z - self.z_mean).pow(2).sum()
         return XNNMetrics(
-            n=int(x.shape[0]), n_concepts=L, agreement=float((y_hat.argmax(1) == pred).float().mean()),
+            n=int(z.shape[0]), n_concepts=L, agreement=float((y_hat.argmax(1) == pred).float().mean()),
             logit_mse=float((y_hat - logits).pow(2).mean()),
             reconstruction_error=float((z_hat - z).pow(2).sum() / var.clamp_min(1e-12)),
             mean_abs_cos=mean_cos, sparsity=float(zero), dead=int((top.flatten() <= 0).sum()),
@@ -728,6 +796,14 @@ class XNN(nn.Module):
             model_accuracy=float((pred == ref).float().mean()), ablation=ablation,
             reference="labels" if y is not None else "model",
         )
+
+
+def top_k(e: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per x-feature (column of e (N, L)) the indices (L, k) of the ``k`` largest values and the
+    values (L, k), largest first (ties: lower index first); ``k`` is clipped to 1..N."""
+    k = max(1, min(int(k), e.shape[0]))
+    order = torch.sort(e.t(), dim=1, descending=True, stable=True)
+    return order.indices[:, :k], order.values[:, :k]
 
 
 def _read_checkpoint(folder: Path, model: nn.Module, *, optimizer: bool,

@@ -18,7 +18,8 @@ from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Op
 from trustvision.data import item_attribute
 from trustvision.evaluate.detectors import has_features
 from trustvision.evaluate.ood import auroc
-from trustvision.explain.xnn import XNN
+from trustvision._utils.images import eval_mode
+from trustvision.explain.xnn import XNN, top_k
 
 __all__ = ["ConceptsCheck", "concept_gallery", "marker_alignment"]
 
@@ -26,27 +27,51 @@ __all__ = ["ConceptsCheck", "concept_gallery", "marker_alignment"]
 SEED_OFFSET = 1515
 
 
-def concept_gallery(xnn: XNN, x: torch.Tensor, k: int = 6, class_names=None, positions: list[int] | None = None
+def _images(data, idx) -> torch.Tensor:
+    """The images (n, C, H, W) at positions ``idx`` of ``data`` (a tensor of images or an
+    :class:`~trustvision.data.ImageDataset`, of which only these items are read, each once)."""
+    idx = torch.as_tensor(idx).long().flatten()
+    if isinstance(data, torch.Tensor):
+        return data[idx]
+    if not idx.numel():
+        return torch.zeros(0, int(data.num_channels), *data.image_size)
+    uniq, inverse = torch.unique(idx, return_inverse=True)
+    items = torch.stack([torch.as_tensor(data[int(i)][0]).float() for i in uniq.tolist()])
+    return items[inverse]
+
+
+def concept_gallery(xnn: XNN, x, k: int = 6, class_names=None, positions: list[int] | None = None, *,
+                    e: torch.Tensor | None = None, batch_size: int = 512, num_workers: int = 0
                     ) -> tuple[Figure, dict]:
-    """Per x-feature (rows) its ``k`` top-activating images of ``x`` (N, C, H, W), each with the
-    heatmap of that x-feature on it (image and heatmap side by side); returns the figure and
-    ``{"indices": (L, k) positions, "values": (L, k)}``."""
+    """Per x-feature (rows) its ``k`` top-activating images of ``x`` (images (N, C, H, W) or an
+    ImageDataset), each with the heatmap of that x-feature on it (image and heatmap side by side);
+    returns the figure and ``{"indices": (L, k) positions, "values": (L, k)}``.
+
+    ``e``: the x-features (N, L) of ``x`` when already computed (else they are, streamed in
+    batches of ``batch_size`` with ``num_workers`` workers: :meth:`XNN.top_activating`); only the
+    L x k images shown are read from ``x``."""
     from trustvision.explain.plot import image_to_numpy
 
-    idx, vals = xnn.top_activating(x, k)
+    if e is not None:
+        idx, vals = top_k(e.cpu(), k)
+    else:
+        idx, vals = xnn.top_activating(x, k, batch_size, num_workers=num_workers)
+        idx, vals = idx.cpu(), vals.cpu()
     L, k = idx.shape
+    shown = _images(x, idx.flatten())
+    shown = shown.view(L, k, *shown.shape[1:])
     fig = Figure(figsize=(1.25 * 2 * k + 0.8, 1.35 * L + 0.4), dpi=100, layout="constrained")
     axes = fig.subplots(L, 2 * k, squeeze=False)
     preds = None
     with torch.no_grad():
-        logits = xnn.model(x[idx.flatten()].to(next(xnn.parameters()).device)).cpu()
+        logits = xnn.model(shown.flatten(0, 1).to(next(xnn.parameters()).device)).cpu()
         preds = logits.argmax(1).view(L, k)
     for ax in axes.flat:
         ax.axis("off")
     for l in range(L):
-        heat = xnn.heatmaps(x[idx[l]])[:, l]
+        heat = xnn.heatmaps(shown[l])[:, l].cpu()
         for j in range(k):
-            img = x[idx[l, j]]
+            img = shown[l, j]
             axes[l, 2 * j].imshow(image_to_numpy(img), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1,
                                   interpolation="nearest")
             c = int(preds[l, j])
@@ -61,20 +86,37 @@ def concept_gallery(xnn: XNN, x: torch.Tensor, k: int = 6, class_names=None, pos
     return fig, {"indices": idx.tolist(), "values": vals.tolist()}
 
 
-def marker_alignment(xnn: XNN, x: torch.Tensor, marked: torch.Tensor, masks: torch.Tensor) -> list[dict]:
+def marker_alignment(xnn: XNN, x, marked: torch.Tensor, masks: torch.Tensor, *, e: torch.Tensor | None = None,
+                     batch_size: int = 512, num_workers: int = 0) -> list[dict]:
     """Per x-feature, against a planted marker: the AUROC of its value separating marked
     (positive) from unmarked images, and the mean share of its positive heatmap mass on the marker
-    pixels of the marked images."""
-    e = xnn.features_of(x).cpu()
-    marked = marked.bool()
-    xm, mm = x[marked], masks[marked].float()
-    heat = xnn.heatmaps(xm).clamp_min(0) if len(xm) else torch.zeros(0, xnn.n_concepts, *x.shape[-2:])
+    pixels of the marked images.
+
+    ``x``: images (N, C, H, W) or an ImageDataset; ``marked`` (N,) and ``masks`` (N, 1, H, W) per
+    image; ``e``: the x-features (N, L) of ``x`` when already computed. The marked images are read
+    in batches of ``batch_size`` (a dataset: streamed, ``num_workers`` workers), each batch's
+    heatmaps reduced to their marker mass at once."""
+    from trustvision.evaluate.detectors import image_batches
+
+    if e is None:
+        e = xnn.features_of(x, batch_size, num_workers=num_workers)
+    e = e.cpu()
+    marked = torch.as_tensor(marked).bool().flatten()
+    pos = marked.nonzero().flatten()
+    mm = torch.as_tensor(masks)[pos].float()
+    source = x[pos] if isinstance(x, torch.Tensor) else x.subset(pos)
+    masses, start = [], 0
+    for xb in image_batches(source, max(int(batch_size), 1), num_workers=int(num_workers), device=xnn._device()):
+        heat = xnn.heatmaps(xb).clamp_min(0).cpu()  # (B, L, H, W)
+        m = mm[start: start + heat.shape[0], 0].unsqueeze(1)
+        start += heat.shape[0]
+        masses.append((heat * m).flatten(2).sum(2) / heat.flatten(2).sum(2).clamp_min(1e-12))
+    mass = torch.cat(masses) if masses else None  # (M, L)
     out = []
     for l in range(xnn.n_concepts):
         au = auroc(e[marked, l], e[~marked, l]) if bool(marked.any()) and bool((~marked).any()) else None
-        h = heat[:, l]
-        mass = (h * mm[:, 0]).flatten(1).sum(1) / h.flatten(1).sum(1).clamp_min(1e-12) if len(h) else None
-        out.append({"concept": l + 1, "auroc": au, "marker_mass": float(mass.mean()) if mass is not None else None})
+        out.append({"concept": l + 1, "auroc": au,
+                    "marker_mass": float(mass[:, l].mean()) if mass is not None else None})
     return out
 
 
@@ -129,24 +171,30 @@ class ConceptsCheck(Check):
         L = int(ctx.option("n_concepts"))
         seed = int(ctx.seed) + SEED_OFFSET
         train, test = ctx.dataset("train"), ctx.dataset("test")
+        bs, workers = int(ctx.option("batch_size", 256)), int(ctx.option("num_workers", 0) or 0)
         xnn = XNN(model, n_concepts=L).to(ctx.device)
-        xnn.fit(train, epochs=int(ctx.option("epochs")), seed=seed, track=ctx.track,
-                batch_size=int(ctx.option("batch_size", 256)))
-        x, y = test.tensors()
-        met = xnn.metrics((x, y))
+        # both splits are streamed (batches of bs images): only z, the logits and the labels are kept
+        xnn.fit(train, epochs=int(ctx.option("epochs")), seed=seed, track=ctx.track, batch_size=bs,
+                internal_batch_size=bs, num_workers=workers)
+        z, logits, y = xnn.outputs(test, bs, num_workers=workers, what="the test split")
+        met = xnn.metrics_from(z, logits, y)
+        with torch.no_grad(), eval_mode(xnn):
+            e = xnn.encode(z).cpu()
+        del z, logits
         classes = ctx.classes
         positions = _positions(test)
-        gallery, top = concept_gallery(xnn, x, int(ctx.option("top")), classes, positions)
+        gallery, top = concept_gallery(xnn, test, int(ctx.option("top")), classes, positions, e=e)
         figures = {"concepts": gallery}
         captions = {"concepts": (
             f"Each row is one of the {L} x-features: its {len(top['indices'][0])} most activated test images (dataset "
             "index, predicted class, value e) with the x-feature's heatmap on each (gradient x input; red raises e, "
             "blue lowers it). What the images and the red pixels share is the concept the x-feature stands for.")}
-        k = min(int(ctx.option("explain_n")), len(x))
+        n_test = len(test)
+        k = min(int(ctx.option("explain_n")), n_test)
         if k:
             g = ctx.generator(SEED_OFFSET)
-            pick = torch.randperm(len(x), generator=g)[:k].sort().values
-            for r, i in zip(xnn.explain(x[pick].to(ctx.device)), pick.tolist()):
+            pick = torch.randperm(n_test, generator=g)[:k].sort().values
+            for r, i in zip(xnn.explain(_images(test, pick).to(ctx.device)), pick.tolist()):
                 name = f"image_{positions[i]}"
                 figures[name] = r.figure(classes)
                 captions[name] = (f"Test image {positions[i]}: each x-feature's heatmap (titled with its value e and "
@@ -172,7 +220,8 @@ class ConceptsCheck(Check):
         if marked is not None and masks is not None:
             marked = torch.as_tensor(marked).bool()
             if bool(marked.any()) and bool((~marked).any()):
-                marker = marker_alignment(xnn, x, marked, torch.as_tensor(masks))
+                marker = marker_alignment(xnn, test, marked, torch.as_tensor(masks), e=e, batch_size=bs,
+                                          num_workers=workers)
                 tables["x-features vs the planted marker"] = {
                     "columns": ["x-feature", "AUROC marked vs unmarked", "heatmap mass on the marker"],
                     "rows": [[f"x{r['concept']}", r["auroc"], r["marker_mass"]] for r in marker]}

@@ -283,8 +283,8 @@ class CriticismCheck(Check):
         ms = sorted({int(v) for v in ctx.option("curve") if str(v).strip()})
         if ms and "train" in ctx.datasets:
             train = ctx.dataset("train")
-            yt = train.tensors()[1] if isinstance(train, TensorImageDataset) else split_labels(train)
-            _, ft = _vectors(model, train.tensors()[0] if isinstance(train, TensorImageDataset) else train, bs, space)
+            yt = split_labels(train)
+            _, ft = _vectors(model, train, bs, space)
             counts = torch.bincount(yt)
             ms = [v for v in ms if v <= int(counts[counts > 0].min())]
             if ms:

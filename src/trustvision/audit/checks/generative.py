@@ -12,7 +12,6 @@ import torch
 
 from trustvision.audit.checks.ood import CONVENTION, run_ood
 from trustvision.audit.context import AuditContext
-from trustvision.data import TensorImageDataset
 from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
 from trustvision.data import random_subset
 from trustvision.evaluate.calibration import expected_calibration_error
@@ -97,8 +96,7 @@ class GenerativeCheck(Check):
 
         with torch.no_grad():  # streamed: a split on disk is read batch by batch
             bpd = torch.cat([model.bits_per_dim(xb.to(dev)).cpu()
-                             for xb in image_batches(test if not isinstance(test, TensorImageDataset)
-                                                     else test.tensors()[0], batch, device=dev)])
+                             for xb in image_batches(test, batch, device=dev)])
         samples = sample_grid(model, n=ctx.option("samples_per_class"), temperature=ctx.option("temperature"),
                               seed=ctx.seed)
         x, _, _ = random_subset(test, ctx.option("counterfactual_n"), ctx.generator(77))

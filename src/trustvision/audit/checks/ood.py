@@ -12,7 +12,6 @@ from matplotlib.figure import Figure
 
 from trustvision.audit.context import AuditContext
 from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
-from trustvision.data import TensorImageDataset
 from trustvision.evaluate.ood import OOD_SETS, OODResult, build_ood_sets, evaluate_ood, list_detectors, split_labels
 
 __all__ = ["OODCheck", "run_ood", "ood_table", "ood_figure", "generative_verdicts", "SUMMARY_SETS"]
@@ -36,13 +35,9 @@ def run_ood(ctx: AuditContext, sets=OOD_SETS, n: int = 500) -> OODResult:
     test, train = ctx.dataset("test"), ctx.dataset("train")
     ood_sets = build_ood_sets(test, names=sets, n=min(len(test), int(n)), seed=ctx.seed)
     # the training split fits the detectors (class means, covariance, neighbours, principal space)
-    # and sets the typicality threshold; splits held in memory are used as tensors, others (image
-    # folders) are streamed batch by batch
-    x_test = test.tensors()[0] if isinstance(test, TensorImageDataset) else test
-    if isinstance(train, TensorImageDataset):
-        x_train, y_train = train.tensors()
-    else:
-        x_train, y_train = train, split_labels(train)
+    # and sets the typicality threshold; both splits are streamed batch by batch (slices of the
+    # tensors of a split held in memory)
+    x_test, x_train, y_train = test, train, split_labels(train)
     batch = int(ctx.option("batch_size", 256))
     model, cmp = ctx.model, ctx.compare
     return evaluate_ood(model, x_train, x_test, ood_sets, y_train=y_train, detectors=ctx.option("detectors"),
