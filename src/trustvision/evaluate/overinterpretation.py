@@ -59,8 +59,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -71,6 +69,7 @@ from torch import nn
 
 from trustvision._utils.images import chunks, eval_mode
 from trustvision._utils.progress import silent_tracker
+from trustvision._utils.digest import digest as _digest, weights_digest as _weights_digest
 from trustvision.errors import TrustVisionError
 from trustvision.explain.sis import SIS, BackSelection, BatchedGradientSIS, SISResult, mask_images, parse_features
 
@@ -132,24 +131,6 @@ def make_selector(model: nn.Module, image_size: Sequence[int], *, method: str = 
         return SIS(model, threshold=threshold, mask=mask, features=features, internal_batch_size=internal_batch_size)
     return BatchedGradientSIS(model, threshold=threshold, k=k, mask=mask, seed=seed, features=features,
                               internal_batch_size=internal_batch_size)
-
-
-def _digest(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, torch.Tensor):
-            t = p.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"|")
-    return h.hexdigest()[:32]
-
-
-def _weights_digest(model: nn.Module) -> str:
-    return _digest(f"{type(model).__module__}.{type(model).__qualname__}",
-                   *[x for kv in model.state_dict().items() for x in kv])
 
 
 def _selector_spec(sel: SIS) -> dict:

@@ -134,6 +134,25 @@ class SAGResult:
             "seconds": self.seconds,
         }
 
+    @classmethod
+    def from_json(cls, d: dict, image: "torch.Tensor | None" = None,
+                  baseline_image: "torch.Tensor | None" = None) -> "SAGResult":
+        """The result :meth:`to_json` wrote (the graph rebuilt node by node and edge by edge,
+        in the same order); ``image`` / ``baseline_image`` are attached for drawing."""
+        g = nx.DiGraph()
+        for node in d["graph"]["nodes"]:
+            g.add_node(tuple(node["patches"]), **{k: v for k, v in node.items() if k != "patches"})
+        for e in d["graph"]["edges"]:
+            g.add_edge(tuple(e["parent"]), tuple(e["child"]),
+                       **{k: v for k, v in e.items() if k not in ("parent", "child")})
+        return cls(target=d["target"], probability=d["probability"], predicted=d["predicted"],
+                   grid=tuple(d["grid"]), threshold=d["threshold"], baseline=d["baseline"],
+                   roots=[tuple(r["patches"]) for r in d["roots"]],
+                   root_confidence=[r["relative_confidence"] for r in d["roots"]], diverse=list(d["diverse"]),
+                   shown=list(d["shown"]), graph=g, importance=list(d["importance"]),
+                   forward_passes=d["forward_passes"], heatmap_passes=d["heatmap_passes"], seconds=d["seconds"],
+                   image=image, baseline_image=baseline_image)
+
     # -- drawing ---------------------------------------------------------------------------
 
     def _show_only(self, patches: Sequence[int]) -> "torch.Tensor":
@@ -297,6 +316,8 @@ class SAG(Explainer):
 
     name, title, order = "sag", "SAG", 50
     kind = "graph"
+    #: what ``attribute`` returns a list of (``explain_images`` stores them with ``to_json`` / ``from_json``)
+    result_type = SAGResult
     in_audit = False
 
     def __init__(

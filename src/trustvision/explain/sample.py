@@ -222,6 +222,7 @@ def explain_images(
     track: Callable[..., Any] | None = None,
     chunk: int | None = None,
     executor: Callable[..., Any] | None = None,
+    cache: Any = None,
 ) -> SampleExplanation:
     """Explain ``sample`` with ``method`` (a registered name or an :class:`Explainer` class).
 
@@ -243,6 +244,12 @@ def explain_images(
     ``(output, last_info)`` per chunk in order, e.g. a Ray pool's
     (:class:`trustvision.audit.distributed.RayPool`): the chunks are explained there instead of
     here, with the same results.
+
+    ``cache``: anything with ``get(key)`` and ``cache[key] = json`` (the audit's scratch store):
+    each chunk's output is stored as soon as it is computed (heatmaps with their diagnostics;
+    structure results such as SAGs), keyed by the model's weights, the method, its keywords and
+    the chunk's images and targets, and chunks found in it are not recomputed (a resumed audit
+    loses at most the chunk in progress). Methods whose results cannot be read back are not cached.
     """
     cls = _method(method)
     kw = {"seed": seed, "internal_batch_size": internal_batch_size, **dict(method_kw or {})}
@@ -253,29 +260,58 @@ def explain_images(
     explainer = cls(model)
     t0 = time.perf_counter()
     n = sample.images.shape[0]
-    if track is None and executor is None:
+    if track is None and executor is None and cache is None:
         bounds = [(0, n)]
     else:
         size = max(1, chunk or -(-n // 4))
         bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
+    codec = _ChunkCodec.of(cls)
+    keys: list[str | None] = [None] * len(bounds)
+    stored: list[Any] = [None] * len(bounds)
+    if cache is not None and codec is not None:
+        from trustvision._utils.digest import digest, weights_digest
+
+        prefix = digest(weights_digest(model), cls.name, kw)
+        for j, (a, b) in enumerate(bounds):
+            keys[j] = digest(prefix, sample.targets[a:b], sample.images[a:b])
+            hit = cache.get(keys[j])
+            stored[j] = None if hit is None else codec.decode(hit, sample.images[a:b])
+    todo = [j for j in range(len(bounds)) if stored[j] is None]
     outs, infos = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if executor is None:
             def run_chunks():
-                for a, b in bounds:
+                for j in todo:
+                    a, b = bounds[j]
                     o = explainer.attribute(sample.images[a:b], target=sample.targets[a:b], **kw)
                     yield (o[0] if cls.kind == "heatmap" and isinstance(o, tuple) else o,
                            getattr(explainer, "last_info", None))
-            results = run_chunks()
+            computed = run_chunks()
         else:
-            results = executor(cls.name, [(sample.images[a:b], sample.targets[a:b]) for a, b in bounds], kw)
-        pairs = zip(bounds, results)
+            computed = executor(cls.name, [(sample.images[bounds[j][0]:bounds[j][1]],
+                                            sample.targets[bounds[j][0]:bounds[j][1]]) for j in todo], kw)
+
+        def merged():
+            it = iter(computed)
+            for j in range(len(bounds)):
+                if stored[j] is not None:
+                    yield bounds[j], stored[j]
+                    continue
+                o, info = next(it)
+                if isinstance(o, torch.Tensor):
+                    o = o.to(sample.images.device)
+                if keys[j] is not None:
+                    try:
+                        cache[keys[j]] = codec.encode(o, info)
+                    except ValueError:  # NaN in a diagnostic: JSON cannot hold it; not cached
+                        pass
+                yield bounds[j], (o, info)
+
+        pairs = merged()
         parts = pairs if track is None else track(pairs, total=n, description=cls.name,
                                                   weight=lambda p: p[0][1] - p[0][0])
         for _, (o, info) in parts:
-            if isinstance(o, torch.Tensor):
-                o = o.to(sample.images.device)
             outs.append(o)
             infos.append(info)
     seconds = time.perf_counter() - t0
@@ -305,6 +341,48 @@ def explain_images(
     else:
         res.results = [r for o in outs for r in o]
     return res
+
+
+class _ChunkCodec:
+    """One chunk's output as JSON and back, for :func:`explain_images`' ``cache``: heatmaps (a
+    tensor and the :class:`ExplanationInfo`, if any) or a list of results with ``to_json`` /
+    ``from_json`` (e.g. SAGs, their baseline image kept). ``of(cls)`` is None for methods whose
+    results cannot be read back."""
+
+    def __init__(self, kind: str, result_type: Any = None):
+        self.kind, self.result_type = kind, result_type
+
+    @classmethod
+    def of(cls, method: type[Explainer]) -> "_ChunkCodec | None":
+        if method.kind == "heatmap":
+            return cls("heatmap")
+        rtype = getattr(method, "result_type", None)
+        return cls("results", rtype) if rtype is not None and hasattr(rtype, "from_json") else None
+
+    def encode(self, out: Any, info: Any) -> dict:
+        from dataclasses import asdict
+
+        from trustvision._utils.digest import tensor_to_json
+
+        if self.kind == "heatmap":
+            return {"heatmaps": tensor_to_json(out),
+                    "info": asdict(info) if isinstance(info, ExplanationInfo) else None}
+        return {"results": [{**r.to_json(), "baseline_image": None if getattr(r, "baseline_image", None) is None
+                             else tensor_to_json(r.baseline_image)} for r in out]}
+
+    def decode(self, d: dict, images: torch.Tensor) -> tuple[Any, Any] | None:
+        from trustvision._utils.digest import tensor_from_json
+
+        try:
+            if self.kind == "heatmap":
+                info = None if d.get("info") is None else ExplanationInfo(**d["info"])
+                return tensor_from_json(d["heatmaps"]).to(images.device), info
+            out = [self.result_type.from_json(r, image=img.cpu(), baseline_image=None if r.get("baseline_image") is None
+                                              else tensor_from_json(r["baseline_image"]))
+                   for r, img in zip(d["results"], images)]
+            return (out, None) if len(out) == len(images) else None
+        except (KeyError, TypeError, ValueError):  # an entry of another version: recompute it
+            return None
 
 
 def faithfulness_summary(deletion_auc: list[float], insertion_auc: list[float],

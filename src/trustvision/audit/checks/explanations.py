@@ -115,7 +115,8 @@ class ExplanationsCheck(Check):
                 continue
             kw = {"iterations": iterations} if "iterations" in cls.keywords() else {}
             res = explain.explain_images(model, sample, cls, seed=ctx.seed, method_kw=kw,
-                                         faithfulness=deletion_insertion, track=ctx.track, executor=ctx.executor)
+                                         faithfulness=deletion_insertion, track=ctx.track, executor=ctx.executor,
+                                         cache=ctx.scratch(self.name))
             ctx.log(f"{cls.title}: {x.shape[0]} images in {res.seconds:.1f}s"
                     + (f", {res.n_unreliable()} unreliable" if res.n_unreliable() else ""))
             heatmaps[cls.title] = res.heatmaps.cpu()
@@ -148,7 +149,8 @@ class ExplanationsCheck(Check):
         grid = (sag_grid, sag_grid) if sag_grid else auto_grid(*x.shape[-2:])
         if sag_n > 0:
             sag = explain.explain_images(model, sample.take(sag_n), explain.SAG, seed=ctx.seed,
-                                         method_kw={"grid": grid}, track=ctx.track, executor=ctx.executor)
+                                         method_kw={"grid": grid}, track=ctx.track, executor=ctx.executor,
+                                         cache=ctx.scratch(self.name))
             ctx.log(f"SAG: {len(sag.results)} images in {sag.seconds:.1f}s")
             for i, res in enumerate(sag.results):
                 sags.append(res.to_json())
