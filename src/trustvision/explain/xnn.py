@@ -84,7 +84,8 @@ largest logit does with 1.00).
 
 Training (:meth:`XNN.fit`) precomputes z and the logits of the training images once (the model is
 frozen, in eval mode; a dataset not held in memory, e.g. an image folder, is streamed through a
-DataLoader and only z and the logits are kept: :meth:`XNN.outputs`), then runs Adam on mini-batches, reshuffled each epoch by a generator seeded
+DataLoader and only z and the logits are kept: :meth:`XNN.outputs`), then runs Adam on
+mini-batches, reshuffled each epoch by a generator seeded
 from ``(seed, epoch)`` and initialised from ``seed``: the same seed gives the same XNN, and a run
 resumed from a checkpoint (:meth:`XNN.fit` with ``checkpoint=`` / ``resume_from=``: weights,
 Adam's state and the epoch) ends where the uninterrupted run does. :meth:`XNN.save` /
