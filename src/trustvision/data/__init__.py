@@ -14,13 +14,15 @@ import inspect
 from typing import Callable
 
 from trustvision._utils.registry import Registry
-from trustvision.data._base import SPLITS, ImageDataset, TensorImageDataset, item_attribute, random_subset
+from trustvision.data._base import (SPLITS, ImageDataset, TensorImageDataset, dataset_indices, item_attribute,
+                                    random_subset)
 from trustvision.errors import TrustVisionError
 
 __all__ = [
     "ImageDataset",
     "TensorImageDataset",
     "item_attribute",
+    "dataset_indices",
     "SPLITS",
     "as_image_dataset",
     "random_subset",

@@ -156,9 +156,22 @@ class TensorImageDataset(ImageDataset):
         out = copy.copy(self)
         out.images, out.labels = self.images[idx], self.labels[idx]
         out.classes = list(self.classes)
+        # where each item sits in the full split (what a subset of a streamed split keeps as ``indices``)
+        parent_idx = getattr(self, "source_indices", None)
+        pos = torch.where(idx < 0, idx + len(self), idx)
+        out.source_indices = pos if parent_idx is None else parent_idx[pos]
         for attr in self.per_item:
             setattr(out, attr, getattr(self, attr)[idx])
         return out
+
+
+def dataset_indices(ds) -> list[int]:
+    """Each item's index in the full split: a subset's ``source_indices`` (in-memory sets) or
+    ``indices`` (streamed sets), else its position."""
+    idx = getattr(ds, "source_indices", None)
+    if idx is None:
+        idx = getattr(ds, "indices", None)
+    return [int(i) for i in idx] if idx is not None and len(idx) == len(ds) else list(range(len(ds)))
 
 
 def item_attribute(ds, name: str):

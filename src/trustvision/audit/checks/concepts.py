@@ -243,5 +243,6 @@ class ConceptsCheck(Check):
 
 
 def _positions(ds) -> list[int]:
-    idx = getattr(ds, "indices", None)
-    return [int(i) for i in idx] if idx is not None else list(range(len(ds)))
+    from trustvision.data import dataset_indices
+
+    return dataset_indices(ds)

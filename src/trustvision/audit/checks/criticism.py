@@ -390,8 +390,10 @@ def _nearest(feats: torch.Tensor, i: int, candidates: torch.Tensor | None, k: in
 
 def ds_i(ds, position: int) -> int:
     """The index into the full split of a position in the (possibly subsampled) split."""
-    idx = getattr(ds, "indices", None)
-    return int(idx[position]) if idx is not None and len(idx) > position else int(position)
+    from trustvision.data import dataset_indices
+
+    idx = dataset_indices(ds)
+    return idx[position] if len(idx) > position else int(position)
 
 
 def _vectors(model, source, batch_size: int, space: str) -> tuple[torch.Tensor, torch.Tensor]:
