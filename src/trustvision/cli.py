@@ -324,7 +324,7 @@ def audit_cmd(
     crop: float = typer.Option(None, "--crop", min=0.01, max=1.0, help="imagefolder:PATH: resize the shorter side to image-size / CROP and centre-crop (timm's crop_pct, e.g. 0.875: 256 -> 224); default: plain resize."),
     list_checks_: bool = typer.Option(False, "--list-checks", help="List the available checks with their options and exit."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars: one plain line per finished check instead."),
-    ray: str = typer.Option(None, "--ray", metavar="auto|ADDRESS", help="Shard per-image explanation work over Ray actors: 'auto' (the RAY_ADDRESS cluster or a local one) or a cluster address; needs pip install \"trustvision[ray]\"."),
+    ray: str = typer.Option(None, "--ray", metavar="auto|ADDRESS", help="Shard per-image work (explanations, attacks, corruptions, SIS, XNN heatmaps) over Ray actors: 'auto' (the RAY_ADDRESS cluster or a local one) or a cluster address; needs pip install \"trustvision[ray]\"."),
     ray_workers: int = typer.Option(None, "--ray-workers", min=1, max=10_000, help="Ray actors (default: one per cluster CPU)."),
     ray_gpus_per_worker: float = typer.Option(0.0, "--ray-gpus-per-worker", min=0.0, max=64.0, help="GPUs per Ray actor (0: CPU actors)."),
 ) -> None:

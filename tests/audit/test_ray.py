@@ -126,3 +126,48 @@ def test_without_ray_it_is_one_line(monkeypatch, tmp_path, capsys):
                "--ray", "auto", "--out", str(tmp_path / "n")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and 'pip install "trustvision[ray]"' in err[0]
+
+
+UNIT_OPTS = {"corruptions.n": 40, "corruptions.types": "gaussian-noise,fog,elastic-transform", "corruptions.severities": "1,3,5",
+             "overinterpretation.n": 12, "overinterpretation.retrain": False, "overinterpretation.border": False,
+             "overinterpretation.remedies": False, "concepts.epochs": 5, "concepts.explain_n": 1, "batch_size": 16}
+
+
+def test_sharded_units_equal_the_single_process_run(cluster):
+    """Corruptions (one batch under one corruption and severity a unit), SIS (one chunk of images
+    a unit) and the XNN's heatmaps (gallery rows, marker batches) on the actors: the same records."""
+    checks = ["corruptions", "overinterpretation", "concepts"]
+    src = "zoo:small-cnn-shortcut-digits"
+    ds = {s: data.load("shortcut-digits", split=s, marker_fraction=0.5) for s in ("train", "val", "test")}
+    one = audit.run(src, ds, checks=checks, options={**UNIT_OPTS, "n_max": 200})
+    two = audit.run(src, ds, checks=checks, options={**UNIT_OPTS, "n_max": 200}, ray="auto", ray_workers=2)
+    assert one.ok and two.ok, (one.results["errors"], two.results["errors"])
+    for c in checks:
+        assert _strip(one.records()[c]["data"]) == _strip(two.records()[c]["data"]), c
+    d = one.records()
+    assert set(d["corruptions"]["data"]["accuracy"]) == {"gaussian-noise", "fog", "elastic-transform"}
+    assert d["overinterpretation"]["data"]["sis"]["n"] == 12
+    assert d["concepts"]["data"]["marker"] and len(d["concepts"]["data"]["marker"]) == 5
+
+
+def test_units_survive_a_killed_worker(cluster, monkeypatch):
+    from trustvision.audit import distributed
+
+    original = distributed.RayPool.map
+    killed = []
+
+    def killing(self, fn, calls):
+        gen = original(self, fn, calls)
+        yield next(gen)
+        if not killed:
+            ray.kill(self.actors[-1], no_restart=False)  # its submitted units are retried on the restarted actor
+            killed.append(fn.__name__)
+        yield from gen
+
+    monkeypatch.setattr(distributed.RayPool, "map", killing)
+    opts = {"corruptions.n": 40, "corruptions.types": "gaussian-noise,fog", "corruptions.severities": "1,5",
+            "batch_size": 8}
+    one = audit.run("zoo:small-cnn-digits", "digits", checks=["corruptions"], options=opts)
+    two = audit.run("zoo:small-cnn-digits", "digits", checks=["corruptions"], options=opts, ray="auto", ray_workers=2)
+    assert killed == ["_corrupt_predict"] and two.ok, two.results["errors"]
+    assert _strip(one.records()["corruptions"]["data"]) == _strip(two.records()["corruptions"]["data"])

@@ -1,13 +1,17 @@
 """Sharding per-image work over Ray actors (``trustvision audit --ray auto|ADDRESS``).
 
 A :class:`RayPool` starts ``workers`` actors that each load the audited model once from its
-checkpoint path or ``zoo:NAME`` (never through Ray's object store) and explain chunks of images
-with a registered method (the ``explanations`` check) or attack them (the ``adversarial`` check's
-FGSM / PGD sweeps; PGD's random start is seeded per image, so sharding does not change it;
-AutoAttack, whose randomness follows the batch, runs in the driver). :meth:`RayPool.attribute_chunks` hands the chunks out round-robin and
-returns the results in chunk order, so the merged result is the single-process one: every method
-explains each image independently of its batch, its randomness derived from (seed, the image)
-and never from a worker's state, so on the CPU the results are bit-identical.
+checkpoint path or ``zoo:NAME`` (never through Ray's object store). Two kinds of work go to them:
+chunks of images explained by a registered method (the ``explanations`` check's heatmaps and
+SAGs; :meth:`RayPool.attribute_chunks`), and units of per-image work of
+:mod:`trustvision._utils.parallel` (:meth:`RayPool.map`): the ``adversarial`` check's FGSM / PGD
+sweeps (one batch at one eps), the ``corruptions`` check (one batch under one corruption and
+severity), the ``overinterpretation`` check's SIS / BGSIS backward selections (one chunk of
+images) and the ``concepts`` check's XNN heatmaps. Every unit's randomness is derived from (seed,
+the image) and never from a worker's state (PGD's random start is seeded per image; corruptions
+per image index; AutoAttack, whose randomness follows the batch, runs in the driver), and the
+results are merged in order, so the merged result is the single-process one: bit-identical on
+the CPU.
 
 Fault tolerance: the actors are created with ``max_restarts=-1`` and ``max_task_retries=-1``, so
 an actor that dies (``ray.kill``, a lost node) is restarted, loads the model again and its
@@ -51,17 +55,16 @@ class _Worker:
         self.device = device
         self.model = models.load(source).to(device).eval()
 
+    def call(self, fn: Callable, args: tuple, kw: dict) -> Any:
+        """``fn(model, *args, **kw)`` (a unit of :mod:`trustvision._utils.parallel`): array
+        arguments become tensors on this actor's device (copied: Ray's arrays are read-only), and
+        tensors in the result come back on the CPU."""
+        return _to_cpu(fn(self.model, *_from_wire(args, self.device), **kw))
+
     def ping(self) -> int:
         import os
 
         return os.getpid()
-
-    def attack(self, name: str, images, labels, kw: dict) -> torch.Tensor:
-        from trustvision.evaluate.adversarial import attack
-
-        x = torch.from_numpy(images.copy()).to(self.device)
-        y = torch.from_numpy(labels.copy()).to(self.device)
-        return attack(self.model, x, y, name, **kw).detach().cpu()
 
     def attribute(self, method: str, images, targets, kw: dict) -> tuple[Any, Any]:
         import warnings
@@ -80,6 +83,26 @@ class _Worker:
         if isinstance(out, torch.Tensor):
             out = out.detach().cpu()
         return out, getattr(explainer, "last_info", None)
+
+
+def _to_wire(args: tuple) -> tuple:
+    return tuple(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _from_wire(args: tuple, device: str) -> tuple:
+    import numpy as np
+
+    return tuple(torch.from_numpy(a.copy()).to(device) if isinstance(a, np.ndarray) else a for a in args)
+
+
+def _to_cpu(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.detach().cpu()
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_cpu(v) for v in out)
+    if isinstance(out, dict):
+        return {k: _to_cpu(v) for k, v in out.items()}
+    return out
 
 
 def connect(address: str = "auto", workers: int | None = None, gpus_per_worker: float = 0.0,
@@ -148,25 +171,25 @@ class RayPool:
         for ref in refs:
             yield ray.get(ref)
 
-    def attack_chunks(self, name: str, chunks: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                      kw: dict) -> Iterator[torch.Tensor]:
-        """Adversarial images of attack ``name`` for each chunk ``(images, labels)``, in order."""
+    def map(self, fn: Callable, calls: Sequence[tuple[tuple, dict]]) -> Iterator[Any]:
+        """``fn(model, *args, **kw)`` for every ``(args, kw)`` of ``calls``, on the actors
+        round-robin (all submitted at once), yielded in order (``fn``: a module-level function,
+        which Ray sends by reference)."""
         ray = require_ray()
-        refs = [self.actors[i % len(self.actors)].attack.remote(name, x.detach().cpu().numpy(),
-                                                                 y.detach().cpu().numpy(), kw)
-                for i, (x, y) in enumerate(chunks)]
+        refs = [self.actors[i % len(self.actors)].call.remote(fn, _to_wire(tuple(args)), dict(kw))
+                for i, (args, kw) in enumerate(calls)]
         for ref in refs:
             yield ray.get(ref)
 
     def executor(self) -> Callable:
-        """``executor(task, chunks, kw)``: what :func:`trustvision.explain.explain_images` (task = a
-        method name) and :func:`trustvision.evaluate.adversarial.robust_accuracy` (task =
-        ``"attack:NAME"``) take as ``executor``."""
+        """``executor(method, chunks, kw)``: what :func:`trustvision.explain.explain_images` takes
+        as ``executor``; its ``map(fn, calls)`` runs the units of
+        :func:`trustvision._utils.parallel.run_units` (attacks, corruptions, SIS / BGSIS, XNN
+        heatmaps)."""
         def run(task: str, chunks, kw: dict):
-            if task.startswith("attack:"):
-                return self.attack_chunks(task.split(":", 1)[1], chunks, kw)
             return self.attribute_chunks(task, chunks, kw)
 
+        run.map = self.map  # type: ignore[attr-defined]  # units of trustvision._utils.parallel
         return run
 
     def close(self) -> None:

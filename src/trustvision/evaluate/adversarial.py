@@ -51,7 +51,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -387,40 +387,57 @@ class RobustAccuracy:
 SHARDABLE = ("fgsm", "pgd-linf", "pgd-l2")
 
 
-def _sharded(executor, name: str, x: torch.Tensor, y: torch.Tensor, kw: dict, chunk: int) -> torch.Tensor:
-    chunks = [(x[i:i + chunk], y[i:i + chunk]) for i in range(0, len(x), chunk)]
-    return torch.cat([a.to(x.device) for a in executor(f"attack:{name}", chunks, kw)]) if chunks else x.clone()
+def _attack_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, eps: float, steps: int,
+                    seed: int, batch_size: int | None) -> torch.Tensor:
+    """One unit of :func:`robust_accuracy`: whether each image of ``x`` is still classified as
+    ``y`` after attack ``name`` at ``eps`` (bool, CPU)."""
+    adv = _get(name)(model, x, y, float(eps), steps=steps, seed=seed, batch_size=batch_size)
+    with torch.no_grad():
+        return _correct(model, adv, y, batch_size)
 
 
 def robust_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str = "pgd-linf",
                     eps_list: Sequence[float] | None = None, *, steps: int = 10, seed: int = 0,
                     batch_size: int | None = 256, track: Callable | None = None,
-                    executor: Callable | None = None) -> RobustAccuracy:
+                    executor: Any = None, cache: Any = None) -> RobustAccuracy:
     """Accuracy of ``model`` on ``x`` (N, C, H, W) in [0, 1], labels ``y`` (N,), under ``attack``
     at every eps of ``eps_list`` (default :func:`eps_sweep` for the image size). An image counts
     as robust at eps when it is classified correctly clean *and* attacked (eps = 0: clean
-    accuracy). Higher is better. ``executor(task, chunks, kw)``: where to run the attacks of
-    :data:`SHARDABLE` (e.g. a Ray pool, :mod:`trustvision.audit.distributed`), one chunk per
-    batch of ``batch_size`` images (the batches of the single-process run: the same result)."""
+    accuracy). Higher is better.
+
+    The attacks of :data:`SHARDABLE` run in units of one batch of ``batch_size`` images at one eps
+    (:mod:`trustvision._utils.parallel`; their random starts are seeded per image, so the batching
+    does not change them): ``executor`` (``map(fn, calls)``, e.g. a Ray pool,
+    :mod:`trustvision.audit.distributed`) runs them elsewhere with the same result; AutoAttack,
+    whose randomness follows the batch, runs here on all images at once, one unit per eps. With
+    ``cache`` (the audit's scratch store) each unit's per-image verdicts are stored as it finishes
+    and found again by a resumed run."""
+    from trustvision._utils.digest import digest, weights_digest
+    from trustvision._utils.parallel import Unit, run_units
+
     name = attack
-    fn = _get(name)
+    _get(name)
     eps_list = list(eps_sweep(x.shape[-2:], NORM_OF[name]) if eps_list is None else eps_list)
     clean = _correct(model, x, y, batch_size)
+    n = len(x)
+    bs = (batch_size or n or 1) if name in SHARDABLE else (n or 1)
+    starts = list(range(0, n, bs))
+    prefix = digest(weights_digest(model), name, steps, seed, batch_size) if cache is not None else None
+    attacked = [e for e in eps_list if e != 0]
+    units = [Unit((x[a:a + bs], y[a:a + bs], name, float(e), steps, seed, batch_size),
+                  key=None if prefix is None else digest(prefix, float(e), x[a:a + bs], y[a:a + bs]))
+             for e in attacked for a in starts]
+    results = run_units(model, _attack_correct, units, executor=executor if name in SHARDABLE else None,
+                        cache=cache, encode=lambda t: [bool(v) for v in t.tolist()],
+                        decode=lambda d, u: torch.tensor(d, dtype=torch.bool) if len(d) == len(u.args[0]) else None)
     rows = []
     it = track(eps_list, len(eps_list), f"{name}") if track else eps_list
     for e in it:
         if e == 0:
             ok = clean.clone()
         else:
-            if executor is not None and name in SHARDABLE:
-                kw = {"eps": float(e), "steps": steps, "seed": seed, "batch_size": batch_size}
-                # one chunk per local batch: the same batches as in one process, so the same floats
-                adv = _sharded(executor, name, x, y, kw, batch_size or len(x) or 1)
-            else:
-                adv = fn(model, x, y, float(e), steps=steps, seed=seed, batch_size=batch_size)
-            ok = clean & _correct(model, adv, y, batch_size)
+            ok = clean & (torch.cat([next(results) for _ in starts]) if starts else clean)
         rows.append(ok)
-    n = len(x)
     acc = [float(r.double().mean()) if n else float("nan") for r in rows]
     return RobustAccuracy(attack=name, norm=NORM_OF[name], eps=[float(e) for e in eps_list], accuracy=acc,
                           clean_accuracy=float(clean.double().mean()) if n else float("nan"), n=n, steps=steps,

@@ -654,17 +654,37 @@ def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
+def _corrupt_predict(model: torch.nn.Module, xb: torch.Tensor, name: str, severity: int, seed: int, start: int,
+                     parameters: str) -> torch.Tensor:
+    """One unit of :func:`corruption_accuracy`: the softmax (float64, CPU) of ``model`` on the
+    images ``xb`` (items ``start ..`` of the data) under one corruption and severity."""
+    p = next(iter(model.parameters()), None)
+    dev = xb.device if p is None else p.device
+    with torch.no_grad():
+        xc = corrupt(xb, name, severity, seed, indices=range(start, start + xb.shape[0]), parameters=parameters)
+        return torch.softmax(model(xc.to(dev)).double(), 1).cpu()
+
+
 def corruption_accuracy(model: torch.nn.Module, data, severities: Sequence[int] = SEVERITIES,
                         corruptions: Sequence[str] | None = None, batch_size: int = 256, seed: int = 0,
                         device: str | torch.device = "cpu", n_bins: int = 15,
                         track: Callable[..., Iterable] | None = None,
-                        parameters: str = "monotone") -> CorruptionResult:
+                        parameters: str = "monotone", executor: Any = None, cache: Any = None) -> CorruptionResult:
     """Accuracy of ``model`` on ``data`` (an ImageDataset or ``(images, labels)``) under every
     corruption (default all 15) at every severity, the mean over them all, and the ECE per severity
     (pooled over types; :func:`trustvision.evaluate.calibration.expected_calibration_error`,
     ``n_bins`` equal-width bins). Image i is seeded from ``(seed, type, i)``. ``track(iterable,
     total, description)`` may wrap the loop over type x severity in a progress bar. ``parameters``:
-    the parameter set, "monotone" (default) or "published" (:func:`corruption_params`)."""
+    the parameter set, "monotone" (default) or "published" (:func:`corruption_params`).
+
+    The work comes in units of one batch under one corruption and severity
+    (:mod:`trustvision._utils.parallel`): ``executor`` (``map(fn, calls)``, e.g. a Ray pool) runs
+    them elsewhere, with the same result (each image's corruption is seeded by its index, never
+    by the batch); with ``cache`` (the audit's scratch store) each unit's probabilities are stored
+    as it finishes and found again by a resumed run."""
+    from trustvision._utils.digest import digest, tensor_from_json, tensor_to_json, weights_digest
+    from trustvision._utils.parallel import Unit, run_units
+
     _check_parameters(parameters)
     names = list(corruptions) if corruptions is not None else list_corruptions()
     for c in names:
@@ -677,22 +697,22 @@ def corruption_accuracy(model: torch.nn.Module, data, severities: Sequence[int] 
         raise TrustVisionError("corruption_accuracy() got no images")
     was_training = model.training
     model.eval()
-
-    def predict(images_fn) -> torch.Tensor:
-        out = []
-        for s in range(0, x.shape[0], batch_size):
-            xb = images_fn(s, min(x.shape[0], s + batch_size))
-            out.append(torch.softmax(model(xb.to(device)).double(), 1).cpu())
-        return torch.cat(out)
-
+    starts = list(range(0, x.shape[0], batch_size))
     try:
-        clean = predict(lambda a, b: x[a:b])
+        with torch.no_grad():
+            clean = torch.cat([torch.softmax(model(x[a:a + batch_size].to(device)).double(), 1).cpu()
+                               for a in starts])
+        prefix = digest(weights_digest(model), parameters, int(seed)) if cache is not None else None
         jobs = [(c, s) for c in names for s in sev]
+        units = [Unit((x[a:a + batch_size], c, s, int(seed), a, parameters),
+                      key=None if prefix is None else digest(prefix, c, s, a, x[a:a + batch_size]))
+                 for c, s in jobs for a in starts]
+        results = run_units(model, _corrupt_predict, units, executor=executor, cache=cache, encode=tensor_to_json,
+                            decode=lambda d, u: tensor_from_json(d))
         it = track(jobs, total=len(jobs), description="corruptions") if track else jobs
         probs: dict[tuple[str, int], torch.Tensor] = {}
         for c, s in it:
-            probs[(c, s)] = predict(lambda a, b: corrupt(x[a:b], c, s, seed, indices=range(a, b),
-                                                                   parameters=parameters))
+            probs[(c, s)] = torch.cat([next(results) for _ in starts])
     finally:
         model.train(was_training)
     acc = {c: [float((probs[(c, s)].argmax(1) == y).double().mean()) for s in sev] for c in names}

@@ -108,10 +108,35 @@ def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
 
 
+def _take(data, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The seeded sample of ``n`` items (:func:`_sample`) of a dataset or ``(images, labels)``:
+    (images, labels, indices); a dataset reads only the sampled items."""
+    if isinstance(data, (tuple, list)) or not hasattr(data, "subset"):
+        x, y = _as_tensors(data)
+        idx = _sample(len(y), n, seed)
+        return x[idx], y[idx], idx
+    idx = _sample(len(data), n, seed)
+    x, y = _as_tensors(data if len(idx) == len(data) else data.subset(idx))
+    return x, y, idx
+
+
 def training_mean(train) -> torch.Tensor:
     """The mean pixel (C, 1, 1) of a training split (a dataset or images (N, C, H, W)): the mask
     value of ``mask="mean"`` (the paper's zero after normalisation; the zoo models normalise with
     a fixed 0.5, which is not the data's mean)."""
+    from trustvision.data import TensorImageDataset
+
+    if not isinstance(train, (torch.Tensor, tuple, list, TensorImageDataset)) and hasattr(train, "subset"):
+        from trustvision.evaluate.detectors import image_batches
+
+        total, count = None, 0  # a split on disk: streamed, a float64 sum per channel
+        for xb in image_batches(train):
+            part = xb.double().sum((0, 2, 3))
+            total = part if total is None else total + part
+            count += xb.shape[0] * xb.shape[2] * xb.shape[3]
+        if total is None:
+            raise TrustVisionError("the training-set mean needs a non-empty batch of images (N, C, H, W)")
+        return (total / count).float().view(-1, 1, 1)
     x = train if isinstance(train, torch.Tensor) else _as_tensors(train)[0]
     if x.ndim != 4 or x.shape[0] == 0:
         raise TrustVisionError("the training-set mean needs a non-empty batch of images (N, C, H, W)")
@@ -151,6 +176,13 @@ def _from_json(d: dict, image: torch.Tensor, mask_image: torch.Tensor) -> BackSe
     return BackSelection(**{**d, "grid": tuple(d["grid"])}, image=image, mask_image=mask_image)
 
 
+def _backselect_unit(model: nn.Module, x: torch.Tensor, t: torch.Tensor, selector: dict) -> list[dict]:
+    """One unit of :func:`backward_selections` run elsewhere (a Ray actor): the selections of one
+    chunk of images, as JSON (``selector``: the keywords of :func:`make_selector`)."""
+    sel = make_selector(model, x.shape[-2:], **selector)
+    return [_to_json(b) for b in sel.backselect_batch(x, t)]
+
+
 def backward_selections(
     model: nn.Module,
     images: torch.Tensor,
@@ -167,6 +199,7 @@ def backward_selections(
     cache: Any = None,
     track: Callable[..., Iterable] = silent_tracker,
     description: str = "backward selection",
+    executor: Any = None,
 ) -> list[BackSelection]:
     """The full backward selection of each image of ``images`` (N, C, H, W) in [0, 1] for class
     ``targets`` (None: the predicted class), ``chunk`` images at a time in lockstep (default 16
@@ -175,7 +208,8 @@ def backward_selections(
     ``mask="mean"`` here is the model's normalisation mean (the :class:`SIS` convention); pass
     :func:`training_mean` to get the training-set mean pixel. With ``cache`` (``get(key)``,
     ``cache[key] = json``) each image's selection is stored as soon as its chunk finishes and
-    images already in it are not recomputed.
+    images already in it are not recomputed. ``executor`` (``map(fn, calls)``, e.g. a Ray pool):
+    the chunks are selected there (the same chunks, so the same result).
     """
     x = images.detach()
     if x.ndim != 4:
@@ -202,9 +236,23 @@ def backward_selections(
     todo = [i for i in range(n) if out[i] is None]
     size = chunk or (16 if type(sel) is SIS else 32)
     groups = [todo[s : s + size] for s in range(0, len(todo), size)]
+    remote = None
+    if getattr(executor, "map", None) is not None and groups:
+        from trustvision._utils.parallel import Unit, run_units
+
+        spec = {"method": method, "threshold": threshold, "mask": mask, "features": features, "seed": seed, "k": k,
+                "internal_batch_size": internal_batch_size}
+        units = [Unit((x[torch.as_tensor(g)], t[torch.as_tensor(g)], spec)) for g in groups]
+        remote = run_units(model, _backselect_unit, units, executor=executor)
+        with eval_mode(model):
+            fills = mask_images(model, x, sel.mask)
     for g in track(groups, total=len(groups), description=description, weight=len):
         idx = torch.as_tensor(g, dtype=torch.long, device=x.device)
-        for i, b in zip(g, sel.backselect_batch(x[idx], t[idx])):
+        if remote is None:
+            chosen = sel.backselect_batch(x[idx], t[idx])
+        else:
+            chosen = [_from_json(d, x[i].cpu(), fills[i].cpu()) for i, d in zip(g, next(remote))]
+        for i, b in zip(g, chosen):
             out[i] = b
             if cache is not None:
                 cache[keys[i]] = _to_json(b)
@@ -568,6 +616,7 @@ def overinterpretation(
     cache: Any = None,
     track: Callable[..., Iterable] = silent_tracker,
     log: Callable[[str], None] | None = None,
+    executor: Any = None,
 ) -> OverinterpretationResult:
     """The overinterpretation audit of ``model`` (see the module docstring) on a seeded sample of
     ``n`` images of ``test`` (None/0: all), retraining on ``train_n`` images of ``train`` (None/0:
@@ -578,25 +627,27 @@ def overinterpretation(
     number or a tensor (C, 1, 1); ``method``: ``"auto"`` | ``"exact"`` | ``"bgsis"``;
     ``fractions``: the subset sizes of the table (the first one, 5% by default, is also used for
     retraining and the remedies); ``epochs``: of every fresh model (default: the stored recipe's).
+    ``executor`` (``map(fn, calls)``, e.g. a Ray pool holding ``model``): the backward selections
+    of ``model`` (test and training images) run there, chunk by chunk, with the same result; the
+    fresh models' run here.
     """
     log = log or (lambda m: None)
     skipped: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    xte_all, yte_all = _as_tensors(test)
-    idx = _sample(len(yte_all), n, seed)
-    xte, yte = xte_all[idx].to(device), yte_all[idx]
+    # only the sampled images are read (a split on disk stays there; the mean pixel is streamed)
+    xte, yte, idx = _take(test, n, seed)
+    xte = xte.to(device)
     hw = list(xte.shape[-2:])
     if train is not None:
-        xtr_all, ytr_all = _as_tensors(train)
-        tidx = _sample(len(ytr_all), train_n, seed + 1)
-        xtr, ytr = xtr_all[tidx].to(device), ytr_all[tidx]
+        xtr, ytr, _ = _take(train, train_n, seed + 1)
+        xtr = xtr.to(device)
     else:
         xtr = ytr = None
     if isinstance(mask, str) and mask == "mean":
         if xtr is not None:
-            fill, mask_name = training_mean(xtr_all), "training-set mean pixel"
+            fill, mask_name = training_mean(train), "training-set mean pixel"
         else:
-            fill, mask_name = training_mean(xte_all), "test-set mean pixel (no training split)"
+            fill, mask_name = training_mean(test), "test-set mean pixel (no training split)"
     elif isinstance(mask, str) and mask in ("zeros", "zero"):
         fill, mask_name = torch.zeros(xte.shape[1], 1, 1), "zeros"
     elif isinstance(mask, (int, float, torch.Tensor)) and not isinstance(mask, bool):
@@ -610,9 +661,9 @@ def overinterpretation(
     if chosen not in ("exact", "bgsis"):
         raise TrustVisionError(f"unknown SIS method {method!r}; use one of {', '.join(METHODS)}")
 
-    def sel(net, x, desc):
+    def sel(net, x, desc):  # the audited model's selections may run on the executor (it holds that model)
         return backward_selections(net, x, method=chosen, threshold=threshold, mask=fill, seed=seed, cache=cache,
-                                   track=track, description=desc)
+                                   track=track, description=desc, executor=executor if net is model else None)
 
     t0 = time.perf_counter()
     model.eval()

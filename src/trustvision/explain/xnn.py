@@ -838,8 +838,7 @@ def _read_checkpoint(folder: Path, model: nn.Module, *, optimizer: bool,
         raise TrustVisionError(f"the XNN in {folder} was fitted on another model (weights fingerprint {fp}, this "
                                f"model's {_fingerprint(model)}); load it with the model it was fitted on, or refit")
     try:
-        keys = ("layer", "n_concepts", "hidden", "alpha", "gamma", "beta", "q", "eta", "bias", "activation")
-        xnn = XNN(model, **{k: cfg[k] for k in keys})
+        xnn = XNN(model, **{k: cfg[k] for k in _REBUILD_KEYS})
         xnn._build(int(cfg["in_dim"]), int(cfg["num_classes"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise TrustVisionError(f"{cfg_path} lacks or breaks an XNN setting ({_first_line(exc)}); re-save the XNN "
@@ -867,6 +866,20 @@ def _read_checkpoint(folder: Path, model: nn.Module, *, optimizer: bool,
             st.setdefault(int(i), {})[name] = v
         opt_state = {"state": st, "param_groups": info["param_groups"]}
     return xnn, opt_state, xnn.training_config
+
+
+_REBUILD_KEYS = ("layer", "n_concepts", "hidden", "alpha", "gamma", "beta", "q", "eta", "bias", "activation")
+
+
+def heatmaps_unit(model: nn.Module, x: torch.Tensor, config: dict, state: dict) -> torch.Tensor:
+    """A unit of :mod:`trustvision._utils.parallel` (run by a Ray actor holding ``model``): the
+    XNN of ``config`` (:meth:`XNN.config`) and ``state`` (its state dict) rebuilt on ``model``,
+    and its heatmaps of the images ``x`` (:meth:`XNN.heatmaps`)."""
+    xnn = XNN(model, **{k: config[k] for k in _REBUILD_KEYS})
+    xnn._build(int(config["in_dim"]), int(config["num_classes"]))
+    xnn.load_state_dict(state)
+    xnn.epochs_done = max(1, int(config.get("epochs_done", 1)))  # fitted (in the driver)
+    return xnn.to(xnn._device()).eval().heatmaps(x)
 
 
 # -- results -------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ class AdversarialCheck(Check):
         curves = {}
         for name in ctx.track(names, len(names), "attacks"):
             r = robust_accuracy(model, x, y, name, grids[NORM_OF[name]], steps=steps, seed=seed, batch_size=bs,
-                                executor=ctx.executor)
+                                executor=ctx.executor, cache=ctx.scratch(self.name))
             curves[name] = r.to_json()
             ctx.log(f"{TITLES[name]}: accuracy {', '.join(f'{a:.2f}' for a in r.accuracy)}")
         clean_acc = next(iter(curves.values()))["clean_accuracy"] if curves else float("nan")

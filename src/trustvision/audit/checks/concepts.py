@@ -19,7 +19,8 @@ from trustvision.data import item_attribute
 from trustvision.evaluate.detectors import has_features
 from trustvision.evaluate.ood import auroc
 from trustvision._utils.images import eval_mode
-from trustvision.explain.xnn import XNN, top_k
+from trustvision._utils.parallel import Unit, run_units
+from trustvision.explain.xnn import XNN, heatmaps_unit, top_k
 
 __all__ = ["ConceptsCheck", "concept_gallery", "marker_alignment"]
 
@@ -40,16 +41,21 @@ def _images(data, idx) -> torch.Tensor:
     return items[inverse]
 
 
+def _state(xnn: XNN) -> dict:
+    return {k: v.detach().cpu() for k, v in xnn.state_dict().items()}
+
+
 def concept_gallery(xnn: XNN, x, k: int = 6, class_names=None, positions: list[int] | None = None, *,
-                    e: torch.Tensor | None = None, batch_size: int = 512, num_workers: int = 0
-                    ) -> tuple[Figure, dict]:
+                    e: torch.Tensor | None = None, batch_size: int = 512, num_workers: int = 0,
+                    executor=None) -> tuple[Figure, dict]:
     """Per x-feature (rows) its ``k`` top-activating images of ``x`` (images (N, C, H, W) or an
     ImageDataset), each with the heatmap of that x-feature on it (image and heatmap side by side);
     returns the figure and ``{"indices": (L, k) positions, "values": (L, k)}``.
 
     ``e``: the x-features (N, L) of ``x`` when already computed (else they are, streamed in
     batches of ``batch_size`` with ``num_workers`` workers: :meth:`XNN.top_activating`); only the
-    L x k images shown are read from ``x``."""
+    L x k images shown are read from ``x``. ``executor``: where the heatmaps are computed
+    (:func:`~trustvision.explain.xnn.concept_heatmaps`; the audit's Ray pool)."""
     from trustvision.explain.plot import image_to_numpy
 
     if e is not None:
@@ -68,8 +74,12 @@ def concept_gallery(xnn: XNN, x, k: int = 6, class_names=None, positions: list[i
         preds = logits.argmax(1).view(L, k)
     for ax in axes.flat:
         ax.axis("off")
+    # row l's k images, one batch (a unit on the executor's actors) each
+    units = [Unit((shown[l].cpu(), xnn.config(), _state(xnn))) for l in range(L)]
+    rows = ([xnn.heatmaps(shown[l]) for l in range(L)] if getattr(executor, "map", None) is None
+            else list(run_units(xnn.model, heatmaps_unit, units, executor=executor)))
     for l in range(L):
-        heat = xnn.heatmaps(shown[l])[:, l].cpu()
+        heat = rows[l][:, l].cpu()
         for j in range(k):
             img = shown[l, j]
             axes[l, 2 * j].imshow(image_to_numpy(img), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1,
@@ -87,7 +97,7 @@ def concept_gallery(xnn: XNN, x, k: int = 6, class_names=None, positions: list[i
 
 
 def marker_alignment(xnn: XNN, x, marked: torch.Tensor, masks: torch.Tensor, *, e: torch.Tensor | None = None,
-                     batch_size: int = 512, num_workers: int = 0) -> list[dict]:
+                     batch_size: int = 512, num_workers: int = 0, executor=None) -> list[dict]:
     """Per x-feature, against a planted marker: the AUROC of its value separating marked
     (positive) from unmarked images, and the mean share of its positive heatmap mass on the marker
     pixels of the marked images.
@@ -95,7 +105,9 @@ def marker_alignment(xnn: XNN, x, marked: torch.Tensor, masks: torch.Tensor, *, 
     ``x``: images (N, C, H, W) or an ImageDataset; ``marked`` (N,) and ``masks`` (N, 1, H, W) per
     image; ``e``: the x-features (N, L) of ``x`` when already computed. The marked images are read
     in batches of ``batch_size`` (a dataset: streamed, ``num_workers`` workers), each batch's
-    heatmaps reduced to their marker mass at once."""
+    heatmaps reduced to their marker mass at once. ``executor`` (the audit's Ray pool): each
+    batch's heatmaps are computed there (all batches submitted at once; the same batches, so the
+    same result)."""
     from trustvision.evaluate.detectors import image_batches
 
     if e is None:
@@ -105,9 +117,16 @@ def marker_alignment(xnn: XNN, x, marked: torch.Tensor, masks: torch.Tensor, *, 
     pos = marked.nonzero().flatten()
     mm = torch.as_tensor(masks)[pos].float()
     source = x[pos] if isinstance(x, torch.Tensor) else x.subset(pos)
+    batches = image_batches(source, max(int(batch_size), 1), num_workers=int(num_workers), device=xnn._device())
+    if getattr(executor, "map", None) is None:
+        heats = (xnn.heatmaps(xb) for xb in batches)
+    else:
+        state = _state(xnn)
+        heats = run_units(xnn.model, heatmaps_unit, [Unit((xb.cpu(), xnn.config(), state)) for xb in batches],
+                          executor=executor)
     masses, start = [], 0
-    for xb in image_batches(source, max(int(batch_size), 1), num_workers=int(num_workers), device=xnn._device()):
-        heat = xnn.heatmaps(xb).clamp_min(0).cpu()  # (B, L, H, W)
+    for heat in heats:
+        heat = heat.clamp_min(0).cpu()  # (B, L, H, W)
         m = mm[start: start + heat.shape[0], 0].unsqueeze(1)
         start += heat.shape[0]
         masses.append((heat * m).flatten(2).sum(2) / heat.flatten(2).sum(2).clamp_min(1e-12))
@@ -183,7 +202,8 @@ class ConceptsCheck(Check):
         del z, logits
         classes = ctx.classes
         positions = _positions(test)
-        gallery, top = concept_gallery(xnn, test, int(ctx.option("top")), classes, positions, e=e)
+        gallery, top = concept_gallery(xnn, test, int(ctx.option("top")), classes, positions, e=e,
+                                       executor=ctx.executor)
         figures = {"concepts": gallery}
         captions = {"concepts": (
             f"Each row is one of the {L} x-features: its {len(top['indices'][0])} most activated test images (dataset "
@@ -221,7 +241,7 @@ class ConceptsCheck(Check):
             marked = torch.as_tensor(marked).bool()
             if bool(marked.any()) and bool((~marked).any()):
                 marker = marker_alignment(xnn, test, marked, torch.as_tensor(masks), e=e, batch_size=bs,
-                                          num_workers=workers)
+                                          num_workers=workers, executor=ctx.executor)
                 tables["x-features vs the planted marker"] = {
                     "columns": ["x-feature", "AUROC marked vs unmarked", "heatmap mass on the marker"],
                     "rows": [[f"x{r['concept']}", r["auroc"], r["marker_mass"]] for r in marker]}

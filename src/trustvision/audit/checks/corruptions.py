@@ -161,7 +161,8 @@ class CorruptionsCheck(Check):
         n_bins = int(ctx.option("n_bins", 15))
         res = corruption_accuracy(ctx.model, (x, y), severities=severities, corruptions=types,
                                   batch_size=int(ctx.option("batch_size", 256)), seed=seed, device=ctx.device,
-                                  n_bins=n_bins, track=ctx.track, parameters=str(ctx.option("parameters")))
+                                  n_bins=n_bins, track=ctx.track, parameters=str(ctx.option("parameters")),
+                                  executor=ctx.executor, cache=ctx.scratch(self.name))
         classes = ctx.classes
         k = len(classes) or int(getattr(ctx.model, "num_classes", 0)) or 1
         chance = 1.0 / k

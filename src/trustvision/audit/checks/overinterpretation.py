@@ -217,7 +217,7 @@ class OverinterpretationCheck(Check):
             fractions=fractions, retrain=wants[0], border=wants[1], with_remedies=wants[2],
             epochs=int(ctx.option("epochs")), ensemble=int(ctx.option("ensemble")),
             keep_prob=float(ctx.option("keep_prob")), seed=ctx.seed, device=ctx.device,
-            cache=ctx.scratch(self.name), track=ctx.track, log=ctx.log)
+            cache=ctx.scratch(self.name), track=ctx.track, log=ctx.log, executor=ctx.executor)
         classes = ctx.classes
         k = len(classes) or int(getattr(ctx.model, "num_classes", 0)) or 1
         chance = 1.0 / k
