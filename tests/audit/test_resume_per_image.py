@@ -81,3 +81,40 @@ def test_cache_keys_name_the_settings(monkeypatch):
     assert calls["n"] == 8
     with pytest.raises(Exception):
         explain.explain_images(model, sample, "igos", method_kw={"nope": 1}, cache=store)
+
+
+@pytest.mark.parametrize("check, module, fn, opts, units", [
+    ("corruptions", "trustvision.evaluate.corruptions", "_corrupt_predict",
+     {"corruptions.n": 40, "corruptions.types": "gaussian-noise,fog", "corruptions.severities": "1,3", "batch_size": 16},
+     2 * 2 * 3),  # types x severities x batches (40 images in batches of 16)
+    ("adversarial", "trustvision.evaluate.adversarial", "_attack_correct",
+     {"adversarial.n": 24, "adversarial.steps": 2, "adversarial.minimal_eps": False, "adversarial.explain_n": 0,
+      "adversarial.attacks": "fgsm,pgd-linf", "adversarial.eps_linf": "0,0.05,0.1", "batch_size": 8},
+     2 * 2 * 3),  # attacks x nonzero eps x batches
+])
+def test_interrupted_units_resume(tmp_path, monkeypatch, check, module, fn, opts, units):
+    import importlib
+
+    mod = importlib.import_module(module)
+    original = getattr(mod, fn)
+    calls = {"n": 0, "fail_after": 5}
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        if calls["fail_after"] is not None and calls["n"] > calls["fail_after"]:
+            raise RuntimeError("simulated crash")
+        return original(*a, **k)
+
+    monkeypatch.setattr(mod, fn, counting)
+    calls["fail_after"] = None
+    ref = audit.run(MODEL, "digits", checks=[check], options=opts)
+    assert ref.ok and calls["n"] == units, (ref.results["errors"], calls)
+    out = tmp_path / "out"
+    calls.update(n=0, fail_after=5)
+    crashed = audit.run(MODEL, "digits", checks=[check], options=opts, out=out)
+    assert not crashed.ok
+    calls.update(n=0, fail_after=None)
+    resumed = audit.run(MODEL, "digits", checks=[check], options=opts, out=out)
+    assert resumed.ok and calls["n"] == units - 5  # the 5 finished units are read back
+    a, b = ref.records("cnn")[check]["data"], resumed.records("cnn")[check]["data"]
+    assert a == b
