@@ -17,6 +17,7 @@ import torch
 from matplotlib.figure import Figure
 
 from trustvision import explain
+from trustvision._utils.digest import digest, weights_digest
 from trustvision.audit.context import AuditContext
 from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
 from trustvision.data import random_subset
@@ -24,6 +25,7 @@ from trustvision.errors import TrustVisionError
 from trustvision.explain._base import ExplanationWarning
 from trustvision.evaluate.adversarial import (
     NORM_OF,
+    MinimalEps,
     TITLES,
     attack,
     eps_sweep,
@@ -206,8 +208,14 @@ class AdversarialCheck(Check):
         minimal = {}
         if ctx.option("minimal_eps"):
             for norm in dict.fromkeys(NORM_OF[nm] for nm in names if nm != "fgsm"):
-                me = minimal_eps(model, x, y, norm, eps_max=max(grids[norm]) or None,
-                                 iterations=int(ctx.option("bisection")), steps=steps, seed=seed, batch_size=bs)
+                kw = dict(eps_max=max(grids[norm]) or None, iterations=int(ctx.option("bisection")), steps=steps,
+                          seed=seed, batch_size=bs)
+                # one unit of work per norm, stored when it finishes (a resumed audit reads it back)
+                key = digest(weights_digest(model), "minimal_eps", norm, kw, x, y)
+                hit = ctx.scratch(self.name).get(key)
+                me = MinimalEps(**hit) if hit is not None else minimal_eps(model, x, y, norm, **kw)
+                if hit is None:
+                    ctx.scratch(self.name)[key] = me.to_json()
                 minimal[norm] = me.to_json()
                 label = "Linf" if norm == "linf" else "L2"
                 if me.median is not None:
