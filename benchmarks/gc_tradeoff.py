@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from registry import emitter  # noqa: E402
 
 __all__ = ["DEFAULT_BETAS", "OOD_SETS_FOR", "GENERATIVE_SCORES", "recipes_for", "with_beta",
-           "measure_model", "train_and_measure", "run_sweep", "summarise", "format_tables"]
+           "measure_model", "train_and_measure", "run_sweep", "summarise", "format_tables", "curve"]
 
 DEFAULT_BETAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 #: the OOD sets per in-distribution dataset, in table order
@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-twin", action="store_true", help="skip the feed-forward twin")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--curve", type=Path, default=None,
+                   help="write the curve the generative check draws (e.g. "
+                        "src/trustvision/audit/checks/tradeoff/<data>.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -301,7 +304,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"data": args.data, "seeds": seeds, "rows": rows,
                                          "summary": summary}, indent=1))
+    if args.curve:
+        args.curve.parent.mkdir(parents=True, exist_ok=True)
+        args.curve.write_text(json.dumps(curve(summary, args.data, seeds), indent=1) + "\n")
     return 0
+
+
+def curve(summary: list[dict], dataset: str, seeds: Sequence[int]) -> dict:
+    """The compact trade-off curve the ``generative`` audit check draws the audited model on: per
+    beta (the twin last, ``beta`` None) the mean and std over seeds of the test accuracy, ECE-15
+    and bits/dim, and per OOD set the best generative score's AUROC (the twin: its best post-hoc
+    detector's)."""
+    points = []
+    for s in summary:
+        twin = s["label"] == TWIN
+        best = {}
+        for ood_set, stats in s["ood"].items():
+            pool = stats if twin else {d: v for d, v in stats.items() if d in GENERATIVE_SCORES}
+            if pool:
+                d = max(pool, key=lambda k: pool[k]["mean"])
+                best[ood_set] = {"detector": d, "mean": pool[d]["mean"], "std": pool[d]["std"]}
+        points.append({"beta": None if twin else s["beta"], "label": s["label"], "seeds": s["seeds"],
+                       **{k: s[k] for k in ("test_accuracy", "ece_15", "test_bits_per_dim")}, "ood": best})
+    return {"data": dataset, "seeds": list(seeds), "command": f"python benchmarks/gc_tradeoff.py --data {dataset} "
+            f"--seeds {','.join(map(str, seeds))} --curve FILE", "points": points}
 
 
 if __name__ == "__main__":

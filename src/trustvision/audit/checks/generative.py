@@ -6,9 +6,12 @@ comparison with its feed-forward twin when ``--compare`` is given.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 from trustvision.audit.checks.ood import CONVENTION, run_ood
 from trustvision.audit.context import AuditContext
@@ -45,6 +48,68 @@ def _verdicts(res) -> dict:
     return {"columns": ["OOD set", *dets, "verdict"], "rows": rows}
 
 
+#: the measured trade-off curves (``python benchmarks/gc_tradeoff.py --data D --curve FILE``)
+TRADEOFF_DIR = Path(__file__).resolve().parent / "tradeoff"
+GENERATIVE = ("log_px", "typicality", "complexity")
+
+
+def tradeoff_curve(dataset: str | None) -> dict | None:
+    """The shipped beta trade-off curve of ``dataset`` (None when none was measured)."""
+    path = TRADEOFF_DIR / f"{dataset}.json"
+    if not dataset or not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def tradeoff_point(model, gc: dict, res) -> dict:
+    """The audited model's own point: its beta (None when it has none), test accuracy, ECE-15 and
+    per OOD set its best generative score's AUROC (this audit's OOD sets)."""
+    best = {}
+    for s in dict.fromkeys(r["ood_set"] for r in res.rows):
+        pool = {r["detector"]: r["auroc"] for r in res.rows
+                if r["ood_set"] == s and r["detector"] in GENERATIVE and r["auroc"] is not None}
+        if pool:
+            d = max(pool, key=pool.get)
+            best[s] = {"detector": d, "auroc": pool[d]}
+    beta = getattr(model, "beta", None)
+    return {"beta": None if beta is None else float(beta), "test_accuracy": gc["accuracy"], "ece_15": gc["ece_15"],
+            "ood": best}
+
+
+def tradeoff_figure(curve: dict, point: dict, name: str) -> Figure:
+    """Accuracy, ECE-15 and the best generative OOD AUROC per set against beta (log axis; mean
+    +- std over the curve's seeds), the feed-forward twin (beta -> infinity) as a dashed line,
+    and the audited model as a red star at its beta."""
+    pts = [p for p in curve["points"] if p["beta"] is not None]
+    twin = next((p for p in curve["points"] if p["beta"] is None), None)
+    sets = [s for s in (pts[0]["ood"] if pts else {}) if s in point["ood"]] or list(pts[0]["ood"] if pts else [])
+    panels = [("test accuracy", lambda p: p["test_accuracy"], point["test_accuracy"]),
+              ("ECE-15 (lower is better)", lambda p: p["ece_15"], point["ece_15"])]
+    panels += [(f"best generative AUROC vs {s}", (lambda p, s=s: p["ood"].get(s)),
+                (point["ood"].get(s) or {}).get("auroc")) for s in sets]
+    fig = Figure(figsize=(3.0 * len(panels), 2.9), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    betas = [p["beta"] for p in pts]
+    for ax, (title, get, own) in zip(axes, panels):
+        stats = [get(p) for p in pts]
+        mean = [s["mean"] if s else float("nan") for s in stats]
+        std = [(s.get("std") or 0.0) if s else 0.0 for s in stats]
+        ax.errorbar(betas, mean, yerr=std, fmt="o-", color="tab:blue", capsize=2, markersize=3,
+                    label=f"GC, {len(curve['seeds'])} seeds")
+        t = get(twin) if twin else None
+        if t:
+            ax.axhline(t["mean"], color="tab:gray", linestyle="--", linewidth=1,
+                       label=f"twin ({t.get('detector', 'max-softmax')})" if "detector" in t else "twin")
+        if own is not None and point["beta"] is not None:
+            ax.plot([point["beta"]], [own], marker="*", color="tab:red", markersize=12, linestyle="none", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("beta")
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=6)
+    return fig
+
+
 def _likelihood_prefers_ood(d: dict) -> str | None:
     bad = [(r["ood_set"], r["auroc"]) for r in d["ood"]["rows"]
            if r["detector"] == "log_px" and r["auroc"] is not None and r["auroc"] < 0.5]
@@ -67,6 +132,7 @@ class GenerativeCheck(Check):
         "twin) accuracy, ECE-15 and OOD AUROC side by side. " + CONVENTION
     )
     order = 45
+    version = 2  # 2: the model's point on the beta trade-off curve
     uses_compare = True
     options = {
         "counterfactual_n": Option(int, 4, "test images shown with latent counterfactuals", min=1),
@@ -141,12 +207,34 @@ class GenerativeCheck(Check):
             "samples": sample_grid_figure(samples, classes),
             "counterfactuals": counterfactual_figure(cf, x.cpu(), classes),
         }
+        dataset = (getattr(model, "tv_config", None) or {}).get("dataset")
+        curve, point = tradeoff_curve(dataset), tradeoff_point(model, gc, res)
+        data["tradeoff"] = {"dataset": dataset, "point": point, "curve": curve}
+        if curve is not None and point["beta"] is not None:
+            figures["tradeoff"] = tradeoff_figure(curve, point, ctx.model_name)
+            near = min((p for p in curve["points"] if p["beta"] is not None),
+                       key=lambda p: abs(math.log2(p["beta"]) - math.log2(point["beta"])))
+            rows = [["test accuracy", point["test_accuracy"], near["test_accuracy"]["mean"]],
+                    ["ECE-15", point["ece_15"], near["ece_15"]["mean"]]]
+            rows += [[f"best generative AUROC vs {s} ({v['detector']})", v["auroc"],
+                      near["ood"][s]["mean"]] for s, v in point["ood"].items() if s in near["ood"]]
+            tables[f"This model on the beta trade-off (beta = {point['beta']:g})"] = {
+                "columns": ["", ctx.model_name, f"curve at beta = {near['beta']:g} (mean of {len(curve['seeds'])} "
+                                                "seeds)"], "rows": rows}
+            summary += (f" On the measured beta trade-off of {dataset} it sits at beta = {point['beta']:g} "
+                        f"(accuracy {point['test_accuracy']:.3f} vs the curve's {near['test_accuracy']['mean']:.3f}).")
         t = float(ctx.option("temperature"))
         captions = {
             "samples": f"Class-conditional samples f^-1(mu_y + {t:g} eps), one row per class.",
+            "tradeoff": (f"The IB-INN beta trade-off measured on {dataset} (blue: mean +- std over seeds, the "
+                         "zoo recipe with only beta changed; dashed: the feed-forward twin, beta -> infinity; "
+                         "`python benchmarks/gc_tradeoff.py`) and this model (red star) at its beta, measured in "
+                         "this audit (its OOD sets: ood_n images each)."),
             "counterfactuals": "Latent counterfactuals: each row moves one test image's latent from its class mean "
                                "towards the second most likely class (p = that class's probability), then the "
                                "pixel difference (red: added, blue: removed).",
         }
+        if "tradeoff" not in figures:
+            captions.pop("tradeoff")
         return CheckResult(data=data, figures=figures, summary=summary, metrics=metrics,
                            tables=tables, captions=captions)
