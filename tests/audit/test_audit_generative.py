@@ -87,3 +87,50 @@ def test_cli_audit_zoo_gc_against_its_twin(tmp_path, capsys):
     assert d["model"]["accuracy"] >= 0.95 and d["compare"]["accuracy"] >= 0.95
     typ = {r["ood_set"]: r["auroc"] for r in d["ood"]["rows"] if r["detector"] == "typicality"}
     assert typ["uniform"] >= 0.95 and typ["faces"] >= 0.95
+
+
+def test_generative_check_places_the_model_on_the_measured_tradeoff():
+    """The zoo GC (beta 1) on the digits curve shipped with the check: its own accuracy, ECE and
+    best generative AUROC at beta 1, next to the curve's value there (3 seeds)."""
+    import math
+    import sys
+    from pathlib import Path
+
+    from trustvision import audit
+    from trustvision.audit.checks.generative import TRADEOFF_DIR, tradeoff_curve
+
+    r = audit.run({"gc": "zoo:ibinn-small-digits"}, "digits", checks=["accuracy", "calibration", "generative"],
+                  options={"generative.ood_n": 200})
+    assert r.ok, r.results["errors"]
+    rec = r.records("gc")["generative"]
+    t = rec["data"]["tradeoff"]
+    assert t["dataset"] == "digits" and t["point"]["beta"] == 1.0 and "tradeoff" in rec["figures"]
+    assert t["point"]["test_accuracy"] == pytest.approx(r.metrics["gc"]["Accuracy"], abs=1e-6)
+    assert t["point"]["ece_15"] == pytest.approx(r.metrics["gc"]["ECE"], abs=1e-6)
+    curve = t["curve"]
+    assert curve == tradeoff_curve("digits") and len(curve["seeds"]) >= 3
+    betas = [p["beta"] for p in curve["points"]]
+    assert betas == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, None]  # the twin last
+    at1 = curve["points"][2]
+    table = next(v for k, v in rec["tables"].items() if k.startswith("This model on the beta trade-off"))
+    assert table["rows"][0] == ["test accuracy", t["point"]["test_accuracy"], at1["test_accuracy"]["mean"]]
+    assert abs(t["point"]["test_accuracy"] - at1["test_accuracy"]["mean"]) < 0.01  # the zoo model is on its curve
+    faces = t["point"]["ood"]["faces"]
+    assert faces["detector"] in ("log_px", "typicality") and faces["auroc"] > 0.95
+    # the curve is what gc_tradeoff.curve writes from the benchmark's summary
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import gc_tradeoff
+
+    assert set(curve) == set(gc_tradeoff.curve([], "digits", [0])) and (TRADEOFF_DIR / "digits.json").is_file()
+    assert all(math.isfinite(p["ece_15"]["mean"]) for p in curve["points"])
+
+
+def test_generative_check_without_a_curve(tmp_path, trained):
+    """A GC trained on a data set without a measured curve: no figure, the point is still recorded."""
+    gc, _ = trained
+    from trustvision import audit
+
+    res = audit.run({"gc": gc}, "digits", checks=["generative"], options={"generative.ood_n": 100})
+    rec = res.records("gc")["generative"]
+    assert rec["data"]["tradeoff"]["curve"] is None and "tradeoff" not in rec["figures"]
+    assert rec["data"]["tradeoff"]["point"]["beta"] == pytest.approx(float(gc.beta))
