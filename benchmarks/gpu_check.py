@@ -86,7 +86,7 @@ def settings(scale: float) -> dict:
     }
 
 
-def make_model(size: int, calibration: torch.Tensor, device: torch.device):
+def make_model(size: int, calibration: torch.Tensor, device: torch.device, zero_init_residual: bool = False):
     """Random-weight ResNet-50 (seed 0) with the normalisation inside, its BatchNorm statistics
     set from ``calibration`` images (see the module docstring); returns (model, network)."""
     import torchvision
@@ -94,7 +94,7 @@ def make_model(size: int, calibration: torch.Tensor, device: torch.device):
     from trustvision import models
 
     torch.manual_seed(0)
-    net = torchvision.models.resnet50(num_classes=10)
+    net = torchvision.models.resnet50(num_classes=10, zero_init_residual=zero_init_residual)
     model = models.wrap(net, num_classes=10, image_size=size, in_chans=3, mean=MEAN, std=STD).to(device)
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -183,7 +183,8 @@ def raw_forward_rate(model, x: torch.Tensor, device: torch.device, seconds: floa
         return calls * x.shape[0] / (time.perf_counter() - t0)
 
 
-def run_check(device: torch.device, cfg: dict, root: Path, workers: int = 0) -> tuple[list[dict], dict]:
+def run_check(device: torch.device, cfg: dict, root: Path, workers: int = 0,
+              zero_init_residual: bool = False) -> tuple[list[dict], dict]:
     """All measurements; returns the table rows and the details (per image values, sizes)."""
     from trustvision import audit, data
     from trustvision.evaluate.adversarial import attack, headline_eps
@@ -206,7 +207,7 @@ def run_check(device: torch.device, cfg: dict, root: Path, workers: int = 0) -> 
 
     n_split = {s: len(load(s)) for s in ("train", "val", "test")}
     train_x = load("train").subset(list(range(min(64, n_split["train"])))).tensors()[0]
-    model, net = make_model(size, train_x, device)
+    model, net = make_model(size, train_x, device, zero_init_residual)
     counted = [0]
     net.conv1.register_forward_pre_hook(lambda m, args: counted.__setitem__(0, counted[0] + len(args[0])))
 
@@ -316,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader processes of the audit (default 8 on a GPU, at most the cores; 0 on the CPU)")
     p.add_argument("--json", default=None, help="also write the rows, settings and details to this file")
+    p.add_argument("--zero-init-residual", action="store_true",
+                   help="torchvision's zero_init_residual=True: every residual block starts as the identity (the "
+                        "random network is then well conditioned; its bf16 gradients stay close to float32's)")
     a = p.parse_args(argv)
     from trustvision._utils.device import resolve_device
     from trustvision.errors import TrustVisionError
@@ -335,16 +339,18 @@ def main(argv: list[str] | None = None) -> int:
     workers = a.workers if a.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {a.threads} torch thread(s)"
     t0 = time.perf_counter()
-    rows, details = run_check(device, cfg, a.root, workers)
+    rows, details = run_check(device, cfg, a.root, workers, a.zero_init_residual)
     total = time.perf_counter() - t0
-    header = (f"GPU check at scale {scale:g} on {where} (torch {torch.__version__}): ResNet-50 (random weights) at "
+    init = ", zero_init_residual" if a.zero_init_residual else ""
+    header = (f"GPU check at scale {scale:g} on {where} (torch {torch.__version__}): ResNet-50 (random weights{init}) at "
               f"{cfg['image_size']} px, {cfg['images']} JPEGs, explanation batch {cfg['explain_batch']} "
               f"({cfg['iterations']} iterations, {cfg['ig_steps']} IG steps; BGSIS {cfg['bgsis_iterations']} "
               f"iterations), audit with {workers} loader worker(s); {total:.0f} s in all")
     print_table(rows, header)
     if a.json:
         Path(a.json).write_text(json.dumps({"device": str(device), "where": where, "torch": torch.__version__,
-                                            "settings": {**cfg, "workers": workers, "threads": a.threads}, "seconds": total, "rows": rows, "details": details},
+                                            "settings": {**cfg, "workers": workers, "threads": a.threads,
+                                                         "zero_init_residual": a.zero_init_residual}, "seconds": total, "rows": rows, "details": details},
                                            indent=1))
     return 0
 

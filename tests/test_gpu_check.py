@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 ROWS = [
@@ -73,3 +75,23 @@ def test_gpu_check_on_the_cpu_at_a_small_scale(tmp_path):
     # exact SIS with 8 x 8 patches on 32 px: a 4 x 4 grid, 16 * 17 / 2 + 1 forwards
     assert res["details"]["sis"]["grid"] == [4, 4] and res["details"]["sis"]["evaluations"] == [137]
     assert res["details"]["pgd"]["max_linf"] <= res["details"]["pgd"]["eps"] + 1e-6
+
+
+@pytest.mark.slow  # about 2 minutes on one core
+def test_gpu_check_cpu_default_is_a_tenth_of_the_gpu_run(tmp_path):
+    """Without a GPU the script's default run is the issue's at a tenth of the size (500 JPEGs, a
+    tenth of the pixels, explanation batch 3): what CI runs, so the GPU path's code is exercised."""
+    out = tmp_path / "check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--threads", "1",
+                           "--root", str(tmp_path / "folders"), "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    cfg = res["settings"]
+    assert cfg["scale"] == 0.1 and (cfg["images"], cfg["image_size"], cfg["explain_batch"]) == (500, 72, 3)
+    assert cfg["image_size"] ** 2 / 224 ** 2 == pytest.approx(0.1, abs=0.005)
+    a = res["details"]["audit"]
+    assert a["forwarded"] == a["expected"] == 8 + 300 + 80 + 2 * 120 + 6 * 20
+    assert len(res["rows"]) == len(ROWS) and all(r["value"] > 0 for r in res["rows"] if "images/s" in r["metric"])
+    assert res["details"]["sis"]["grid"] == [9, 9] and res["details"]["sis"]["evaluations"] == [81 * 82 // 2 + 1]
