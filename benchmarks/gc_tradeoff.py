@@ -59,11 +59,12 @@ N_BINS = 15
 
 
 def recipes_for(dataset: str, gc_recipe: str | None = None) -> tuple[dict, dict]:
-    """The (GC, feed-forward twin) recipes of ``dataset`` from the zoo script's ``RECIPES``
-    (``gc_recipe``: another GC entry's name, e.g. a proposed replacement)."""
-    from build_zoo_generative import RECIPES
+    """The (GC, feed-forward twin) recipes of ``dataset`` from the zoo script: the GC the sweep
+    varies (``SWEEP_BASE`` where the zoo entry moved on, e.g. textures; else the zoo entry), or
+    ``gc_recipe`` (another GC entry's name, e.g. the zoo entry itself) and the twin's zoo entry."""
+    from build_zoo_generative import RECIPES, SWEEP_BASE
 
-    gc = RECIPES[gc_recipe or f"ibinn-small-{dataset}"]
+    gc = RECIPES[gc_recipe] if gc_recipe else SWEEP_BASE.get(dataset, RECIPES[f"ibinn-small-{dataset}"])
     ff = RECIPES[f"ibinn-small-ff-{dataset}"]
     if gc["data"] != dataset or ff["data"] != dataset:
         raise ValueError(f"recipe {gc_recipe!r} is not a {dataset} recipe")

@@ -40,14 +40,26 @@ RECIPES: dict[str, dict] = {
                                model_kwargs=dict(noise=0.1)),
     "ibinn-small-ff-digits": dict(model="ibinn-small-ff", data="digits", epochs=40, lr=2e-3,
                                   batch_size=64, augment=None, target=0.97),
+    # beta 16 (the accurate, calibrated end of the trade-off: BENCHMARKS.md), input noise 0.01 and
+    # learned mixture weights: the best of issue 17's four recipe attempts (seed 0), accuracy above
+    # the twin's and a lower ECE over seeds 0-2; no recipe tried lifts a generative score against
+    # faces above the twin's max-softmax (the sweep that bounds it is in BENCHMARKS.md).
     "ibinn-small-textures": dict(model="ibinn-small", data="textures", epochs=25, lr=2e-3,
                                  batch_size=64, augment="shift:4,flip", target=0.85,
-                                 model_kwargs=dict(widths=[32, 48, 48])),
+                                 model_kwargs=dict(widths=[32, 48, 48], beta=16.0, noise=0.01,
+                                                   learn_weights=True)),
     "ibinn-small-ff-textures": dict(model="ibinn-small-ff", data="textures", epochs=25, lr=2e-3,
                                     batch_size=64, augment="shift:4,flip", target=0.85,
                                     model_kwargs=dict(widths=[32, 48, 48])),
 }
 GRAD_CLIP = 8.0  # reference IB-INN value
+#: the recipe the textures beta sweep (benchmarks/gc_tradeoff.py) varies: the first textures zoo
+#: entry (beta 1, the model's default input noise 0.05, uniform class weights), kept so the
+#: measured curve stays reproducible
+SWEEP_BASE: dict[str, dict] = {
+    "textures": dict(model="ibinn-small", data="textures", epochs=25, lr=2e-3, batch_size=64,
+                     augment="shift:4,flip", target=0.85, model_kwargs=dict(widths=[32, 48, 48])),
+}
 
 
 def _probs(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
