@@ -48,8 +48,11 @@ def digest(*parts: Any) -> str:
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """:func:`digest` of the model's class and every parameter and buffer."""
-    return digest(f"{type(model).__module__}.{type(model).__qualname__}",
+    """:func:`digest` of the model's class and every parameter and buffer, and of the trustvision
+    version (a partial result of another version is never reused)."""
+    from trustvision import __version__
+
+    return digest(__version__, f"{type(model).__module__}.{type(model).__qualname__}",
                   *[x for kv in model.state_dict().items() for x in kv])
 
 
