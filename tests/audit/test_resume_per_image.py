@@ -36,6 +36,18 @@ def _faithfulness(result):
     return {m: (v["deletion_auc"], v["insertion_auc"], v["reasons"]) for m, v in d["methods"].items()}, sags
 
 
+def _close(a, b, tol=1e-6) -> bool:
+    """Equal, floats to ``tol`` (I-GOS picks its internal chunk from measured pass times, so a loaded
+    machine may round differently in the last bits)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= tol * max(1.0, abs(a))
+    return a == b
+
+
 def test_interrupted_explanations_resume_from_the_finished_chunks(tmp_path, monkeypatch):
     ref = audit.run(MODEL, "digits", checks=["explanations"], options=OPTS)
     assert ref.ok, ref.results["errors"]
@@ -51,14 +63,14 @@ def test_interrupted_explanations_resume_from_the_finished_chunks(tmp_path, monk
     # only the 2 unfinished I-GOS chunks, and the 2 SAGs (never reached; each orders its patches by
     # an I-GOS heatmap: 2 more I-GOS calls)
     assert igos["n"] == 2 + 2 and sag["n"] == 2
-    assert _faithfulness(resumed) == _faithfulness(ref)
+    assert _close(_faithfulness(resumed), _faithfulness(ref))
     # a third run of the check (its record deleted) reads every chunk back: nothing is recomputed
     for p in (out / "checks").rglob("explanations.json"):
         p.unlink()
     igos["n"] = sag["n"] = 0
     again = audit.run(MODEL, "digits", checks=["explanations"], options=OPTS, out=out)
     assert again.ok and igos["n"] == 0 and sag["n"] == 0
-    assert _faithfulness(again) == _faithfulness(ref)
+    assert _faithfulness(again) == _faithfulness(resumed)  # read back: the very same numbers
 
 
 def test_cache_keys_name_the_settings(monkeypatch):
