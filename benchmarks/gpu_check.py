@@ -122,17 +122,6 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return out
 
 
-def order_ranks(results) -> torch.Tensor:
-    """(N, p): each feature's position in a backward selection's removal order (last = kept)."""
-    ranks = []
-    for r in results:
-        order = torch.tensor(r.order)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel())
-        ranks.append(rank)
-    return torch.stack(ranks)
-
-
 def timed(device: torch.device, fn):
     """(result, seconds) of ``fn()``, the device synchronised before both clock reads."""
     sync(device)
@@ -189,7 +178,7 @@ def run_check(device: torch.device, cfg: dict, root: Path, workers: int = 0,
     from trustvision import audit, data
     from trustvision.evaluate.adversarial import attack, headline_eps
     from trustvision.explain import IGOS, IGOSPlusPlus
-    from trustvision.explain.sis import SIS, BatchedGradientSIS
+    from trustvision.explain.sis import SIS, BatchedGradientSIS, removal_ranks
 
     rows: list[dict] = []
     emit = emitter(rows)
@@ -260,7 +249,7 @@ def run_check(device: torch.device, cfg: dict, root: Path, workers: int = 0,
             ref, t32 = timed(device, lambda: explainers[name](False))
             bf, t16 = timed(device, lambda: explainers[name](True))
         if name == "bgsis":
-            maps = (order_ranks(ref), order_ranks(bf))
+            maps = (removal_ranks(ref), removal_ranks(bf))
             details[name + "_status"] = [r.status for r in ref]
         else:
             maps = (ref, bf)

@@ -4,36 +4,19 @@ give the same numbers as the same images held in memory."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from trustvision import audit, data
-from trustvision.data._base import TensorImageDataset
 from trustvision.data.torchvision_sets import ImageFolderDataset
+
+from _streaming_data import in_memory  # tests/audit/_streaming_data.py
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """digits as PNG files: PATH/{train,test}/<class>/<i>.png (grey, 8 x 8)."""
-    root = tmp_path_factory.mktemp("digits-folder")
-    for split, n in (("train", 300), ("test", 120)):
-        x, y = data.load("digits", split=split).tensors()
-        for i in range(n):
-            d = root / split / str(int(y[i]))
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((x[i, 0].numpy() * 255).round().astype(np.uint8), mode="L").save(d / f"{i:04d}.png")
-    return root
+def folder(digits_folder):
+    return digits_folder
 
-
-def _in_memory(spec: str) -> dict:
-    out = {}
-    for split in ("train", "val", "test"):
-        ds = data.load(spec, split=split)
-        x, y = torch.stack([ds[i][0] for i in range(len(ds))]), ds.labels.clone()
-        out[split] = TensorImageDataset(x, y, classes=ds.classes, name=ds.name, split=split)
-    return out
 
 
 CHECKS = ["accuracy", "calibration", "ood", "criticism"]
@@ -42,7 +25,7 @@ OPTS = {"ood.n": 60, "ood.sets": "uniform,faces,inverted"}
 
 def test_folder_is_streamed_and_equals_the_in_memory_run(folder, monkeypatch):
     spec = f"imagefolder:{folder}"
-    ref = audit.run({"cnn": "zoo:small-cnn-digits"}, _in_memory(spec), checks=CHECKS, options=OPTS)
+    ref = audit.run({"cnn": "zoo:small-cnn-digits"}, in_memory(spec), checks=CHECKS, options=OPTS)
     assert ref.ok, ref.results["errors"]
 
     def no_stacking(self):

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from trustvision import audit, data, models
 from trustvision.data._base import ImageDataset, TensorImageDataset
 from trustvision.data.torchvision_sets import ImageFolderDataset
+
+from _streaming_data import in_memory  # tests/audit/_streaming_data.py
 from trustvision.explain.xnn import XNN
 
 
@@ -57,25 +57,9 @@ class Streamed(ImageDataset):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """digits as PNG files: PATH/{train,test}/<class>/<i>.png (grey, 8 x 8)."""
-    root = tmp_path_factory.mktemp("digits-folder-concepts")
-    for split, n in (("train", 300), ("test", 120)):
-        x, y = data.load("digits", split=split).tensors()
-        for i in range(n):
-            d = root / split / str(int(y[i]))
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((x[i, 0].numpy() * 255).round().astype(np.uint8), mode="L").save(d / f"{i:04d}.png")
-    return root
+def folder(digits_folder):
+    return digits_folder
 
-
-def _in_memory(spec: str) -> dict:
-    out = {}
-    for split in ("train", "val", "test"):
-        ds = data.load(spec, split=split)
-        x, y = torch.stack([ds[i][0] for i in range(len(ds))]), ds.labels.clone()
-        out[split] = TensorImageDataset(x, y, classes=ds.classes, name=ds.name, split=split)
-    return out
 
 
 def _assert_same(a, b, path="data"):
@@ -120,7 +104,7 @@ def test_xnn_fits_and_scores_a_streamed_dataset_as_its_tensors():
 def test_concepts_check_streams_an_image_folder(folder, monkeypatch):
     spec = f"imagefolder:{folder}"
     opts = {"concepts.epochs": 20, "concepts.top": 3, "concepts.explain_n": 2, "batch_size": 64}
-    ref = audit.run({"cnn": "zoo:small-cnn-digits"}, _in_memory(spec), checks=["concepts"], options=opts)
+    ref = audit.run({"cnn": "zoo:small-cnn-digits"}, in_memory(spec), checks=["concepts"], options=opts)
     assert ref.ok, ref.results["errors"]
     monkeypatch.setattr(ImageFolderDataset, "tensors", _no_stacking)
     monkeypatch.setattr(ImageDataset, "tensors", _only_a_sample)  # subsets of the folder too

@@ -86,7 +86,21 @@ from trustvision.errors import TrustVisionError
 from trustvision.explain._base import Explainer
 from trustvision.explain.igos import check_autocast, model_logits
 
-__all__ = ["SIS", "BatchedGradientSIS", "BackSelection", "SISResult", "STATUSES", "mask_images", "parse_features"]
+__all__ = ["SIS", "BatchedGradientSIS", "BackSelection", "SISResult", "STATUSES", "mask_images", "parse_features",
+           "removal_ranks"]
+
+def removal_ranks(results) -> torch.Tensor:
+    """(N, p): each feature's position in the removal order of each result (anything with an
+    ``order``, e.g. :class:`SISResult` or :class:`BackSelection`; 0 = removed first, p - 1 = kept
+    last, the most important), e.g. to compare two orders by rank correlation."""
+    ranks = []
+    for r in results:
+        order = torch.as_tensor(list(r.order), dtype=torch.long)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        ranks.append(rank)
+    return torch.stack(ranks)
+
 
 #: what a result says: a SIS was found; f(x) < threshold (no subset can be sufficient); the fully
 #: masked input alone keeps f >= threshold (the empty set is sufficient)
