@@ -227,7 +227,7 @@ def _pm(stat: dict | None, digits: int = 3) -> str:
 def format_tables(summary: list[dict], dataset: str) -> str:
     """The markdown tables: the main one (best detector per OOD set) and every detector's AUROC."""
     sets = list(summary[0]["ood"]) if summary else []
-    lines = [f"| beta | seeds | test acc | ECE-15 | ECE-15 (TS) | T | bits/dim | "
+    lines = ["| beta | seeds | test acc | ECE-15 | ECE-15 (TS) | T | bits/dim | "
              + " | ".join(f"best AUROC vs {s}" for s in sets) + " |",
              "|---|---:|---:|---:|---:|---:|---:|" + "---|" * len(sets)]
     for s in summary:
@@ -307,15 +307,17 @@ def main(argv: list[str] | None = None) -> int:
                                          "summary": summary}, indent=1))
     if args.curve:
         args.curve.parent.mkdir(parents=True, exist_ok=True)
-        args.curve.write_text(json.dumps(curve(summary, args.data, seeds), indent=1) + "\n")
+        base = recipes_for(args.data, args.gc_recipe)[0]
+        args.curve.write_text(json.dumps(curve(summary, args.data, seeds, base), indent=1) + "\n")
     return 0
 
 
-def curve(summary: list[dict], dataset: str, seeds: Sequence[int]) -> dict:
+def curve(summary: list[dict], dataset: str, seeds: Sequence[int], recipe: dict | None = None) -> dict:
     """The compact trade-off curve the ``generative`` audit check draws the audited model on: per
     beta (the twin last, ``beta`` None) the mean and std over seeds of the test accuracy, ECE-15
     and bits/dim, and per OOD set the best generative score's AUROC (the twin: its best post-hoc
-    detector's)."""
+    detector's). ``recipe``: the GC recipe the sweep varied (its settings, beta left out, are
+    recorded so the check can say what the curve is of)."""
     points = []
     for s in summary:
         twin = s["label"] == TWIN
@@ -327,7 +329,9 @@ def curve(summary: list[dict], dataset: str, seeds: Sequence[int]) -> dict:
                 best[ood_set] = {"detector": d, "mean": pool[d]["mean"], "std": pool[d]["std"]}
         points.append({"beta": None if twin else s["beta"], "label": s["label"], "seeds": s["seeds"],
                        **{k: s[k] for k in ("test_accuracy", "ece_15", "test_bits_per_dim")}, "ood": best})
-    return {"data": dataset, "seeds": list(seeds), "command": f"python benchmarks/gc_tradeoff.py --data {dataset} "
+    kw = {k: v for k, v in ((recipe or {}).get("model_kwargs") or {}).items() if k != "beta"}
+    settings = {"epochs": (recipe or {}).get("epochs"), "augment": (recipe or {}).get("augment"), **kw}
+    return {"data": dataset, "seeds": list(seeds), "recipe": settings, "command": f"python benchmarks/gc_tradeoff.py --data {dataset} "
             f"--seeds {','.join(map(str, seeds))} --curve FILE", "points": points}
 
 

@@ -61,6 +61,12 @@ def tradeoff_curve(dataset: str | None) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _recipe_text(recipe: dict | None) -> str:
+    if not recipe:
+        return "the zoo recipe"
+    return ", ".join(f"{k} {v}" for k, v in recipe.items() if v is not None)
+
+
 def tradeoff_point(model, gc: dict, res) -> dict:
     """The audited model's own point: its beta (None when it has none), test accuracy, ECE-15 and
     per OOD set its best generative score's AUROC (this audit's OOD sets)."""
@@ -226,10 +232,12 @@ class GenerativeCheck(Check):
         t = float(ctx.option("temperature"))
         captions = {
             "samples": f"Class-conditional samples f^-1(mu_y + {t:g} eps), one row per class.",
-            "tradeoff": (f"The IB-INN beta trade-off measured on {dataset} (blue: mean +- std over seeds, the "
-                         "zoo recipe with only beta changed; dashed: the feed-forward twin, beta -> infinity; "
-                         "`python benchmarks/gc_tradeoff.py`) and this model (red star) at its beta, measured in "
-                         "this audit (its OOD sets: ood_n images each)."),
+            "tradeoff": (f"The IB-INN beta trade-off measured on {dataset} (blue: mean +- std over the seeds "
+                         f"{', '.join(map(str, (curve or {}).get('seeds', [])))} of one recipe, "
+                         f"{_recipe_text((curve or {}).get('recipe'))}, with only beta changed; dashed: the "
+                         "feed-forward twin, beta -> infinity; `python benchmarks/gc_tradeoff.py`) and this model "
+                         "(red star) at its beta, measured in this audit (its OOD sets: ood_n images each; a model "
+                         "trained with other settings than the curve's sits off it)."),
             "counterfactuals": "Latent counterfactuals: each row moves one test image's latent from its class mean "
                                "towards the second most likely class (p = that class's probability), then the "
                                "pixel difference (red: added, blue: removed).",
