@@ -10,7 +10,7 @@ import torch
 from trustvision import audit, data
 from trustvision.data.torchvision_sets import ImageFolderDataset
 
-from _streaming_data import in_memory  # tests/audit/_streaming_data.py
+from _streaming_data import digits_folder, in_memory  # noqa: F401  (tests/audit/_streaming_data.py)
 
 
 @pytest.fixture(scope="module")

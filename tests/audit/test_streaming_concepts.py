@@ -14,7 +14,7 @@ from trustvision import audit, data, models
 from trustvision.data._base import ImageDataset, TensorImageDataset
 from trustvision.data.torchvision_sets import ImageFolderDataset
 
-from _streaming_data import in_memory  # tests/audit/_streaming_data.py
+from _streaming_data import digits_folder, in_memory  # noqa: F401  (tests/audit/_streaming_data.py)
 from trustvision.explain.xnn import XNN
 
 
