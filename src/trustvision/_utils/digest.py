@@ -47,12 +47,19 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()[:32]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trustvision")
+    except PackageNotFoundError:  # a source tree on sys.path without an install
+        return "unknown"
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """:func:`digest` of the model's class and every parameter and buffer, and of the trustvision
     version (a partial result of another version is never reused)."""
-    from trustvision import __version__
-
-    return digest(__version__, f"{type(model).__module__}.{type(model).__qualname__}",
+    return digest(_version(), f"{type(model).__module__}.{type(model).__qualname__}",
                   *[x for kv in model.state_dict().items() for x in kv])
 
 

@@ -12,7 +12,7 @@ import torch
 from trustvision._utils.progress import silent_tracker
 from trustvision.audit.store import ScratchStore, safe_key
 from trustvision.data import SPLITS, ImageDataset
-from trustvision.evaluate.detectors import image_batches
+from trustvision.data.loading import image_batches
 
 __all__ = ["AuditContext", "LazySplits", "SPLITS"]
 

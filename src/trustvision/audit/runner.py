@@ -271,7 +271,7 @@ def _metric_info(check: type[Check], keys, values: Mapping[str, Any]) -> dict[st
 def _run_one(check: Check, ctx: AuditContext, values: Mapping[str, Any]) -> tuple[dict, dict[str, bytes]]:
     from trustvision.report.figures import figure_to_png
 
-    from trustvision.evaluate.detectors import loader_options
+    from trustvision.data.loading import loader_options
 
     t0 = time.perf_counter()
     with loader_options(num_workers=int(ctx.options.get("num_workers") or 0)):

@@ -140,7 +140,7 @@ def ood_metrics(scores_in, scores_out) -> OODMetrics:
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x, batch_size: int,
              device) -> torch.Tensor:
     """``fn`` over batches of ``x`` (images or a dataset, streamed), concatenated (float64, CPU)."""
-    from trustvision.evaluate.detectors import image_batches
+    from trustvision.data.loading import image_batches
 
     out = []
     with torch.no_grad():

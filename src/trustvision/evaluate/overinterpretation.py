@@ -127,7 +127,7 @@ def training_mean(train) -> torch.Tensor:
     from trustvision.data import TensorImageDataset
 
     if not isinstance(train, (torch.Tensor, tuple, list, TensorImageDataset)) and hasattr(train, "subset"):
-        from trustvision.evaluate.detectors import image_batches
+        from trustvision.data.loading import image_batches
 
         total, count = None, 0  # a split on disk: streamed, a float64 sum per channel
         for xb in image_batches(train):

@@ -459,7 +459,7 @@ class XNN(nn.Module):
         ``data``: images (N, C, H, W), a tuple (images, labels), an
         :class:`~trustvision.data.ImageDataset`, a torch Dataset or a DataLoader. An ImageDataset
         that is not held in memory (an image folder, a subset of one, ...) is streamed through a
-        DataLoader in order (:func:`trustvision.evaluate.detectors.image_batches`: batches of
+        DataLoader in order (:func:`trustvision.data.loading.image_batches`: batches of
         ``internal_batch_size`` images, ``num_workers`` worker processes, pinned memory when the
         model is on CUDA): only z, the logits and the labels are kept, never the images. The
         numbers equal :meth:`activations` of the stacked images (bit for bit on the CPU for the
@@ -470,7 +470,7 @@ class XNN(nn.Module):
             x, y = _as_tensors(data, what)
             z, logits = self.activations(x, internal_batch_size)
             return z, logits, y
-        from trustvision.evaluate.detectors import image_batches
+        from trustvision.data.loading import image_batches
 
         n = len(ds)
         size = n if not internal_batch_size or internal_batch_size <= 0 else int(internal_batch_size)

@@ -108,7 +108,7 @@ def marker_alignment(xnn: XNN, x, marked: torch.Tensor, masks: torch.Tensor, *, 
     heatmaps reduced to their marker mass at once. ``executor`` (the audit's Ray pool): each
     batch's heatmaps are computed there (all batches submitted at once; the same batches, so the
     same result)."""
-    from trustvision.evaluate.detectors import image_batches
+    from trustvision.data.loading import image_batches
 
     if e is None:
         e = xnn.features_of(x, batch_size, num_workers=num_workers)

@@ -401,7 +401,7 @@ def _vectors(model, source, batch_size: int, space: str) -> tuple[torch.Tensor, 
     pixels (both streamed batch by batch)."""
     if space == "features":
         return model_outputs(model, source, batch_size)
-    from trustvision.evaluate.detectors import image_batches
+    from trustvision.data.loading import image_batches
 
     logits, _ = model_outputs(model, source, batch_size, features=False)
     pixels = torch.cat([xb.flatten(1).double() for xb in image_batches(source, batch_size)])

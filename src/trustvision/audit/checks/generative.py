@@ -164,7 +164,7 @@ class GenerativeCheck(Check):
         classes = ctx.classes
         test = ctx.dataset("test")
         batch = int(ctx.option("batch_size", 256))
-        from trustvision.evaluate.detectors import image_batches
+        from trustvision.data.loading import image_batches
 
         with torch.no_grad():  # streamed: a split on disk is read batch by batch
             bpd = torch.cat([model.bits_per_dim(xb.to(dev)).cpu()
