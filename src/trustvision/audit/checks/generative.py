@@ -93,8 +93,13 @@ def tradeoff_figure(curve: dict, point: dict, name: str) -> Figure:
               ("ECE-15 (lower is better)", lambda p: p["ece_15"], point["ece_15"])]
     panels += [(f"best generative AUROC vs {s}", (lambda p, s=s: p["ood"].get(s)),
                 (point["ood"].get(s) or {}).get("auroc")) for s in sets]
-    fig = Figure(figsize=(3.0 * len(panels), 2.9), dpi=100, layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    cols = min(2, len(panels))  # two panels a row: the figure sits in one model's column of the report
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(3.2 * cols, 2.6 * rows), dpi=100, layout="constrained")
+    grid = fig.subplots(rows, cols, squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(panels):]:
+        ax.axis("off")
     betas = [p["beta"] for p in pts]
     for ax, (title, get, own) in zip(axes, panels):
         stats = [get(p) for p in pts]
