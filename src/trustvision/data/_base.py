@@ -61,12 +61,16 @@ class ImageDataset(Dataset):
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images (N, C, H, W) float32 and labels (N,) int64, read in order.
 
-        This default reads the items in batches of 256 through a DataLoader without worker
-        processes (items may carry extras after the label, e.g. masks: they are dropped);
-        in-memory datasets override it with their stored tensors.
+        This default reads the items in batches of 256 through a DataLoader with the worker
+        processes of :func:`trustvision.data.loading.loader_options` (none unless the audit's
+        ``--num-workers`` says; items may carry extras after the label, e.g. masks: they are
+        dropped); in-memory datasets override it with their stored tensors.
         """
+        from trustvision.data.loading import _LOADER_DEFAULTS
+
         images, labels = [], []
-        for batch in DataLoader(self, batch_size=256, shuffle=False, num_workers=0):
+        workers = _LOADER_DEFAULTS["num_workers"]
+        for batch in DataLoader(self, batch_size=256, shuffle=False, num_workers=workers):
             images.append(torch.as_tensor(batch[0]).float())
             labels.append(torch.as_tensor(batch[1]).long().flatten())
         if not images:
