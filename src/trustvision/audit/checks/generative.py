@@ -139,7 +139,9 @@ class GenerativeCheck(Check):
         "scale, lower = higher likelihood), class-conditional samples f^-1(mu_y + T eps) at "
         "temperature T = 0.8, latent counterfactuals (z moved from its class mean towards the "
         "second most likely class mean, then inverted; the last column is the pixel difference), "
-        "which of its scores detect each OOD set and which fail (the full table is in the OOD check), and with --compare (the feed-forward "
+        "which of its scores detect each OOD set and which fail (the full table is in the OOD check), where the "
+        "model sits on the beta trade-off measured for its data set (accuracy, ECE-15 and the best generative "
+        "OOD AUROC against beta over seeds; benchmarks/gc_tradeoff.py), and with --compare (the feed-forward "
         "twin) accuracy, ECE-15 and OOD AUROC side by side. " + CONVENTION
     )
     order = 45
