@@ -75,9 +75,12 @@ def concept_gallery(xnn: XNN, x, k: int = 6, class_names=None, positions: list[i
     for ax in axes.flat:
         ax.axis("off")
     # row l's k images, one batch (a unit on the executor's actors) each
-    units = [Unit((shown[l].cpu(), xnn.config(), _state(xnn))) for l in range(L)]
-    rows = ([xnn.heatmaps(shown[l]) for l in range(L)] if getattr(executor, "map", None) is None
-            else list(run_units(xnn.model, heatmaps_unit, units, executor=executor)))
+    if getattr(executor, "map", None) is None:
+        rows = [xnn.heatmaps(shown[l]) for l in range(L)]
+    else:
+        state = _state(xnn)
+        units = [Unit((shown[l].cpu(), xnn.config(), state)) for l in range(L)]
+        rows = list(run_units(xnn.model, heatmaps_unit, units, executor=executor))
     for l in range(L):
         heat = rows[l][:, l].cpu()
         for j in range(k):

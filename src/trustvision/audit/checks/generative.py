@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from trustvision.audit.checks.ood import CONVENTION, run_ood
+from trustvision.audit.checks.ood import CONVENTION, GENERATIVE_SCORES, run_ood
 from trustvision.audit.context import AuditContext
 from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
 from trustvision.data import random_subset
@@ -50,7 +50,6 @@ def _verdicts(res) -> dict:
 
 #: the measured trade-off curves (``python benchmarks/gc_tradeoff.py --data D --curve FILE``)
 TRADEOFF_DIR = Path(__file__).resolve().parent / "tradeoff"
-GENERATIVE = ("log_px", "typicality", "complexity")
 
 
 def tradeoff_curve(dataset: str | None) -> dict | None:
@@ -73,7 +72,7 @@ def tradeoff_point(model, gc: dict, res) -> dict:
     best = {}
     for s in dict.fromkeys(r["ood_set"] for r in res.rows):
         pool = {r["detector"]: r["auroc"] for r in res.rows
-                if r["ood_set"] == s and r["detector"] in GENERATIVE and r["auroc"] is not None}
+                if r["ood_set"] == s and r["detector"] in GENERATIVE_SCORES and r["auroc"] is not None}
         if pool:
             d = max(pool, key=pool.get)
             best[s] = {"detector": d, "auroc": pool[d]}
