@@ -15,8 +15,9 @@ MODEL = {"cnn": "zoo:small-cnn-digits"}
 
 @pytest.fixture(autouse=True)
 def _fixed_chunks(monkeypatch):
-    """I-GOS picks its internal chunk from measured pass times (AutoChunk); a loaded machine may
-    pick another one and round differently. Fixed chunks make the runs comparable bit for bit."""
+    """I-GOS picks its internal chunk (AutoChunk) and how many line-search trials one forward
+    scores (``_cheap_rows``) from measured pass times; a loaded machine may pick others and round
+    differently. Fixed choices make the runs comparable bit for bit."""
     from trustvision._utils import images
 
     original = images.AutoChunk.__init__
@@ -25,6 +26,11 @@ def _fixed_chunks(monkeypatch):
         original(self, fixed or 64, **kw)
 
     monkeypatch.setattr(images.AutoChunk, "__init__", init)
+    from trustvision.explain import igos
+
+    monkeypatch.setattr(igos._MaskExplainer, "_cheap_rows", lambda self, x, autocast=False: 16)
+
+
 OPTS = {"explanations.n": 8, "explanations.methods": "saliency,igos", "explanations.iterations": 3,
         "explanations.sag_n": 2, "explanations.sag_grid": 4}
 
