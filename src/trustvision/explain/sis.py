@@ -620,50 +620,85 @@ class SIS(Explainer):
             out = _logits(self.model, cur)
             predicted = self.model(x).argmax(1) if excluded is not None else out.argmax(1)
             prob0 = torch.softmax(out, 1).gather(1, t.view(-1, 1)).squeeze(1).double()
-            evals = n
-            order = torch.full((n, p), -1, dtype=torch.long, device=x.device)
-            values = torch.full((n, p), float("nan"), dtype=torch.float64, device=x.device)
-            step = torch.zeros(n, dtype=torch.long, device=x.device)
+            fmap = feats.fmap.reshape(1, 1, hw)
             cur_f, base_f = cur.view(n, c, hw), base.view(n, c, hw)
-            while True:
-                idx = remaining.nonzero()  # (M, 2): (image, feature), image-major, features ascending
-                m = idx.shape[0]
-                if m == 0:
-                    break
-                vals = torch.empty(m, dtype=torch.float64, device=x.device)
-                for sl in chunks(m, rows):
-                    img, pix = idx[sl, 0], feats.members[idx[sl, 1]]
-                    cand = cur_f.index_select(0, img)  # (r, C, HW)
-                    ar = torch.arange(img.numel(), device=x.device)[:, None]
-                    cand[ar, :, pix] = base_f[img[:, None], :, pix]
-                    vals[sl] = _prob(self.model, cand.view(-1, c, h, w), t[img])
-                evals += m
-                # per image the best candidate, ties to the lowest feature index
-                owner = idx[:, 0]
-                best = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device).scatter_reduce(0, owner, vals, "amax")
-                cand_feat = torch.where(vals == best[owner], idx[:, 1], torch.full_like(idx[:, 1], p))
-                chosen = torch.full((n,), p, dtype=torch.long, device=x.device).scatter_reduce(
-                    0, owner, cand_feat, "amin")
-                act = (chosen < p).nonzero().flatten()
-                cf = chosen[act]
-                order[act, step[act]] = cf
-                values[act, step[act]] = best[act]
-                step[act] += 1
-                remaining[act, cf] = False
-                pix = feats.members[cf]
-                cur_f[act[:, None], :, pix] = base_f[act[:, None], :, pix]
+            if n == 1:
+                orders, values = self._select_one(cur_f, base_f, remaining[0], fmap, int(t[0]), rows, (c, h, w))
+            else:
+                orders, values = self._select_batch(cur_f, base_f, remaining, fmap, t, rows, (c, h, w))
         seconds = (time.perf_counter() - start) / n
-        counts = step.tolist()
-        order_l, values_l = order.cpu().tolist(), values.cpu().tolist()
         ex = excluded.cpu() if excluded is not None else None
-        per_image = [(counts[i] * (counts[i] + 1)) // 2 + 1 for i in range(n)]
         return [BackSelection(
             target=int(t[i]), predicted=int(predicted[i]), probability=float(prob0[i]),
-            order=order_l[i][: counts[i]], values=[float(v) for v in values_l[i][: counts[i]]],
+            order=orders[i], values=values[i],
             features=self.features, grid=feats.grid, mask_name=_mask_name(self.mask),
             excluded=ex[i].nonzero().flatten().tolist() if ex is not None else [], method=self.name,
-            evaluations=per_image[i], seconds=seconds, image=x[i].cpu(), mask_image=base[i].cpu(),
+            evaluations=len(orders[i]) * (len(orders[i]) + 1) // 2 + 1, seconds=seconds, image=x[i].cpu(),
+            mask_image=base[i].cpu(),
         ) for i in range(n)]
+
+
+    def _select_batch(self, cur_f, base_f, remaining, fmap, t, rows, shape):
+        """Backward selection of several images in the same passes: each step scores every
+        remaining (image, feature) candidate (the current image with that feature masked, built by
+        one comparison against the feature map: exact copies of the pixels), then every image
+        still selecting removes its best candidate (ties to the lowest feature index: argmax keeps
+        the first maximum of a row, features ascending). Returns per image the order and values."""
+        n, p = remaining.shape
+        c, h, w = shape
+        dense = torch.empty((n, p), dtype=torch.float64, device=cur_f.device)
+        chosen_steps, best_steps, active_steps = [], [], []
+        while True:
+            flat = remaining.view(-1).nonzero().squeeze(1)  # image-major, features ascending
+            m = flat.shape[0]
+            if m == 0:
+                break
+            img, feat = flat // p, flat % p
+            vals = torch.empty(m, dtype=torch.float64, device=cur_f.device)
+            for sl in chunks(m, rows):
+                sel, i = fmap == feat[sl].view(-1, 1, 1), img[sl]  # (r, 1, HW): the pixels of its feature
+                cand = torch.where(sel, base_f.index_select(0, i), cur_f.index_select(0, i))
+                vals[sl] = _prob(self.model, cand.view(-1, c, h, w), t[i])
+            dense.fill_(-math.inf).view(-1).scatter_(0, flat, vals)
+            chosen = dense.argmax(1)
+            chosen_steps.append(chosen)
+            best_steps.append(dense.gather(1, chosen.view(-1, 1)).squeeze(1))
+            active_steps.append(remaining.any(1))
+            # (an image with nothing left "chooses" feature 0, already masked: no change)
+            remaining.scatter_(1, chosen.view(-1, 1), False)
+            cur_f = torch.where(fmap == chosen.view(-1, 1, 1), base_f, cur_f)
+        if not chosen_steps:
+            return [[] for _ in range(n)], [[] for _ in range(n)]
+        # an image's steps are the first ones (it stops when nothing is left)
+        counts = torch.stack(active_steps, 1).sum(1).tolist()
+        order, values = torch.stack(chosen_steps, 1).cpu().tolist(), torch.stack(best_steps, 1).cpu().tolist()
+        return [order[i][: counts[i]] for i in range(n)], [values[i][: counts[i]] for i in range(n)]
+
+    def _select_one(self, cur_f, base_f, remaining, fmap, t: int, rows, shape):
+        """:meth:`_select_batch` of one image, with fewer small operations per step (one image
+        makes many small passes: the per-step work is what separates it from the model's own
+        speed). The same order and values, exactly."""
+        c, h, w = shape
+        left = remaining.nonzero().squeeze(1)  # the features still in, ascending
+        cur_f = cur_f.clone()
+        order: list[int] = []
+        values: list[float] = []
+        while left.numel():
+            m = left.numel()
+            if m <= rows:
+                cand = torch.where(fmap == left.view(-1, 1, 1), base_f, cur_f)
+                prob = torch.softmax(_logits(self.model, cand.view(m, c, h, w)), 1)[:, t]
+            else:
+                prob = torch.cat([torch.softmax(_logits(self.model, torch.where(
+                    fmap == left[sl].view(-1, 1, 1), base_f, cur_f).view(-1, c, h, w)), 1)[:, t]
+                    for sl in chunks(m, rows)])
+            j = int(prob.argmax())  # the first maximum: ties to the lowest feature index
+            f = int(left[j])
+            order.append(f)
+            values.append(float(prob[j]))  # float32 -> float64: exact
+            left = torch.cat([left[:j], left[j + 1:]])
+            cur_f = torch.where(fmap == f, base_f, cur_f)
+        return [order], [values]
 
 
 # -- Batched Gradient SIS ------------------------------------------------------------------
