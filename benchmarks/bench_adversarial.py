@@ -93,20 +93,26 @@ def _best(fn, device, repeat: int = 5, min_seconds: float = 0.3) -> float:
     return best
 
 
+def fwd_bwd_once(net, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One forward + backward of the per-image cross-entropy w.r.t. the input."""
+    xi = x.detach().requires_grad_(True)
+    loss = F.cross_entropy(net(xi), y, reduction="none")
+    torch.autograd.grad(loss.sum(), xi)
+
+
 def fwd_bwd_seconds(net, x: torch.Tensor, y: torch.Tensor, device, repeat: int = 5) -> float:
     """Seconds of one forward + backward of the per-image cross-entropy w.r.t. the input."""
-
-    def step():
-        xi = x.detach().requires_grad_(True)
-        loss = F.cross_entropy(net(xi), y, reduction="none")
-        torch.autograd.grad(loss.sum(), xi)
-
-    return _best(step, device, repeat)
+    return _best(lambda: fwd_bwd_once(net, x, y), device, repeat)
 
 
-def speed(device, steps: int, emit, repeat: int = 5) -> None:
-    """Rows of the table. The forward + backward pass and the two attacks are timed in interleaved
-    rounds (best of ``repeat`` each), so a neighbour's load on a shared machine hits both alike."""
+def speed(device, steps: int, emit, repeat: int = 5, seconds: float = 4.0) -> None:
+    """Rows of the table. One round times ``steps`` forward + backward passes of the batch (what
+    the attack needs at least) and each attack once, back to back; the ratio is the median over
+    the rounds of the per-round ratios (at least ``repeat`` rounds, more until ``seconds`` have
+    passed), so that a neighbour's load on a shared machine, which changes over seconds, hits both
+    sides of a ratio alike. Rates are the best round's."""
+    import statistics
+
     from trustvision.evaluate.adversarial import headline_eps, pgd
 
     for name in MODELS:
@@ -114,31 +120,54 @@ def speed(device, steps: int, emit, repeat: int = 5) -> None:
         size = tuple(x.shape[-2:])
         for batch in (1, 64):
             xb, yb = _batch(x, y, batch)
-            fb, sec = math.inf, {"linf": math.inf, "l2": math.inf}
             attacks = {norm: (lambda norm=norm: pgd(net, xb, yb, headline_eps(size, norm), norm=norm, steps=steps,
-                                                    seed=0)) for norm in sec}
-            for _ in range(repeat):
-                fb = min(fb, fwd_bwd_seconds(net, xb, yb, device, repeat=1))
+                                                    seed=0)) for norm in ("linf", "l2")}
+
+            def passes():
+                for _ in range(steps):
+                    fwd_bwd_once(net, xb, yb)
+
+            def timed(fn) -> float:
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                return time.perf_counter() - t0
+
+            for fn in (passes, *attacks.values()):  # warm-up
+                fn()
+            ratios = {norm: [] for norm in attacks}
+            best_fb, best = math.inf, {norm: math.inf for norm in attacks}
+            start, rounds = time.perf_counter(), 0
+            while rounds < repeat or time.perf_counter() - start < seconds:
+                rounds += 1
+                fb = timed(passes)
+                best_fb = min(best_fb, fb)
                 for norm, fn in attacks.items():
-                    sec[norm] = min(sec[norm], _best(fn, device, repeat=1))
-            fb_rate = batch / fb
+                    t = timed(fn)
+                    best[norm] = min(best[norm], t)
+                    ratios[norm].append(fb / t)
             for norm in ("linf", "l2"):
-                rate = batch * steps / sec[norm]
                 emit({"benchmark": f"pgd-{norm}:{name}", "image_size": list(size), "batch": batch, "steps": steps,
-                      "eps": headline_eps(size, norm), "seconds_per_attack": sec[norm],
-                      "pgd_images_steps_per_s": rate, "fwd_bwd_images_per_s": fb_rate, "ratio": rate / fb_rate})
+                      "eps": headline_eps(size, norm), "seconds_per_attack": best[norm],
+                      "pgd_images_steps_per_s": batch * steps / best[norm],
+                      "fwd_bwd_images_per_s": batch * steps / best_fb, "rounds": rounds,
+                      "ratio": statistics.median(ratios[norm]),
+                      "ratio_quartiles": statistics.quantiles(ratios[norm], n=4)[::2]})
 
 
 def print_speed(rows: list[dict]) -> None:
     print("\nPGD images x steps / s vs the model's forward + backward images / s (same run, same batch; "
           "target >= 0.8)")
     print(f"{'attack':9} {'model':20} {'size':>5} {'batch':>5} {'steps':>5} {'s/attack':>9} {'PGD img*step/s':>15} "
-          f"{'fwd+bwd img/s':>14} {'ratio':>6}")
+          f"{'fwd+bwd img/s':>14} {'ratio':>6} {'quartiles':>11} {'rounds':>6}")
+    print("(rates: the best round's; ratio: the median over rounds of (steps x fwd+bwd) / attack, timed back to back)")
     for r in rows:
         attack, model = r["benchmark"].split(":", 1)
+        q = r.get("ratio_quartiles") or [r["ratio"], r["ratio"]]
         print(f"{attack:9} {model:20} {r['image_size'][0]:>5} {r['batch']:>5} {r['steps']:>5} "
               f"{r['seconds_per_attack']:>9.4f} {r['pgd_images_steps_per_s']:>15.0f} {r['fwd_bwd_images_per_s']:>14.0f} "
-              f"{r['ratio']:>6.2f}")
+              f"{r['ratio']:>6.2f} {q[0]:>5.2f}-{q[1]:<5.2f} {r.get('rounds', ''):>6}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--repeat", type=int, default=9, help="interleaved timing rounds (best of each)")
+    p.add_argument("--repeat", type=int, default=9, help="interleaved timing rounds at least (more until 4 s "
+                                                         "have passed per model and batch)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads:

@@ -208,7 +208,8 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: EpsLike, 
                     logits = model(cur)
                     loss = F.cross_entropy(logits, yb, reduction="none")
                     (g,) = torch.autograd.grad(loss.sum(), cur)
-                loss = loss.detach()
+                if not single:
+                    loss = loss.detach()
             else:  # the last iterate only needs scoring
                 logits = model(cur)
                 loss = F.cross_entropy(logits, yb, reduction="none")
@@ -227,13 +228,12 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: EpsLike, 
                     best_key = torch.where(better, key, best_key)
             if t == steps:
                 break
-            if norm == "linf":
+            if norm == "linf" and single:  # in place on the gradient, a Python step size
+                cur = torch.add(cur, g.sign_(), alpha=a1).clamp_(lo, hi)
+            elif norm == "linf":
                 cur = torch.clamp(torch.addcmul(cur, a, g.sign()), lo, hi)
             elif single:  # one image: the same step with Python scalars (fewer small tensor ops)
-                delta = (cur - x0).add_(g, alpha=a1 / max(float(vnorm(g)), 1e-12))
-                dn = float(vnorm(delta))
-                if dn > e1:
-                    delta.mul_(e1 / dn)
+                delta = (cur - x0).add_(g, alpha=a1 / max(float(vnorm(g)), 1e-12)).renorm_(2, 0, e1)
                 cur = delta.add_(x0).clamp_(0, 1)
             else:  # a unit L2 step, then back into the ball (renorm: one op when eps is shared)
                 step = F.normalize(g.flatten(1), dim=1, eps=1e-12).view_as(g)
