@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,24 @@ def _best(fn, device, repeat: int = 3, warm: bool = True) -> float:
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def paired(run, limit, device, rounds: int = 21, budget: float = 6.0) -> tuple[float, float, float, int]:
+    """``run`` and its ``limit`` timed back to back in rounds (at most ``rounds``, fewer once
+    ``budget`` seconds have passed; ``limit`` returns seconds, or None to be timed like ``run``).
+    Returns the best run, the best limit, the median of the rounds' limit / run ratios (a
+    neighbour's load on a shared machine changes over seconds and hits both sides of a round
+    alike) and the number of rounds."""
+    runs, limits, start = [], [], time.perf_counter()
+    while len(runs) < rounds and (not runs or time.perf_counter() - start < budget):
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        runs.append(time.perf_counter() - t0)
+        limits.append(limit())
+    ratios = [lim / r for lim, r in zip(limits, runs)]
+    return min(runs), min(limits), statistics.median(ratios), len(runs)
 
 
 def forward_rate(net, x1: torch.Tensor, rows: int, device) -> float:
@@ -192,17 +211,13 @@ def exact_row(label: str, net, x1: torch.Tensor, features: str, device, full_p: 
     b = run()
     sync(device)
     sec = time.perf_counter() - t0
-    replay = replay_seconds(net, rec.inputs, device, repeat=3 if sec < 30 else 1)
-    if sec < 2 and replay is not None:
-        # cheap: the run (on the bare model, no copies) and the replay timed in alternating rounds,
-        # best of 7 each, so that a neighbour's load on a shared machine hits both alike
+    if sec < 2 and rec.inputs:  # cheap: the run on the bare model (no copies) against the replay, in rounds
         bare = SIS(net, threshold=0.9, features=features)
-        for _ in range(7):
-            t0 = time.perf_counter()
-            bare.backselect(x1)
-            sync(device)
-            sec = min(sec, time.perf_counter() - t0)
-            replay = min(replay, replay_seconds(net, rec.inputs, device, repeat=1))
+        sec, replay, ratio, _ = paired(lambda: bare.backselect(x1),
+                                       lambda: replay_seconds(net, rec.inputs, device, repeat=1), device)
+    else:
+        replay = replay_seconds(net, rec.inputs, device, repeat=3 if sec < 30 else 1)
+        ratio = None if replay is None else replay / sec
     rate = b.evaluations / sec
     fwd = forward_rate(net, x1, rows, device)
     limit = replay if replay is not None else pass_limit_seconds(net, x1, rec.rows, device)
@@ -210,7 +225,7 @@ def exact_row(label: str, net, x1: torch.Tensor, features: str, device, full_p: 
            "seconds_per_image": sec, "evals_per_s": rate, "forward_images_per_s": fwd, "ratio": rate / fwd,
            "chunk": rows, "forward_passes": len(rec.rows), "limit_seconds": limit,
            "limit": "replay of its inputs" if replay is not None else "copies of the image at its pass sizes",
-           "ratio_to_limit": limit / sec}
+           "ratio_to_limit": ratio if ratio is not None else limit / sec}
     if remaining is not None:
         out["features_selected"] = remaining
         out["features_total"] = p_all
@@ -240,13 +255,13 @@ def speed(device, full: bool, emit, small: bool = True) -> None:
         rec = _PassRecorder(dnet).eval()
         sis = SIS(rec, threshold=0.9)
         xs = dx[:32]
-        t0 = time.perf_counter()
-        batched = sis.find_batch(xs)
-        sync(device)
-        tb = time.perf_counter() - t0
+        batched = sis.find_batch(xs)  # (recorded: its passes are replayed)
         evals = sum(b.evaluations for b in batched)
         passes = len(rec.rows)
-        limit = replay_seconds(dnet, rec.inputs, device)
+        bare = SIS(dnet, threshold=0.9)
+        tb, limit, ratio, _ = paired(lambda: bare.find_batch(xs),
+                                     lambda: replay_seconds(dnet, rec.inputs, device, repeat=1), device, rounds=5,
+                                     budget=20)
         fwd = forward_rate(dnet, dx[:1], max(rec.rows), device)
         t0 = time.perf_counter()
         single = [sis.find(xs[i : i + 1]) for i in range(32)]
@@ -256,7 +271,7 @@ def speed(device, full: bool, emit, small: bool = True) -> None:
         emit({"benchmark": "sis-find-batch:small-cnn-digits-8px", "images": 32, "batched_images_per_s": 32 / tb,
               "one_at_a_time_images_per_s": 32 / ts, "speedup": ts / tb, "same_subsets": same,
               "evaluations": evals, "evals_per_s": evals / tb, "forward_images_per_s": fwd,
-              "ratio": evals / tb / fwd, "limit_seconds": limit, "ratio_to_limit": limit / tb,
+              "ratio": evals / tb / fwd, "limit_seconds": limit, "ratio_to_limit": ratio,
               "forward_passes": passes})
         nets.append(("small-cnn-textures-32px", tnet, tx))
     if full or device.type == "cuda":
@@ -278,20 +293,20 @@ def speed(device, full: bool, emit, small: bool = True) -> None:
         for bsz in (1, 32):
             bg = BatchedGradientSIS(net, threshold=0.9)
             x = xall[:bsz]
-            t0 = time.perf_counter()
-            bg.find(x)
-            sync(device)
-            sec = time.perf_counter() - t0
-            fb = fwd_bwd_seconds(net, x, device)
+            sec, fb, ratio, rounds = paired(lambda: bg.find(x), lambda: iters * fwd_bwd_seconds(net, x, device),
+                                            device, rounds=15, budget=5)
+            fb /= iters
+            ratio = 1 / ratio  # run / limit
             emit({"benchmark": f"bgsis:{label}", "batch": bsz, "k": k, "iterations": iters,
                   "seconds_per_image": sec / bsz, "fwd_bwd_seconds": fb, "limit_seconds": iters * fb,
-                  "ratio_to_limit": sec / (iters * fb)})
+                  "rounds": rounds, "ratio_to_limit": ratio})
 
 
 def print_speed(rows: list[dict]) -> None:
     print("\nExact SIS: model evaluations/s vs the model's raw batched forward (same run)")
     print("('fwd img/s': copies of the image in batches of the chunk size; 'limit s': the bare model's forward")
-    print(" replayed on the very inputs and passes of the run, best of 3: its own limit for this work)")
+    print(" replayed on the very inputs and passes of the run: its own limit for this work; the last ratio is the")
+    print(" median of back-to-back rounds of the run and the replay where a run takes under 2 s)")
     print(f"{'model':28} {'features':9} {'evals':>9} {'s/image':>9} {'evals/s':>9} {'fwd img/s':>10} {'ratio':>6} "
           f"{'passes':>7} {'limit s':>8} {'ratio':>6}")
     for r in rows:
@@ -314,7 +329,8 @@ def print_speed(rows: list[dict]) -> None:
                   f"{r['same_subsets']}); {r['evaluations']} evaluations in {r['forward_passes']} passes, "
                   f"{r['evals_per_s']:.0f}/s = {r['ratio']:.2f} of the raw forward at its largest pass, "
                   f"{r['ratio_to_limit']:.2f} of the raw forward replayed on its inputs")
-    print("\nBatched Gradient SIS vs ceil(HW/k) x one forward+backward of the same batch")
+    print("\nBatched Gradient SIS vs ceil(HW/k) x one forward+backward of the same batch (ratio: the median of")
+    print("back-to-back rounds; times: the best round's)")
     print(f"{'model':28} {'batch':>5} {'k':>4} {'iters':>5} {'s/image':>9} {'fwd+bwd s':>10} {'ratio':>6}")
     for r in rows:
         if r["benchmark"].startswith("bgsis:"):
