@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from trustvision.audit.checks.ood import CONVENTION, GENERATIVE_SCORES, run_ood
+from trustvision.audit.checks.ood import CONVENTION, FAILS, GENERATIVE_SCORES, WORKS, run_ood
 from trustvision.audit.context import AuditContext
 from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
 from trustvision.data import random_subset
@@ -29,12 +29,10 @@ from trustvision.models import is_generative
 __all__ = ["GenerativeCheck"]
 
 
-WORKS, FAILS = 0.9, 0.6
-
-
 def _verdicts(res) -> dict:
     """Per OOD set: each detector's AUROC and, in words, which detectors work (>= 0.9) and which
-    fail (< 0.6, near or below chance); the full table (AUPR, FPR) is in the ood check."""
+    fail (< 0.6, near or below chance; the ood check's rule, :func:`~trustvision.audit.checks.ood.verdict`);
+    the full table (AUPR, FPR) is in the ood check."""
     dets = [d for d in ("log_px", "typicality", "complexity", "max-softmax")
             if any(r["detector"] == d for r in res.rows)]
     rows = []

@@ -14,7 +14,8 @@ from trustvision.audit.context import AuditContext
 from trustvision.audit.registry import Check, CheckResult, Condition, Metric, Option, register_check
 from trustvision.evaluate.ood import OOD_SETS, OODResult, build_ood_sets, evaluate_ood, list_detectors, split_labels
 
-__all__ = ["OODCheck", "run_ood", "ood_table", "ood_figure", "generative_verdicts", "SUMMARY_SETS"]
+__all__ = ["OODCheck", "run_ood", "ood_table", "ood_figure", "generative_verdicts", "verdict", "WORKS", "FAILS",
+           "SUMMARY_SETS"]
 
 #: OOD sets whose AUROC goes to the report's summary table (one column each)
 SUMMARY_SETS = ("uniform", "faces", "textures")
@@ -48,18 +49,27 @@ def run_ood(ctx: AuditContext, sets=OOD_SETS, n: int = 500) -> OODResult:
 GENERATIVE_SCORES = ("log_px", "typicality", "complexity")
 
 
-def _verdict(auroc: float) -> str:
-    if auroc >= 0.9:
+#: the one rule for a detector's AUROC against an OOD set (the ood and generative checks): it
+#: works at >= WORKS, fails below FAILS (near or below chance), is weak in between
+WORKS, FAILS = 0.9, 0.6
+
+
+def verdict(auroc: float) -> str:
+    """"works", "weak", or "fails: ..." with the reason (near chance, or below it: the detector
+    scores the OOD set as more in-distribution than the test set)."""
+    if auroc >= WORKS:
         return "works"
     if auroc < 0.5:
         return "fails: scores the OOD set as more in-distribution"
+    if auroc < FAILS:
+        return "fails: near chance"
     return "weak"
 
 
 def generative_verdicts(res: OODResult) -> dict | None:
     """For a generative classifier: per OOD set, each generative score's AUROC with a plain
-    verdict (works >= 0.9; fails < 0.5, i.e. the likelihood prefers the OOD images; weak in
-    between) next to the best post-hoc detector; and one sentence naming what fails. None for
+    :func:`verdict` (works >= 0.9; fails < 0.6, near chance or below it, where the likelihood
+    prefers the OOD images; weak in between) next to the best post-hoc detector; and one sentence naming what fails. None for
     other models."""
     rows, fails, works = [], [], []
     for s in dict.fromkeys(r["ood_set"] for r in res.rows):
@@ -70,14 +80,15 @@ def generative_verdicts(res: OODResult) -> dict | None:
                 and not r["detector"].endswith("(compare)")]
         best_post = max(post, key=lambda r: r["auroc"]) if post else None
         for d, a in gen.items():
-            v = _verdict(a)
+            v = verdict(a)
             rows.append([s, d, a, v, best_post["detector"] if best_post else None,
                          best_post["auroc"] if best_post else None])
             (fails if v.startswith("fails") else works if v == "works" else []).append(f"{d} vs {s}")
     if not rows:
         return None
     sentence = ("Generative scores that work (AUROC >= 0.9): " + (", ".join(works) or "none") + "."
-                + (" Failing (below chance: the model's likelihood prefers the OOD images): " + ", ".join(fails) + "."
+                + (" Failing (AUROC < 0.6: near chance, or below it where the model's likelihood prefers the OOD "
+                   "images): " + ", ".join(fails) + "."
                    if fails else ""))
     return {"table": {"columns": ["OOD set", "generative score", "AUROC", "verdict", "best post-hoc detector",
                                   "its AUROC"], "rows": rows}, "sentence": sentence}
