@@ -637,7 +637,6 @@ class SIS(Explainer):
             mask_image=base[i].cpu(),
         ) for i in range(n)]
 
-
     def _select_batch(self, cur_f, base_f, remaining, fmap, t, rows, shape):
         """Backward selection of several images in the same passes: each step scores every
         remaining (image, feature) candidate (the current image with that feature masked, built by
@@ -680,7 +679,6 @@ class SIS(Explainer):
         speed). The same order and values, exactly."""
         c, h, w = shape
         left = remaining.nonzero().squeeze(1)  # the features still in, ascending
-        cur_f = cur_f.clone()
         order: list[int] = []
         values: list[float] = []
         while left.numel():

@@ -69,8 +69,8 @@ def verdict(auroc: float) -> str:
 def generative_verdicts(res: OODResult) -> dict | None:
     """For a generative classifier: per OOD set, each generative score's AUROC with a plain
     :func:`verdict` (works >= 0.9; fails < 0.6, near chance or below it, where the likelihood
-    prefers the OOD images; weak in between) next to the best post-hoc detector; and one sentence naming what fails. None for
-    other models."""
+    prefers the OOD images; weak in between) next to the best post-hoc detector; and one
+    sentence naming what fails. None for other models."""
     rows, fails, works = [], [], []
     for s in dict.fromkeys(r["ood_set"] for r in res.rows):
         gen = {r["detector"]: r["auroc"] for r in res.rows if r["ood_set"] == s and r["detector"] in GENERATIVE_SCORES}
