@@ -188,6 +188,8 @@ def test_ties_go_to_the_lowest_feature_index():
     res = SIS(net, threshold=0.9, mask="zeros").find(x, target=0)
     assert res.order == list(range(16))
     assert sorted(res.indices) == list(range(7, 16)) and res.indices[0] == 15 and res.size == 9
+    for r in SIS(net, threshold=0.9, mask="zeros").find_batch(torch.ones(2, 1, 4, 4), 0):  # the batched path
+        assert r.order == list(range(16)) and r.indices == res.indices
     bg = BatchedGradientSIS(net, threshold=0.9, mask="zeros", noise=0.0, k=3).find(x, targets=0)[0]
     assert bg.order == list(range(16)) and bg.size == 9
 
@@ -198,9 +200,10 @@ def test_find_batch_equals_one_by_one_and_chunking_does_not_matter():
     sis = SIS(net, threshold=0.6, mask="mean")
     batch = sis.find_batch(xs)
     small = SIS(net, threshold=0.6, mask="mean", internal_batch_size=7).find_batch(xs, [r.target for r in batch])
+    chunked = SIS(net, threshold=0.6, mask="mean", internal_batch_size=7)
     for i, (b, s) in enumerate(zip(batch, small)):
-        one = sis.find(xs[i])
-        for other in (one, s):
+        one, one_chunked = sis.find(xs[i]), chunked.find(xs[i], b.target)  # one image: its own loop
+        for other in (one, one_chunked, s):
             assert other.order == b.order and torch.equal(other.mask, b.mask) and other.status == b.status
             assert other.values == pytest.approx(b.values, abs=1e-12)
 

@@ -1,0 +1,51 @@
+"""The SIS benchmark's limit is the bare model replayed on the run's own passes (issue 12): the
+recorder sees every pass SIS makes, with its inputs, and the row's figures are consistent."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _bench_sis():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("tv_bench_sis", BENCH / "bench_sis.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class Linear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+        self.norm_mean = torch.full((1, 1, 1, 1), 0.5)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_recorder_sees_every_pass_and_the_row_is_consistent():
+    b = _bench_sis()
+    torch.manual_seed(0)
+    net = Linear().eval()
+    x = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    from trustvision.explain.sis import SIS
+
+    rec = b._PassRecorder(net).eval()
+    SIS(rec, threshold=0.5).backselect(x)
+    # the target's forward, the unmasked image, then one pass per step of 16, 15, ... 1 candidates
+    assert rec.rows[-16:] == list(range(16, 0, -1)) and len(rec.inputs) == len(rec.rows)
+    assert all(t.shape[0] == r for t, r in zip(rec.inputs, rec.rows))
+    assert b.replay_seconds(net, rec.inputs, torch.device("cpu"), repeat=1) > 0
+    row = b.exact_row("linear-4px", net, x, "pixel", torch.device("cpu"))
+    assert row["evaluations"] == 16 * 17 // 2 + 1 and row["limit"] == "replay of its inputs"
+    assert row["forward_passes"] == len(rec.rows) and row["ratio_to_limit"] > 0
+    part = b.exact_row("linear-4px", net, x, "patch:2", torch.device("cpu"), remaining=2)
+    assert part["evaluations"] == 2 * 3 // 2 + 1 and part["full_evaluations"] == 4 * 5 // 2 + 1
