@@ -3,22 +3,13 @@ recorder sees every pass SIS makes, with its inputs, and the row's figures are c
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
+from _benchmarks import load_benchmark  # tests/_benchmarks.py
 from torch import nn
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _bench_sis():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("tv_bench_sis", BENCH / "bench_sis.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_sis.py", "tv_bench_sis")
 
 
 class Linear(nn.Module):

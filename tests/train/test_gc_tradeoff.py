@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from _benchmarks import load_benchmark  # tests/_benchmarks.py
 
-
-def _load():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("tv_gc_tradeoff", BENCH / "gc_tradeoff.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gt = _load()
+gt = load_benchmark("gc_tradeoff.py", "tv_gc_tradeoff")
 
 ROW_KEYS = {"data", "model", "beta", "label", "seed", "recipe", "train_seconds", "test_accuracy",
             "val_accuracy", "ece_15", "ece_15_ts", "temperature", "test_nll", "test_nll_ts",

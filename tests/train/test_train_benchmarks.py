@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from _benchmarks import BENCH, load_benchmark  # tests/_benchmarks.py
 
 
 def _load_runner():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("tv_bench_run", BENCH / "run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("run.py", "tv_bench_run")
 
 
 def test_measure_known_throughput(monkeypatch):
