@@ -60,14 +60,15 @@ def test_pool_results_are_in_chunk_order_and_survive_a_killed_worker(cluster):
     pids = ray.get([a.ping.remote() for a in pool.actors])
     first = pool.actors[0]
 
-    def killing(method, chunks, kw):
-        gen = RayPool.attribute_chunks(pool, method, chunks, kw)
-        out = next(gen)
-        ray.kill(first, no_restart=False)  # mid-run: the actor dies, Ray restarts it and retries its chunks
-        yield out
-        yield from gen
+    class Killing:
+        def map(self, fn, calls):
+            gen = pool.map(fn, calls)
+            out = next(gen)
+            ray.kill(first, no_restart=False)  # mid-run: the actor dies, Ray restarts it and retries its chunks
+            yield out
+            yield from gen
 
-    remote = explain.explain_images(net, sample, "igos", method_kw={"iterations": 2}, chunk=3, executor=killing)
+    remote = explain.explain_images(net, sample, "igos", method_kw={"iterations": 2}, chunk=3, executor=Killing())
     assert torch.equal(local.heatmaps, remote.heatmaps)
     assert ray.get(first.ping.remote()) != pids[0]  # a fresh process took its place
     pool.close()
@@ -76,18 +77,18 @@ def test_pool_results_are_in_chunk_order_and_survive_a_killed_worker(cluster):
 def test_audit_survives_a_killed_worker(cluster, monkeypatch):
     from trustvision.audit import distributed
 
-    original = distributed.RayPool.attribute_chunks
+    original = distributed.RayPool.map
     killed = []
 
-    def killing(self, method, chunks, kw):
-        gen = original(self, method, chunks, kw)
+    def killing(self, fn, calls):
+        gen = original(self, fn, calls)
         yield next(gen)
         if not killed:
             ray.kill(self.actors[-1], no_restart=False)
-            killed.append(method)
+            killed.append(fn.__name__)
         yield from gen
 
-    monkeypatch.setattr(distributed.RayPool, "attribute_chunks", killing)
+    monkeypatch.setattr(distributed.RayPool, "map", killing)
     opts = {**OPTS, "explanations.methods": "saliency,igos", "explanations.sag_n": 0}
     one = audit.run("zoo:small-cnn-digits", "digits", checks=["explanations"], options=opts)
     two = audit.run("zoo:small-cnn-digits", "digits", checks=["explanations"], options=opts, ray="auto",

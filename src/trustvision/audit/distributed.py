@@ -1,10 +1,10 @@
 """Sharding per-image work over Ray actors (``trustvision audit --ray auto|ADDRESS``).
 
 A :class:`RayPool` starts ``workers`` actors that each load the audited model once from its
-checkpoint path or ``zoo:NAME`` (never through Ray's object store). Two kinds of work go to them:
-chunks of images explained by a registered method (the ``explanations`` check's heatmaps and
-SAGs; :meth:`RayPool.attribute_chunks`), and units of per-image work of
-:mod:`trustvision._utils.parallel` (:meth:`RayPool.map`): the ``adversarial`` check's FGSM / PGD
+checkpoint path or ``zoo:NAME`` (never through Ray's object store). The work that goes to them
+is units of :mod:`trustvision._utils.parallel` (:meth:`RayPool.map`): chunks of images explained
+by a registered method (the ``explanations`` check's heatmaps and SAGs, through
+:func:`trustvision.explain.explain_chunk`), the ``adversarial`` check's FGSM / PGD
 sweeps (one batch at one eps), the ``corruptions`` check (one batch under one corruption and
 severity), the ``overinterpretation`` check's SIS / BGSIS backward selections (one chunk of
 images) and the ``concepts`` check's XNN heatmaps. Every unit's randomness is derived from (seed,
@@ -46,7 +46,7 @@ def require_ray():
 
 
 class _Worker:
-    """One actor: the model loaded once; explains chunks of images."""
+    """One actor: the model loaded once; runs units of work on it."""
 
     def __init__(self, source: str, device: str, threads: int) -> None:
         torch.set_num_threads(max(1, int(threads)))
@@ -65,25 +65,6 @@ class _Worker:
         import os
 
         return os.getpid()
-
-    def attribute(self, method: str, images, targets, kw: dict) -> tuple[Any, Any]:
-        import warnings
-
-        from trustvision import explain
-
-        cls = explain.get(method)
-        explainer = cls(self.model)
-        x = torch.from_numpy(images.copy()).to(self.device)  # Ray's arrays are read-only views
-        t = torch.from_numpy(targets.copy()).to(self.device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = explainer.attribute(x, target=t, **kw)
-        if isinstance(out, tuple) and cls.kind == "heatmap":
-            out = out[0]
-        if isinstance(out, torch.Tensor):
-            out = out.detach().cpu()
-        return out, getattr(explainer, "last_info", None)
-
 
 def _to_wire(args: tuple) -> tuple:
     return tuple(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a for a in args)
@@ -160,17 +141,6 @@ class RayPool:
     def workers(self) -> int:
         return len(self.actors)
 
-    def attribute_chunks(self, method: str, chunks: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                         kw: dict) -> Iterator[tuple[Any, Any]]:
-        """``(output, last_info)`` of each chunk ``(images, targets)``, in chunk order, computed
-        by the actors round-robin (all chunks are submitted at once)."""
-        ray = require_ray()
-        refs = [self.actors[i % len(self.actors)].attribute.remote(
-                    method, x.detach().cpu().numpy(), t.detach().cpu().numpy(), kw)
-                for i, (x, t) in enumerate(chunks)]
-        for ref in refs:
-            yield ray.get(ref)
-
     def map(self, fn: Callable, calls: Sequence[tuple[tuple, dict]]) -> Iterator[Any]:
         """``fn(model, *args, **kw)`` for every ``(args, kw)`` of ``calls``, on the actors
         round-robin (all submitted at once), yielded in order (``fn``: a module-level function,
@@ -181,16 +151,10 @@ class RayPool:
         for ref in refs:
             yield ray.get(ref)
 
-    def executor(self) -> Callable:
-        """``executor(method, chunks, kw)``: what :func:`trustvision.explain.explain_images` takes
-        as ``executor``; its ``map(fn, calls)`` runs the units of
-        :func:`trustvision._utils.parallel.run_units` (attacks, corruptions, SIS / BGSIS, XNN
-        heatmaps)."""
-        def run(task: str, chunks, kw: dict):
-            return self.attribute_chunks(task, chunks, kw)
-
-        run.map = self.map  # type: ignore[attr-defined]  # units of trustvision._utils.parallel
-        return run
+    def executor(self) -> "RayPool":
+        """What the checks take as ``executor`` (:func:`trustvision._utils.parallel.run_units`,
+        :func:`trustvision.explain.explain_images`): this pool, whose :meth:`map` runs their units."""
+        return self
 
     def close(self) -> None:
         ray = require_ray()

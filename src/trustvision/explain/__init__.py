@@ -62,6 +62,7 @@ from trustvision.explain.sample import (
     Sample,
     SampleExplanation,
     draw_sample,
+    explain_chunk,
     explain_images,
     explain_sample,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "attribute",
     "check_keywords",
     "draw_sample",
+    "explain_chunk",
     "explain_images",
     "explain_sample",
     "get",

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from trustvision._utils.images import eval_mode
+from trustvision._utils.parallel import Unit, run_units
 from trustvision.data import random_subset
 from trustvision.errors import TrustVisionError
 from trustvision.explain._base import (
@@ -46,7 +47,7 @@ from trustvision.explain._base import (
     heatmap_reasons,
 )
 
-__all__ = ["Sample", "SampleExplanation", "draw_sample", "explain_images", "explain_sample",
+__all__ = ["Sample", "SampleExplanation", "draw_sample", "explain_images", "explain_chunk", "explain_sample",
            "faithfulness_summary", "TARGETS"]
 
 #: what is explained: the model's predicted class or the true label
@@ -210,6 +211,23 @@ def _method(method: str | type[Explainer]) -> type[Explainer]:
     raise TrustVisionError(f"method must be a registered name or an Explainer class, got {method!r}")
 
 
+def _attribute(explainer: Explainer, images: torch.Tensor, targets: torch.Tensor, kw: Mapping[str, Any]):
+    """``(output, last_info)`` of one chunk: a heatmap method's heatmaps alone (not a tuple)."""
+    out = explainer.attribute(images, target=targets, **kw)
+    if isinstance(out, tuple) and type(explainer).kind == "heatmap":
+        out = out[0]
+    return out, getattr(explainer, "last_info", None)
+
+
+def explain_chunk(model: nn.Module, method: str, images: torch.Tensor, targets: torch.Tensor, **kw):
+    """``(output, last_info)`` of registered ``method`` on one chunk of images: a unit of
+    :func:`trustvision._utils.parallel.run_units`, what an executor's worker runs for
+    :func:`explain_images` (module-level, so Ray sends it by reference)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _attribute(get(method)(model), images, targets, kw)
+
+
 def explain_images(
     model: nn.Module,
     sample: Sample,
@@ -240,10 +258,11 @@ def explain_images(
     image independently of the others in its batch (I-GOS noise is drawn per image, RISE masks
     come from the seed alone).
 
-    ``executor``: ``executor(method_name, [(images, targets), ...], method_kw)`` yielding
-    ``(output, last_info)`` per chunk in order, e.g. a Ray pool's
-    (:class:`trustvision.audit.distributed.RayPool`): the chunks are explained there instead of
-    here, with the same results.
+    ``executor``: anything with ``map(fn, calls)`` (the audit's Ray pool,
+    :class:`trustvision.audit.distributed.RayPool`; the contract of
+    :func:`trustvision._utils.parallel.run_units`): the chunks are explained there, each by
+    :func:`explain_chunk` on the executor's copy of the model, instead of here, with the same
+    results.
 
     ``cache``: anything with ``get(key)`` and ``cache[key] = json`` (the audit's scratch store):
     each chunk's output is stored as soon as it is computed (heatmaps with their diagnostics;
@@ -267,52 +286,29 @@ def explain_images(
         bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
     codec = _ChunkCodec.of(cls)
     keys: list[str | None] = [None] * len(bounds)
-    stored: list[Any] = [None] * len(bounds)
     if cache is not None and codec is not None:
         from trustvision._utils.digest import digest, weights_digest
 
         prefix = digest(weights_digest(model), cls.name, kw)
-        for j, (a, b) in enumerate(bounds):
-            keys[j] = digest(prefix, sample.targets[a:b], sample.images[a:b])
-            hit = cache.get(keys[j])
-            stored[j] = None if hit is None else codec.decode(hit, sample.images[a:b])
-    todo = [j for j in range(len(bounds)) if stored[j] is None]
+        keys = [digest(prefix, sample.targets[a:b], sample.images[a:b]) for a, b in bounds]
+    units = [Unit((cls.name, sample.images[a:b], sample.targets[a:b]), kw, key)
+             for (a, b), key in zip(bounds, keys)]
+
+    def here(net, name, images, targets, **method_kw):  # one explainer for every chunk (its chunk sizes stay)
+        return _attribute(explainer, images, targets, method_kw)
+
     outs, infos = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if executor is None:
-            def run_chunks():
-                for j in todo:
-                    a, b = bounds[j]
-                    o = explainer.attribute(sample.images[a:b], target=sample.targets[a:b], **kw)
-                    yield (o[0] if cls.kind == "heatmap" and isinstance(o, tuple) else o,
-                           getattr(explainer, "last_info", None))
-            computed = run_chunks()
-        else:
-            computed = executor(cls.name, [(sample.images[bounds[j][0]:bounds[j][1]],
-                                            sample.targets[bounds[j][0]:bounds[j][1]]) for j in todo], kw)
-
-        def merged():
-            it = iter(computed)
-            for j in range(len(bounds)):
-                if stored[j] is not None:
-                    yield bounds[j], stored[j]
-                    continue
-                o, info = next(it)
-                if isinstance(o, torch.Tensor):
-                    o = o.to(sample.images.device)
-                if keys[j] is not None:
-                    try:
-                        cache[keys[j]] = codec.encode(o, info)
-                    except ValueError:  # NaN in a diagnostic: JSON cannot hold it; not cached
-                        pass
-                yield bounds[j], (o, info)
-
-        pairs = merged()
+        results = run_units(model, here if executor is None else explain_chunk, units, executor=executor,
+                            cache=cache if codec is not None else None,
+                            encode=None if codec is None else lambda out: codec.encode(*out),
+                            decode=None if codec is None else lambda hit, u: codec.decode(hit, u.args[1]))
+        pairs = zip(bounds, results)
         parts = pairs if track is None else track(pairs, total=n, description=cls.name,
                                                   weight=lambda p: p[0][1] - p[0][0])
         for _, (o, info) in parts:
-            outs.append(o)
+            outs.append(o.to(sample.images.device) if isinstance(o, torch.Tensor) else o)
             infos.append(info)
     seconds = time.perf_counter() - t0
     res = SampleExplanation(method=cls.name, title=cls.title, kind=cls.kind, sample=sample, seconds=seconds)
