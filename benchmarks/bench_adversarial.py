@@ -75,34 +75,11 @@ for _name in MODELS:
 # -- the table -------------------------------------------------------------------------------
 
 
-def _best(fn, device, repeat: int = 5, min_seconds: float = 0.3) -> float:
-    """Best seconds of one call of ``fn`` over ``repeat`` rounds (each at least ``min_seconds``)."""
-    fn()
-    sync(device)
-    best = math.inf
-    for _ in range(repeat):
-        calls, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            calls += 1
-            sync(device)
-            dt = time.perf_counter() - t0
-            if dt >= min_seconds:
-                break
-        best = min(best, dt / calls)
-    return best
-
-
 def fwd_bwd_once(net, x: torch.Tensor, y: torch.Tensor) -> None:
     """One forward + backward of the per-image cross-entropy w.r.t. the input."""
     xi = x.detach().requires_grad_(True)
     loss = F.cross_entropy(net(xi), y, reduction="none")
     torch.autograd.grad(loss.sum(), xi)
-
-
-def fwd_bwd_seconds(net, x: torch.Tensor, y: torch.Tensor, device, repeat: int = 5) -> float:
-    """Seconds of one forward + backward of the per-image cross-entropy w.r.t. the input."""
-    return _best(lambda: fwd_bwd_once(net, x, y), device, repeat)
 
 
 def speed(device, steps: int, emit, repeat: int = 5, seconds: float = 4.0) -> None:

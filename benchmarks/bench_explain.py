@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from registry import Workload, register, sync  # noqa: E402
+from registry import CallRecorder, Workload, register, replay_seconds, sync  # noqa: E402
 
 BATCH = 32
 
@@ -355,45 +355,6 @@ def print_speed(rows: list[dict]) -> None:
 # -- replay: the model's own time for the very calls a run makes --------------------------------
 
 
-class _CallRecorder(torch.nn.Module):
-    """The model, keeping a copy of every input it is given and whether a gradient flows back."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.calls = net, []
-        for k in ("norm_mean", "norm_std"):
-            if isinstance(getattr(net, k, None), torch.Tensor):
-                setattr(self, k, getattr(net, k))
-
-    def forward(self, z):
-        self.calls.append((z.detach().clone(), torch.is_grad_enabled() and z.requires_grad))
-        return self.net(z)
-
-
-def replay_seconds(net, calls, device) -> float:
-    """Best of 3 replays of ``calls`` on the bare model: a forward (no grad) or a forward+backward
-    of a class probability w.r.t. the input, per recorded call."""
-
-    def run():
-        for z, grad in calls:
-            if grad:
-                zz = z.detach().requires_grad_(True)
-                torch.autograd.grad(torch.softmax(net(zz), 1)[:, 0].sum(), zz)
-            else:
-                with torch.no_grad():
-                    torch.softmax(net(z), 1)
-
-    run()
-    best = float("inf")
-    for _ in range(3):
-        sync(device)
-        t0 = time.perf_counter()
-        run()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def replay_rows(device: torch.device, emit, n: int = 8) -> None:
     """I-GOS / iGOS++ on the 8x8 digits model (paper defaults), ``n`` images one at a time and as
     one batch: time per image against the bare model replaying the very calls of the run (same
@@ -404,7 +365,7 @@ def replay_rows(device: torch.device, emit, n: int = 8) -> None:
     net, x = digits_model(device)
     for method in ("igos", "igos++"):
         for batched in (False, True):
-            rec = _CallRecorder(net).eval()
+            rec = CallRecorder(net).eval()
             recorded, bare = explain.get(method)(rec), explain.get(method)(net)
 
             def run(e):
@@ -417,7 +378,7 @@ def replay_rows(device: torch.device, emit, n: int = 8) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 run(recorded)  # records the calls (and warms up the automatic chunking)
-                rec.calls = []
+                rec.clear()
                 run(recorded)
                 run(bare)  # warm-up of the bare explainer's chunking
                 sync(device)

@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from registry import Workload, register, sync, emitter  # noqa: E402
+from registry import CallRecorder, Workload, emitter, register, replay_seconds, sync  # noqa: E402
 
 
 def _load(name: str, split: str, device):
@@ -81,10 +81,9 @@ def _w_bgsis(device):
 # -- speed -----------------------------------------------------------------------------------
 
 
-def _best(fn, device, repeat: int = 3, warm: bool = True) -> float:
-    if warm:
-        fn()
-        sync(device)
+def _best(fn, device, repeat: int = 3) -> float:
+    fn()
+    sync(device)
     best = math.inf
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -96,7 +95,7 @@ def _best(fn, device, repeat: int = 3, warm: bool = True) -> float:
 
 def paired(run, limit, device, rounds: int = 21, budget: float = 6.0) -> tuple[float, float, float, int]:
     """``run`` and its ``limit`` timed back to back in rounds (at most ``rounds``, fewer once
-    ``budget`` seconds have passed; ``limit`` returns seconds, or None to be timed like ``run``).
+    ``budget`` seconds have passed; ``limit`` returns its seconds).
     Returns the best run, the best limit, the median of the rounds' limit / run ratios (a
     neighbour's load on a shared machine changes over seconds and hits both sides of a round
     alike) and the number of rounds."""
@@ -132,45 +131,6 @@ def fwd_bwd_seconds(net, x: torch.Tensor, device) -> float:
     return _best(step, device)
 
 
-class _PassRecorder(torch.nn.Module):
-    """The model, recording every forward pass it is given: the number of rows and (while they fit
-    ``keep_bytes``) a copy of the inputs, to replay them on the bare model."""
-
-    def __init__(self, net, keep_bytes: int = 4 << 30):
-        super().__init__()
-        self.net, self.keep_bytes = net, keep_bytes
-        self.clear()
-        if isinstance(getattr(net, "norm_mean", None), torch.Tensor):
-            self.norm_mean = net.norm_mean  # the "mean" mask reads it
-
-    def clear(self) -> None:
-        self.rows, self.inputs, self.left = [], [], self.keep_bytes
-
-    def forward(self, x):
-        self.rows.append(x.shape[0])
-        size = x.numel() * x.element_size()
-        if self.inputs is not None and size <= self.left:
-            self.inputs.append(x.detach().clone())
-            self.left -= size
-        else:
-            self.inputs = None  # too large to keep: no replay
-        return self.net(x)
-
-
-def replay_seconds(net, inputs: list[torch.Tensor] | None, device, repeat: int = 3) -> float | None:
-    """The model's own limit for a run: its raw forward on the very passes the run gave it (the
-    same inputs, the same batch shapes, in the same order), best of ``repeat`` replays."""
-    if not inputs:
-        return None
-
-    def replay():
-        with torch.no_grad():
-            for xb in inputs:
-                net(xb)
-
-    return _best(replay, device, repeat, warm=repeat > 1)  # (a long replay warms itself up)
-
-
 def pass_limit_seconds(net, x1: torch.Tensor, rows: list[int], device) -> float:
     """The raw forward's time at the pass sizes of a run, on copies of one image (best of 3,
     measured once per distinct size): the limit where the run's inputs are too large to keep."""
@@ -189,7 +149,7 @@ def exact_row(label: str, net, x1: torch.Tensor, features: str, device, full_p: 
 
     # the run's inputs are kept for the replay (a copy of each pass: about 0.3% of a 224 px pass's
     # time, counted against the run)
-    rec = _PassRecorder(net, keep_bytes=4 << 30).eval()
+    rec = CallRecorder(net).eval()
     sis = SIS(rec, threshold=0.9, features=features)
     rows = _auto_rows(x1[0].numel() * x1.element_size(), x1.device)
     h, w = x1.shape[-2:]
@@ -211,12 +171,13 @@ def exact_row(label: str, net, x1: torch.Tensor, features: str, device, full_p: 
     b = run()
     sync(device)
     sec = time.perf_counter() - t0
-    if sec < 2 and rec.inputs:  # cheap: the run on the bare model (no copies) against the replay, in rounds
+    if sec < 2 and rec.calls:  # cheap: the run on the bare model (no copies) against the replay, in rounds
         bare = SIS(net, threshold=0.9, features=features)
         sec, replay, ratio, _ = paired(lambda: bare.backselect(x1),
-                                       lambda: replay_seconds(net, rec.inputs, device, repeat=1), device)
+                                       lambda: replay_seconds(net, rec.calls, device, repeat=1, warm=False), device)
     else:
-        replay = replay_seconds(net, rec.inputs, device, repeat=3 if sec < 30 else 1)
+        long = sec >= 30  # a long replay warms itself up
+        replay = replay_seconds(net, rec.calls, device, repeat=1 if long else 3, warm=not long)
         ratio = None if replay is None else replay / sec
     rate = b.evaluations / sec
     fwd = forward_rate(net, x1, rows, device)
@@ -252,7 +213,7 @@ def speed(device, full: bool, emit, small: bool = True) -> None:
             emit(exact_row("small-cnn-textures-32px", tnet, tx[:1], "pixel", device))
 
         # find_batch on 32 images vs one at a time
-        rec = _PassRecorder(dnet).eval()
+        rec = CallRecorder(dnet).eval()
         sis = SIS(rec, threshold=0.9)
         xs = dx[:32]
         batched = sis.find_batch(xs)  # (recorded: its passes are replayed)
@@ -260,7 +221,7 @@ def speed(device, full: bool, emit, small: bool = True) -> None:
         passes = len(rec.rows)
         bare = SIS(dnet, threshold=0.9)
         tb, limit, ratio, _ = paired(lambda: bare.find_batch(xs),
-                                     lambda: replay_seconds(dnet, rec.inputs, device, repeat=1), device, rounds=5,
+                                     lambda: replay_seconds(dnet, rec.calls, device, repeat=1, warm=False), device, rounds=5,
                                      budget=20)
         fwd = forward_rate(dnet, dx[:1], max(rec.rows), device)
         t0 = time.perf_counter()

@@ -14,11 +14,14 @@ measures the peak memory the calls need beyond what the set-up already holds.
 
 Helpers shared by the ``bench_*`` modules: :func:`sync` (wait for the device before reading a
 clock), :func:`zoo_names`, :func:`zoo_workload` (a zoo model with a seeded random batch) and
-:func:`training_run` (one optimiser step).
+:func:`training_run` (one optimiser step), :class:`CallRecorder` and :func:`replay_seconds` (the
+bare model replaying the very calls a run made: the model's own limit for that run).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -131,3 +134,61 @@ def reset_hwm() -> bool:
         return True
     except OSError:
         return False
+
+
+class CallRecorder(torch.nn.Module):
+    """The model, recording every call it is given: its rows (``rows``) and, while they fit
+    ``keep_bytes``, ``calls``: a copy of the input and whether a gradient flows back to it (None
+    once a call did not fit: no replay). The model's ``norm_mean`` / ``norm_std`` are passed on
+    (SIS's "mean" mask reads them)."""
+
+    def __init__(self, net: torch.nn.Module, keep_bytes: int = 4 << 30):
+        super().__init__()
+        self.net, self.keep_bytes = net, keep_bytes
+        for k in ("norm_mean", "norm_std"):
+            if isinstance(getattr(net, k, None), torch.Tensor):
+                setattr(self, k, getattr(net, k))
+        self.clear()
+
+    def clear(self) -> None:
+        self.rows: list[int] = []
+        self.calls: list[tuple[torch.Tensor, bool]] | None = []
+        self.left = self.keep_bytes
+
+    def forward(self, x: torch.Tensor):
+        self.rows.append(x.shape[0])
+        size = x.numel() * x.element_size()
+        if self.calls is not None and size <= self.left:
+            self.calls.append((x.detach().clone(), torch.is_grad_enabled() and x.requires_grad))
+            self.left -= size
+        else:
+            self.calls = None
+        return self.net(x)
+
+
+def replay_seconds(net: torch.nn.Module, calls, device, repeat: int = 3, warm: bool = True) -> float | None:
+    """Best of ``repeat`` replays of recorded ``calls`` on the bare model (the same inputs, batch
+    shapes and order): a forward, or where the run needed a gradient a forward+backward of a class
+    probability w.r.t. the input. None without calls. ``warm``: one untimed replay first."""
+    if not calls:
+        return None
+
+    def run():
+        for z, grad in calls:
+            if grad:
+                zz = z.detach().requires_grad_(True)
+                torch.autograd.grad(torch.softmax(net(zz), 1)[:, 0].sum(), zz)
+            else:
+                with torch.no_grad():
+                    net(z)
+
+    if warm:
+        run()
+        sync(device)
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
