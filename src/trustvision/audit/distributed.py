@@ -116,7 +116,9 @@ def connect(address: str = "auto", workers: int | None = None, gpus_per_worker: 
 
 
 class RayPool:
-    """``workers`` Ray actors holding the model of ``source`` (a checkpoint path or zoo:NAME).
+    """``workers`` Ray actors holding the model of ``source`` (a checkpoint path or zoo:NAME). The
+    pool is what the checks take as ``executor``: its :meth:`map` runs their units
+    (:func:`trustvision._utils.parallel.run_units`, :func:`trustvision.explain.explain_images`).
 
     Args:
         source: what :func:`trustvision.models.load` takes.
@@ -150,11 +152,6 @@ class RayPool:
                 for i, (args, kw) in enumerate(calls)]
         for ref in refs:
             yield ray.get(ref)
-
-    def executor(self) -> "RayPool":
-        """What the checks take as ``executor`` (:func:`trustvision._utils.parallel.run_units`,
-        :func:`trustvision.explain.explain_images`): this pool, whose :meth:`map` runs their units."""
-        return self
 
     def close(self) -> None:
         ray = require_ray()

@@ -527,7 +527,7 @@ def run(
                 from trustvision.audit.distributed import RayPool
 
                 pool = RayPool(am.source, ray, ray_workers, ray_gpus_per_worker)
-                ctx.executor = pool.executor()
+                ctx.executor = pool  # its map() runs the checks' units
             for cls in check_classes:
                 check = cls()
                 ctx.check_options = dict(check_opts[cls.name])

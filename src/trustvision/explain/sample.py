@@ -300,9 +300,9 @@ def explain_images(
     outs, infos = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # (without a codec the units have no keys and no encoder: nothing is read or stored)
         results = run_units(model, here if executor is None else explain_chunk, units, executor=executor,
-                            cache=cache if codec is not None else None,
-                            encode=None if codec is None else lambda out: codec.encode(*out),
+                            cache=cache, encode=None if codec is None else lambda out: codec.encode(*out),
                             decode=None if codec is None else lambda hit, u: codec.decode(hit, u.args[1]))
         pairs = zip(bounds, results)
         parts = pairs if track is None else track(pairs, total=n, description=cls.name,

@@ -681,15 +681,14 @@ class SIS(Explainer):
         left = remaining.nonzero().squeeze(1)  # the features still in, ascending
         order: list[int] = []
         values: list[float] = []
+
+        def score(features: torch.Tensor) -> torch.Tensor:  # f of the current image with each feature masked
+            cand = torch.where(fmap == features.view(-1, 1, 1), base_f, cur_f)
+            return torch.softmax(_logits(self.model, cand.view(-1, c, h, w)), 1)[:, t]
+
         while left.numel():
             m = left.numel()
-            if m <= rows:
-                cand = torch.where(fmap == left.view(-1, 1, 1), base_f, cur_f)
-                prob = torch.softmax(_logits(self.model, cand.view(m, c, h, w)), 1)[:, t]
-            else:
-                prob = torch.cat([torch.softmax(_logits(self.model, torch.where(
-                    fmap == left[sl].view(-1, 1, 1), base_f, cur_f).view(-1, c, h, w)), 1)[:, t]
-                    for sl in chunks(m, rows)])
+            prob = score(left) if m <= rows else torch.cat([score(left[sl]) for sl in chunks(m, rows)])
             j = int(prob.argmax())  # the first maximum: ties to the lowest feature index
             f = int(left[j])
             order.append(f)
