@@ -16,7 +16,7 @@ import copy
 from typing import Iterable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 __all__ = ["SPLITS", "ImageDataset", "TensorImageDataset", "SubsetImageDataset", "random_subset"]
 
@@ -61,22 +61,20 @@ class ImageDataset(Dataset):
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images (N, C, H, W) float32 and labels (N,) int64, read in order.
 
-        This default reads the items in batches of 256 through a DataLoader with the worker
-        processes of :func:`trustvision.data.loading.loader_options` (none unless the audit's
+        This default reads the items in batches of 256 through
+        :func:`trustvision.data.loading.image_batches` (a DataLoader with the worker processes of
+        :func:`trustvision.data.loading.loader_options`: none unless the audit's
         ``--num-workers`` says; items may carry extras after the label, e.g. masks: they are
         dropped); in-memory datasets override it with their stored tensors.
         """
-        from trustvision.data.loading import _LOADER_DEFAULTS
+        from trustvision.data.loading import image_batches
 
-        images, labels = [], []
-        workers = _LOADER_DEFAULTS["num_workers"]
-        for batch in DataLoader(self, batch_size=256, shuffle=False, num_workers=workers):
-            images.append(torch.as_tensor(batch[0]).float())
-            labels.append(torch.as_tensor(batch[1]).long().flatten())
+        labels: list[int] = []
+        images = [torch.as_tensor(xb).float() for xb in image_batches(self, 256, labels=labels)]
         if not images:
             return (torch.zeros(0, self.num_channels, *self.image_size),
                     torch.zeros(0, dtype=torch.long))
-        return torch.cat(images), torch.cat(labels)
+        return torch.cat(images), torch.tensor(labels, dtype=torch.long)
 
     def subset(self, indices: Iterable[int] | torch.Tensor) -> "ImageDataset":
         """The items at ``indices`` (in that order) as an :class:`ImageDataset` with the same
