@@ -16,8 +16,9 @@ MODEL = {"cnn": "zoo:small-cnn-digits"}
 @pytest.fixture(autouse=True)
 def _fixed_chunks(monkeypatch):
     """I-GOS picks its internal chunk (AutoChunk) and how many line-search trials one forward
-    scores (``_cheap_rows``) from measured pass times; a loaded machine may pick others and round
-    differently. Fixed choices make the runs comparable bit for bit."""
+    scores (``_cheap_rows``) from measured pass times; a loaded machine may pick others, which
+    batches the model's rows differently and spends another number of passes (recorded in SAG's
+    graphs). Fixed choices make the runs comparable record for record."""
     from trustvision._utils import images
 
     original = images.AutoChunk.__init__

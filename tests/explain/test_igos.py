@@ -311,17 +311,20 @@ def test_total_variation_by_hand():
 
 @pytest.mark.parametrize("cls", METHODS)
 def test_grouped_line_search_equals_sequential(cls, tiny_cnn):
+    """The same heatmaps, bit for bit, whatever number of trials one call scores (the audit picks
+    it from measured pass times, so a loaded machine or a Ray worker may pick another)."""
     calls = []
     hook = tiny_cnn.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     kw = dict(iterations=4, ig_steps=3, seed=0)
     seq = quiet(cls(tiny_cnn, line_search_group=1).attribute, x, **kw)
     n_seq = len(calls)
-    calls.clear()
-    grouped = quiet(cls(tiny_cnn, line_search_group=4).attribute, x, **kw)
+    for group in (3, 4):
+        calls.clear()
+        grouped = quiet(cls(tiny_cnn, line_search_group=group).attribute, x, **kw)
+        assert torch.equal(seq, grouped), group
+        assert len(calls) <= n_seq
     hook.remove()
-    torch.testing.assert_close(seq, grouped, atol=1e-5, rtol=0)
-    assert len(calls) <= n_seq
 
 
 def test_auto_chunk_covers_every_row_once_in_order(monkeypatch):

@@ -693,7 +693,10 @@ class _MaskExplainer(Explainer, register=False):
         (-> values and an extra per-candidate number or None; ``points`` model rows per term and
         trial) against ``old``; accepted states, values (and extras) are written into ``out_z`` /
         ``out_val`` (/ ``out_aux``). Returns which images accepted a step (CPU bools)."""
-        step = step0.clone()
+        # Trial k of an image has step step0 * SHRINK**k, the power read from one table, so the
+        # steps (and so the states and values) are the same bits whatever number of trials one
+        # call scores (``group``, chosen from measured pass times).
+        tried = torch.zeros(active.shape[0], dtype=torch.long)  # CPU: trials scored per image
         active = active.clone()
         accepted = torch.zeros_like(active)
         nt = self._ctx["spec"][0].shape[0]
@@ -702,12 +705,13 @@ class _MaskExplainer(Explainer, register=False):
             rd = rows.to(z.device)
             r = rows.shape[0]
             group = self.line_search_group or max(2, min(8, self._ctx["cheap"] // (r * nt * points)))
-            shrink = ARMIJO_SHRINK ** torch.arange(group, device=z.device, dtype=z.dtype)  # (G,)
-            steps = step[rd].unsqueeze(1) * shrink.unsqueeze(0)  # (r, G)
+            k = tried[rows].unsqueeze(1) + torch.arange(group + 1)  # (r, G + 1): these trials, then the next
+            powers = _shrink_powers(int(k.max()) + 1, z.dtype, z.device)[k.to(z.device)]
+            steps_next = step0[rd].unsqueeze(1) * powers
+            steps, next_step = steps_next[:, :group], steps_next[:, group]  # (r, G), (r,)
             cand = (z[rd].unsqueeze(1) - steps.view(r, group, 1, 1, 1) * g[rd].unsqueeze(1)).clamp(0, 1)
-            # trials whose largest cell change is below min_step are not scored (except the first)
-            valid = steps * gmax[rd].unsqueeze(1) >= min_step
-            valid[:, 0] = True
+            # trials whose largest cell change is below min_step are not scored (except an image's first)
+            valid = (steps * gmax[rd].unsqueeze(1) >= min_step) | (k[:, :group] == 0).to(z.device)
             vflat = valid.flatten()
             val = torch.full((r * group,), float("inf"), device=z.device, dtype=z.dtype)
             aux = torch.zeros_like(val)
@@ -727,12 +731,27 @@ class _MaskExplainer(Explainer, register=False):
             out_val[rd[idx]] = val[idx, first[idx]]
             if out_aux is not None:
                 out_aux[rd[idx]] = aux[idx, first[idx]]
-            step[rd] = torch.where(any_ok, step[rd], step[rd] * ARMIJO_SHRINK**group)
-            give_up = ~any_ok & (step[rd] * gmax[rd] < min_step)
+            tried[rows] += group
+            give_up = ~any_ok & (next_step * gmax[rd] < min_step)
             any_ok, give_up = any_ok.cpu(), give_up.cpu()
             accepted[rows[any_ok]] = True
             active[rows[any_ok | give_up]] = False
         return accepted
+
+
+_POWERS: dict = {}
+
+
+def _shrink_powers(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """ARMIJO_SHRINK ** k for k < n (at least), computed once in Python floats (kept per dtype and
+    device)."""
+    key = (dtype, str(device))
+    table = _POWERS.get(key)
+    if table is None or table.shape[0] < n:
+        size = max(n, 32, 2 * (0 if table is None else table.shape[0]))
+        table = torch.tensor([ARMIJO_SHRINK**k for k in range(size)], dtype=torch.float64).to(device, dtype)
+        _POWERS[key] = table
+    return table
 
 
 def _baseline_name(baselines: BaselineType) -> str:
