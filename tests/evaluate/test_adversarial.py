@@ -72,9 +72,13 @@ def test_accuracy_at_eps_zero_is_clean_accuracy():
     with torch.no_grad():
         clean = float((net(x).argmax(1) == y).double().mean())
     for name in adv.list_attacks():
-        r = adv.robust_accuracy(net, x, y, name, [0.0, 0.05], steps=3)
+        # AutoAttack at eps > 0 runs its whole suite on every image it cannot break (13-20 s here on
+        # this random net's 2 correct images); its eps > 0 results are the linear-model and
+        # package-equality tests below
+        eps = [0.0] if name.startswith("autoattack") else [0.0, 0.05]
+        r = adv.robust_accuracy(net, x, y, name, eps, steps=3)
         assert r.accuracy[0] == clean == r.clean_accuracy
-        assert r.accuracy[1] <= r.accuracy[0]
+        assert r.accuracy[-1] <= r.accuracy[0]
     assert torch.equal(adv.pgd(net, x, y, 0.0), x)
     assert torch.equal(adv.fgsm(net, x, y, 0.0), x)
 

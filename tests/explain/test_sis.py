@@ -376,3 +376,23 @@ def test_explain_cli_sis_masks_with_the_training_mean(tmp_path, capsys):
         stem = out / "sis" / f"{scores['images'].index(row):03d}_idx{row['index']}"
         saved = json.loads(stem.with_suffix(".json").read_text())
         assert saved["status"] == row["sis_status"] and stem.with_suffix(".png").is_file()
+
+
+def test_largest_first_is_the_stable_descending_sort():
+    """BGSIS's top-k pick (topk where the values are distinct) equals a stable descending sort's
+    first k on rows with ties, NaN and removed (-inf) features, on the CPU's topk path (> 256)."""
+    from trustvision.explain.sis import _largest_first
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        p = int(torch.randint(257, 1500, (1,), generator=g))
+        s = torch.randn(int(torch.randint(1, 5, (1,), generator=g)), p, generator=g, dtype=torch.float64)
+        if trial % 4 == 1:
+            s = s.round()  # many ties, at the top too
+        elif trial % 4 == 2:
+            s[:, : p - 5] = -math.inf  # nearly exhausted: fewer finite scores than take + 1
+        elif trial % 4 == 3:
+            s[0, 3] = float("nan")
+        take = int(torch.randint(1, 20, (1,), generator=g))
+        want = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :take]
+        assert torch.equal(_largest_first(s, take), want), trial

@@ -24,9 +24,6 @@ from trustvision import audit, models
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDTHS = (1400, 900)
-SMALL = {"n_max": 80, "ood.n": 40, "generative.ood_n": 40, "generative.counterfactual_n": 2,
-         "explanations.n": 3, "explanations.sag_n": 1, "explanations.iterations": 2}
-
 PROBE_HEAD = """<script>
 window.__tvErrors = [];
 window.addEventListener('error', function (e) { window.__tvErrors.push(String(e.message || e)); }, true);
@@ -99,15 +96,12 @@ def artifacts():
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    names = [e["name"] for e in models.list_zoo() if e.get("dataset") == "digits"]
-    default = tmp_path_factory.mktemp("default-report")
-    audit.run({n: models.load(n) for n in names}, "digits", out=default, options=SMALL,
-              command="trustvision audit (small)")
+def reports(tmp_path_factory, default_audit, small_options):
+    default = default_audit[0]  # tests/report/conftest.py
     compare = tmp_path_factory.mktemp("compare-report")
     audit.run({"zoo:ibinn-small-digits": models.load("zoo:ibinn-small-digits")}, "digits", out=compare,
               compare=audit.AuditModel("zoo:ibinn-small-ff-digits", models.load("zoo:ibinn-small-ff-digits")),
-              options=SMALL, command="trustvision audit --compare (small)")
+              options=small_options, command="trustvision audit --compare (small)")
     return {"default": default, "compare": compare}
 
 

@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 
-from trustvision import models
-from trustvision.audit import default_checks, run_audit
 from trustvision.audit.checks.ood import SUMMARY_SETS
 from trustvision.report import render_html, summary_table
 
 ZOO = ("zoo:ibinn-small-digits", "zoo:ibinn-small-ff-digits", "zoo:small-cnn-digits")
-
-
-@pytest.fixture(scope="module")
-def default_audit(tmp_path_factory):
-    """The default audit (every default check on the digits zoo models), on small subsets."""
-    names = [e["name"] for e in models.list_zoo() if e.get("dataset") == "digits"]
-    if not set(ZOO) <= set(names):
-        pytest.skip("digits zoo not built (scripts/build_zoo*.py)")
-    out = tmp_path_factory.mktemp("audit")
-    run_audit({n: models.load(n) for n in names}, "digits", out, checks=default_checks(), progress=False,
-              options={"n_max": 80, "ood.n": 40, "generative.ood_n": 40, "explanations.n": 2,
-                       "explanations.sag_n": 1, "explanations.iterations": 2, "generative.counterfactual_n": 2})
-    return out, json.loads((out / "results.json").read_text())
 
 
 def _header_cells(html: str) -> list[str]:

@@ -245,6 +245,19 @@ class _Features:
         return feature_mask[..., self.fmap]
 
 
+def _largest_first(score: torch.Tensor, take: int) -> torch.Tensor:
+    """The indices of the ``take`` largest scores of each row, largest first, ties to the lowest
+    index: a stable descending sort's first ``take``. On the CPU, where sorting a long row costs
+    far more than ``topk`` (1,024 features: 40 us vs 10 us; 32 images: 2.4 ms vs 0.2 ms), ``topk``
+    answers whenever the ``take + 1`` largest values are all distinct (its order among equal
+    values is unspecified); a tie, a NaN or an exhausted row falls back to the sort."""
+    if score.device.type == "cpu" and score.shape[1] > 256 and take < score.shape[1]:
+        vals, idx = score.topk(take + 1, dim=1)
+        if bool((vals.diff(dim=1) < 0).all()):
+            return idx[:, :take]
+    return torch.sort(score, dim=1, descending=True, stable=True).indices[:, :take]
+
+
 def _logits(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> torch.Tensor:
     """The model's logits in float32 (or float64); with ``autocast`` its forward runs in bf16
     autocast (:func:`~trustvision.explain.igos.model_logits`)."""
@@ -820,7 +833,7 @@ class BatchedGradientSIS(SIS):
 
         def inputs(m: torch.Tensor) -> torch.Tensor:
             mp = (m.view(n, 1, h, w) if self.patch == 1 else feats.pixels(m).unsqueeze(1)).to(x.dtype)
-            return x * (1 - mp) + base * mp
+            return torch.lerp(x, base, mp)  # one op; exactly x where mp = 0 and base where mp = 1
 
         with eval_mode(self.model):
             base = mask_images(self.model, x, self.mask)
@@ -841,7 +854,7 @@ class BatchedGradientSIS(SIS):
                     score = score + std * z.to(score.device)
                 score = score.masked_fill(removed, -math.inf)
                 take = min(k, p - pos)
-                top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :take]
+                top = _largest_first(score, take)
                 order[:, pos : pos + take] = top
                 removed.scatter_(1, top, True)
                 pos += take
