@@ -95,18 +95,27 @@ def _best(fn, device, repeat: int = 3) -> float:
 
 def paired(run, limit, device, rounds: int = 21, budget: float = 6.0) -> tuple[float, float, float, int]:
     """``run`` and its ``limit`` timed back to back in rounds (at most ``rounds``, fewer once
-    ``budget`` seconds have passed; ``limit`` returns its seconds).
+    ``budget`` seconds have passed; ``limit`` returns its seconds; the two alternate which goes
+    first).
     Returns the best run, the best limit, the median of the rounds' limit / run ratios (a
     neighbour's load on a shared machine changes over seconds and hits both sides of a round
     alike) and the number of rounds."""
     runs, limits, start = [], [], time.perf_counter()
-    while len(runs) < rounds and (not runs or time.perf_counter() - start < budget):
+
+    def timed_run() -> float:
         sync(device)
         t0 = time.perf_counter()
         run()
         sync(device)
-        runs.append(time.perf_counter() - t0)
-        limits.append(limit())
+        return time.perf_counter() - t0
+
+    while len(runs) < rounds and (not runs or time.perf_counter() - start < budget):
+        if len(runs) % 2:  # the limit first in every other round: neither side always runs second
+            limits.append(limit())
+            runs.append(timed_run())
+        else:
+            runs.append(timed_run())
+            limits.append(limit())
     ratios = [lim / r for lim, r in zip(limits, runs)]
     return min(runs), min(limits), statistics.median(ratios), len(runs)
 

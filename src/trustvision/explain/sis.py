@@ -699,15 +699,20 @@ class SIS(Explainer):
             cand = torch.where(fmap == features.view(-1, 1, 1), base_f, cur_f)
             return torch.softmax(_logits(self.model, cand.view(-1, c, h, w)), 1)[:, t]
 
-        while left.numel():
-            m = left.numel()
+        names = left.tolist()
+        best: list[torch.Tensor] = []
+        while names:
+            m = len(names)
             prob = score(left) if m <= rows else torch.cat([score(left[sl]) for sl in chunks(m, rows)])
-            j = int(prob.argmax())  # the first maximum: ties to the lowest feature index
-            f = int(left[j])
+            top, j = prob.max(0)  # the first maximum: ties to the lowest feature index
+            j = int(j)
+            f = names.pop(j)
             order.append(f)
-            values.append(float(prob[j]))  # float32 -> float64: exact
-            left = torch.cat([left[:j], left[j + 1:]])
+            best.append(top)
+            left = torch.cat((left[:j], left[j + 1:]))
             cur_f = torch.where(fmap == f, base_f, cur_f)
+        if best:
+            values = torch.stack(best).tolist()  # float32 -> float64: exact
         return [order], [values]
 
 
