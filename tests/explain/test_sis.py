@@ -380,13 +380,15 @@ def test_explain_cli_sis_masks_with_the_training_mean(tmp_path, capsys):
 
 def test_largest_first_is_the_stable_descending_sort():
     """BGSIS's top-k pick (topk where the values are distinct) equals a stable descending sort's
-    first k on rows with ties, NaN and removed (-inf) features, on the CPU's topk path (> 256)."""
+    first k on rows with ties, NaN and removed (-inf) features, on the CPU's topk path (more
+    than 4,096 scores) and below it."""
     from trustvision.explain.sis import _largest_first
 
     g = torch.Generator().manual_seed(0)
     for trial in range(40):
         p = int(torch.randint(257, 1500, (1,), generator=g))
-        s = torch.randn(int(torch.randint(1, 5, (1,), generator=g)), p, generator=g, dtype=torch.float64)
+        rows = 1 if trial % 5 == 0 else int(torch.randint(4, 9, (1,), generator=g))  # 4+ rows: topk
+        s = torch.randn(rows, p, generator=g, dtype=torch.float64)
         if trial % 4 == 1:
             s = s.round()  # many ties, at the top too
         elif trial % 4 == 2:

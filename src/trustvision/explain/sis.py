@@ -247,11 +247,13 @@ class _Features:
 
 def _largest_first(score: torch.Tensor, take: int) -> torch.Tensor:
     """The indices of the ``take`` largest scores of each row, largest first, ties to the lowest
-    index: a stable descending sort's first ``take``. On the CPU, where sorting a long row costs
-    far more than ``topk`` (1,024 features: 40 us vs 10 us; 32 images: 2.4 ms vs 0.2 ms), ``topk``
-    answers whenever the ``take + 1`` largest values are all distinct (its order among equal
-    values is unspecified); a tie, a NaN or an exhausted row falls back to the sort."""
-    if score.device.type == "cpu" and score.shape[1] > 256 and take < score.shape[1]:
+    index: a stable descending sort's first ``take``. On the CPU, where sorting many long rows
+    costs far more than ``topk`` (32 x 1,024 scores: 2.4 ms vs 0.2 ms; one 224 px image: 6.5 ms
+    vs 0.5 ms), ``topk`` answers whenever the ``take + 1`` largest values are all distinct (its
+    order among equal values is unspecified); a tie, a NaN or an exhausted row falls back to the
+    sort. Up to 4,096 scores the one sort kernel is the cheaper (BGSIS's loop pays for every
+    small kernel between two passes)."""
+    if score.device.type == "cpu" and score.numel() > 4096 and take < score.shape[1]:
         vals, idx = score.topk(take + 1, dim=1)
         if bool((vals.diff(dim=1) < 0).all()):
             return idx[:, :take]
@@ -688,32 +690,45 @@ class SIS(Explainer):
 
     def _select_one(self, cur_f, base_f, remaining, fmap, t: int, rows, shape):
         """:meth:`_select_batch` of one image, with fewer small operations per step (one image
-        makes many small passes: the per-step work is what separates it from the model's own
-        speed). The same order and values, exactly."""
+        makes many small passes, and on a CPU every small kernel between two passes costs several
+        times its own time: the per-step work is what separates it from the model's own speed).
+        Once every candidate fits one pass they are kept as one batch: a step drops the chosen
+        row and copies the chosen feature's baseline pixels into the others (two kernels). The
+        same order and values, exactly."""
         c, h, w = shape
         left = remaining.nonzero().squeeze(1)  # the features still in, ascending
+        names = left.tolist()
         order: list[int] = []
-        values: list[float] = []
+        best: list[torch.Tensor] = []
 
         def score(features: torch.Tensor) -> torch.Tensor:  # f of the current image with each feature masked
             cand = torch.where(fmap == features.view(-1, 1, 1), base_f, cur_f)
             return torch.softmax(_logits(self.model, cand.view(-1, c, h, w)), 1)[:, t]
 
-        names = left.tolist()
-        best: list[torch.Tensor] = []
-        while names:
-            m = len(names)
-            prob = score(left) if m <= rows else torch.cat([score(left[sl]) for sl in chunks(m, rows)])
+        while len(names) > rows:  # several passes per step
+            prob = torch.cat([score(left[sl]) for sl in chunks(len(names), rows)])
             top, j = prob.max(0)  # the first maximum: ties to the lowest feature index
             j = int(j)
-            f = names.pop(j)
-            order.append(f)
+            order.append(names.pop(j))
             best.append(top)
             left = torch.cat((left[:j], left[j + 1:]))
-            cur_f = torch.where(fmap == f, base_f, cur_f)
-        if best:
-            values = torch.stack(best).tolist()  # float32 -> float64: exact
-        return [order], [values]
+            cur_f = torch.where(fmap == order[-1], base_f, cur_f)
+        if names:
+            k, gw = self.patch, math.ceil(w / self.patch)
+            cand = torch.where(fmap == left.view(-1, 1, 1), base_f, cur_f).view(-1, c, h, w)
+            base4 = base_f.view(1, c, h, w)
+            while True:
+                top, j = torch.softmax(_logits(self.model, cand), 1)[:, t].max(0)  # the first maximum
+                j = int(j)
+                f = names.pop(j)
+                order.append(f)
+                best.append(top)
+                if not names:
+                    break
+                cand = torch.cat((cand[:j], cand[j + 1:]))
+                r0, c0 = (f // gw) * k, (f % gw) * k  # the feature's patch (clipped at the border)
+                cand[:, :, r0:r0 + k, c0:c0 + k] = base4[:, :, r0:r0 + k, c0:c0 + k]
+        return [order], [torch.stack(best).tolist() if best else []]  # float32 -> float64: exact
 
 
 # -- Batched Gradient SIS ------------------------------------------------------------------
@@ -832,7 +847,6 @@ class BatchedGradientSIS(SIS):
         iters = math.ceil(p / k)
         std = math.sqrt(float(self.noise))
         gens = [torch.Generator().manual_seed(_content_seed(self.seed, x[i])) for i in range(n)]
-        order = torch.empty(n, p, dtype=torch.long, device=x.device)
         values = torch.full((n, p), float("nan"), dtype=torch.float64, device=x.device)  # s(j + 1)
         removed = torch.zeros(n, p, dtype=torch.bool, device=x.device)
 
@@ -842,27 +856,32 @@ class BatchedGradientSIS(SIS):
 
         with eval_mode(self.model):
             base = mask_images(self.model, x, self.mask)
-            pos = 0
+            # As few kernels as possible between two passes (on a CPU each costs several times
+            # its own time there): f and the picks are kept and written once after the loop.
+            pos, fs, tops = 0, [], []
             for it in range(iters):
                 m = removed.to(x.dtype).requires_grad_(True)
                 logits = _logits(self.model, inputs(m), self.autocast)
                 f = torch.softmax(logits, 1).gather(1, t.view(-1, 1)).squeeze(1)
                 (grad,) = torch.autograd.grad(f.sum(), m)
-                f = f.detach().double()
+                fs.append(f.detach())
                 if it == 0:
-                    prob0, predicted = f, logits.detach().argmax(1)
-                else:
-                    values[:, pos - 1] = f
-                score = grad.detach().double()
+                    predicted = logits.detach().argmax(1)
                 if std > 0:  # drawn in float64 on the CPU: the same numbers on every device
-                    z = torch.stack([torch.randn(p, generator=g, dtype=torch.float64) for g in gens])
-                    score = score + std * z.to(score.device)
-                score = score.masked_fill(removed, -math.inf)
+                    z = torch.randn(p, generator=gens[0], dtype=torch.float64).unsqueeze(0) if n == 1 else \
+                        torch.stack([torch.randn(p, generator=g, dtype=torch.float64) for g in gens])
+                    score = z.to(x.device).mul_(std).add_(grad)  # = grad.double() + std * z, exactly
+                else:
+                    score = grad.double()
                 take = min(k, p - pos)
-                top = _largest_first(score, take)
-                order[:, pos : pos + take] = top
+                top = _largest_first(score.masked_fill_(removed, -math.inf), take)
+                tops.append(top)
                 removed.scatter_(1, top, True)
                 pos += take
+            order = torch.cat(tops, 1)
+            f_all = torch.stack(fs, 1).double()  # (n, iters): s(0), s(k), s(2k), ...
+            prob0 = f_all[:, 0]
+            values[:, k - 1 : p - 1 : k] = f_all[:, 1:]  # s(j + 1) after the j-th removal
             with torch.no_grad():
                 values[:, p - 1] = _prob(self.model, base, t, self.autocast)
                 evals = torch.full((n,), iters + 1, dtype=torch.long)
