@@ -285,7 +285,7 @@ def speed(device, full: bool, emit, small: bool = True, batches=(1, 32)) -> None
             x = xall[:bsz]
             step = fwd_bwd_step(net, x)
             step()
-            # a round: the run, then its limit, iters consecutive passes, each timed once
+            # a round: the run and its limit (iters consecutive passes), each timed once
             sec, limit, ratio, rounds = paired(lambda: bg.find(x), lambda: passes_seconds(step, iters, device),
                                                device, rounds=15, budget=5)
             best = fwd_bwd_seconds(net, x, device)
