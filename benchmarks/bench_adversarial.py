@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from registry import Workload, register, sync, emitter  # noqa: E402
+from registry import Workload, best_seconds, emitter, register  # noqa: E402
 
 MODELS = {"small-cnn-digits": "digits", "small-cnn-textures": "textures"}
 
@@ -105,11 +105,7 @@ def speed(device, steps: int, emit, repeat: int = 5, seconds: float = 4.0) -> No
                     fwd_bwd_once(net, xb, yb)
 
             def timed(fn) -> float:
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                return time.perf_counter() - t0
+                return best_seconds(fn, device, repeat=1, warm=False)
 
             for fn in (passes, *attacks.values()):  # warm-up
                 fn()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from registry import Workload, register, sync  # noqa: E402
+from registry import Workload, best_seconds, register, sync  # noqa: E402
 
 BATCH = 256
 
@@ -34,16 +33,6 @@ def _setup(device: torch.device, name: str = "textures"):
     return net, xtr, ytr, xte
 
 
-def _best_of(fn, repeats: int = 5) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def rows(device: torch.device, name: str = "textures") -> list[dict]:
     from trustvision.evaluate.ood import get_detector, list_detectors
 
@@ -55,11 +44,11 @@ def rows(device: torch.device, name: str = "textures") -> list[dict]:
             net(xte[i: i + BATCH].to(device))
         sync(device)
 
-    t_fwd = _best_of(forward)
+    t_fwd = best_seconds(forward, device, repeat=5)
     out = []
     for det_name in list_detectors(net):
         det = get_detector(det_name)().fit(net, xtr, ytr, batch_size=BATCH)
-        t = _best_of(lambda: det.score(net, xte, batch_size=BATCH))
+        t = best_seconds(lambda: det.score(net, xte, batch_size=BATCH), device, repeat=5)
         out.append({"benchmark": f"ood:{det_name}:small-cnn-{name}", "images": len(xte),
                     "images_per_s": len(xte) / t, "forward_images_per_s": len(xte) / t_fwd,
                     "ratio": t_fwd / t})

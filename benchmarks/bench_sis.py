@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from registry import CallRecorder, Workload, emitter, register, replay_seconds, sync  # noqa: E402
+from registry import CallRecorder, Workload, best_seconds, emitter, register, replay_seconds, sync  # noqa: E402
 
 
 def _load(name: str, split: str, device):
@@ -82,18 +82,6 @@ def _w_bgsis(device):
 # -- speed -----------------------------------------------------------------------------------
 
 
-def _best(fn, device, repeat: int = 3) -> float:
-    fn()
-    sync(device)
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def paired(run, limit, device, rounds: int = 21, budget: float = 6.0) -> tuple[float, float, float, int]:
     """``run`` and its ``limit`` timed back to back in rounds (at most ``rounds``, fewer once
     ``budget`` seconds have passed; ``limit`` returns its seconds; the two alternate which goes
@@ -104,11 +92,7 @@ def paired(run, limit, device, rounds: int = 21, budget: float = 6.0) -> tuple[f
     runs, limits, start = [], [], time.perf_counter()
 
     def timed_run() -> float:
-        sync(device)
-        t0 = time.perf_counter()
-        run()
-        sync(device)
-        return time.perf_counter() - t0
+        return best_seconds(run, device, repeat=1, warm=False)
 
     while len(runs) < rounds and (not runs or time.perf_counter() - start < budget):
         if len(runs) % 2:  # the limit first in every other round: neither side always runs second
@@ -125,7 +109,7 @@ def forward_rate(net, x1: torch.Tensor, rows: int, device) -> float:
     """Images/s of the model's raw batched forward on ``rows`` copies of ``x1`` (no_grad, eval)."""
     xb = x1.expand(rows, *x1.shape[1:]).contiguous()
     with torch.no_grad():
-        return rows / _best(lambda: net(xb), device)
+        return rows / best_seconds(lambda: net(xb), device)
 
 
 def fwd_bwd_step(net, x: torch.Tensor):
@@ -143,17 +127,17 @@ def fwd_bwd_step(net, x: torch.Tensor):
 
 def fwd_bwd_seconds(net, x: torch.Tensor, device) -> float:
     """Seconds of the best of three single forward + backward passes (:func:`fwd_bwd_step`)."""
-    return _best(fwd_bwd_step(net, x), device)
+    return best_seconds(fwd_bwd_step(net, x), device)
 
 
 def passes_seconds(step, count: int, device) -> float:
     """Seconds of ``count`` consecutive calls of ``step``, timed once (as a run is)."""
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(count):
-        step()
-    sync(device)
-    return time.perf_counter() - t0
+
+    def passes():
+        for _ in range(count):
+            step()
+
+    return best_seconds(passes, device, repeat=1, warm=False)
 
 
 def pass_limit_seconds(net, x1: torch.Tensor, rows: list[int], device) -> float:

@@ -182,13 +182,20 @@ def replay_seconds(net: torch.nn.Module, calls, device, repeat: int = 3, warm: b
                 with torch.no_grad():
                     net(z)
 
+    return best_seconds(run, device, repeat, warm)
+
+
+def best_seconds(fn, device: torch.device, repeat: int = 3, warm: bool = True) -> float:
+    """The best of ``repeat`` timed calls of ``fn`` (the device synchronised around each);
+    ``warm``: one untimed call first."""
     if warm:
-        run()
+        fn()
         sync(device)
     best = math.inf
     for _ in range(repeat):
+        sync(device)
         t0 = time.perf_counter()
-        run()
+        fn()
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
