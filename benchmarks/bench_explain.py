@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from registry import CallRecorder, Workload, register, replay_seconds, sync  # noqa: E402
+from registry import CallRecorder, Workload, best_seconds, register, replay_seconds, sync  # noqa: E402
 
 BATCH = 32
 
@@ -208,18 +208,7 @@ def time_per_pass(net, x: torch.Tensor, chunk: int, device: torch.device,
         with torch.no_grad():
             torch.softmax(net(xb), 1)
 
-    out = []
-    for fn in (fb, fw):
-        fn()
-        best = float("inf")
-        for _ in range(reps):
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            best = min(best, time.perf_counter() - t0)
-        out.append(best / chunk)
-    return out[0], out[1]
+    return best_seconds(fb, device, reps) / chunk, best_seconds(fw, device, reps) / chunk
 
 
 def _chunk_sizes(expl, x: torch.Tensor, settings: dict, method: str) -> tuple[int, int]:
