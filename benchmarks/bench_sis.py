@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from registry import CallRecorder, Workload, best_seconds, emitter, register, replay_seconds, sync  # noqa: E402
+from registry import CallRecorder, Workload, best_seconds, emitter, paired, register, replay_seconds, sync  # noqa: E402
 
 
 def _load(name: str, split: str, device):
@@ -80,29 +79,6 @@ def _w_bgsis(device):
 
 
 # -- speed -----------------------------------------------------------------------------------
-
-
-def paired(run, limit, device, rounds: int = 21, budget: float = 6.0) -> tuple[float, float, float, int]:
-    """``run`` and its ``limit`` timed back to back in rounds (at most ``rounds``, fewer once
-    ``budget`` seconds have passed; ``limit`` returns its seconds; the two alternate which goes
-    first).
-    Returns the best run, the best limit, the median of the rounds' limit / run ratios (a
-    neighbour's load on a shared machine changes over seconds and hits both sides of a round
-    alike) and the number of rounds."""
-    runs, limits, start = [], [], time.perf_counter()
-
-    def timed_run() -> float:
-        return best_seconds(run, device, repeat=1, warm=False)
-
-    while len(runs) < rounds and (not runs or time.perf_counter() - start < budget):
-        if len(runs) % 2:  # the limit first in every other round: neither side always runs second
-            limits.append(limit())
-            runs.append(timed_run())
-        else:
-            runs.append(timed_run())
-            limits.append(limit())
-    ratios = [lim / r for lim, r in zip(limits, runs)]
-    return min(runs), min(limits), statistics.median(ratios), len(runs)
 
 
 def forward_rate(net, x1: torch.Tensor, rows: int, device) -> float:

@@ -21,6 +21,7 @@ bare model replaying the very calls a run made: the model's own limit for that r
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,3 +200,26 @@ def best_seconds(fn, device: torch.device, repeat: int = 3, warm: bool = True) -
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def paired(run, limit, device, rounds: int = 21, budget: float = 6.0) -> tuple[float, float, float, int]:
+    """``run`` and its ``limit`` timed back to back in rounds (at most ``rounds``, fewer once
+    ``budget`` seconds have passed; ``limit`` returns its seconds; the two alternate which goes
+    first).
+    Returns the best run, the best limit, the median of the rounds' limit / run ratios (a
+    neighbour's load on a shared machine changes over seconds and hits both sides of a round
+    alike) and the number of rounds."""
+    runs, limits, start = [], [], time.perf_counter()
+
+    def timed_run() -> float:
+        return best_seconds(run, device, repeat=1, warm=False)
+
+    while len(runs) < rounds and (not runs or time.perf_counter() - start < budget):
+        if len(runs) % 2:  # the limit first in every other round: neither side always runs second
+            limits.append(limit())
+            runs.append(timed_run())
+        else:
+            runs.append(timed_run())
+            limits.append(limit())
+    ratios = [lim / r for lim, r in zip(limits, runs)]
+    return min(runs), min(limits), statistics.median(ratios), len(runs)

@@ -70,7 +70,7 @@ import hashlib
 import struct
 import time
 import warnings
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -117,6 +117,7 @@ CONSTANT_TOL = 1e-4  # a heatmap whose max - min is below this did not move
 NOISE_CHANGE = 0.2  # noise may move the class probability by at most this much (mean |dp|)
 NOISE_DRAWS = 2  # noisy copies per image, point and noise level in that check
 NOISE_HALVINGS = 6  # the noise is halved at most this many times, then switched off
+NOISE_TABLE_BYTES = 64 << 20  # an iteration's noise of all images up to this size is drawn once and kept
 
 def check_autocast(autocast) -> bool:
     """``autocast`` as a bool (a one-line error for anything else, e.g. the string ``"bf16"``)."""
@@ -139,20 +140,31 @@ def model_logits(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> t
 
 def total_variation(mask: torch.Tensor) -> torch.Tensor:
     """Mean squared difference of vertical and horizontal neighbours, per image: (N,)."""
-    dv = (mask[..., 1:, :] - mask[..., :-1, :]).pow(2).flatten(1)
-    dh = (mask[..., :, 1:] - mask[..., :, :-1]).pow(2).flatten(1)
-    zero = mask.new_zeros(mask.shape[0])
-    return (dv.mean(1) if dv.shape[1] else zero) + (dh.mean(1) if dh.shape[1] else zero)
+    h, w = mask.shape[-2:]
+    dims = tuple(range(1, mask.dim()))
+    tv = torch.diff(mask, dim=-2).square().mean(dims) if h > 1 else None
+    if w > 1:
+        th = torch.diff(mask, dim=-1).square().mean(dims)
+        tv = th if tv is None else tv + th
+    return mask.new_zeros(mask.shape[0]) if tv is None else tv
 
 
-def _weighted_tv(mask_up: torch.Tensor, image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Image-weighted TV of a full-resolution mask: weights exp(-||dI||^2 / sigma), per image."""
+def _edge_weights(image: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights exp(-||dI||^2 / sigma) of vertical and horizontal neighbours, per image."""
     wv = torch.exp(-(image[..., 1:, :] - image[..., :-1, :]).pow(2).sum(1, keepdim=True) / sigma)
     wh = torch.exp(-(image[..., :, 1:] - image[..., :, :-1]).pow(2).sum(1, keepdim=True) / sigma)
-    dv = (wv * (mask_up[..., 1:, :] - mask_up[..., :-1, :]).pow(2)).flatten(1)
-    dh = (wh * (mask_up[..., :, 1:] - mask_up[..., :, :-1]).pow(2)).flatten(1)
-    zero = mask_up.new_zeros(mask_up.shape[0])
-    return (dv.mean(1) if dv.shape[1] else zero) + (dh.mean(1) if dh.shape[1] else zero)
+    return wv, wh
+
+
+def _weighted_tv(mask_up: torch.Tensor, wv: torch.Tensor, wh: torch.Tensor) -> torch.Tensor:
+    """Image-weighted TV of a full-resolution mask with the weights of :func:`_edge_weights`, per
+    image."""
+    h, w = mask_up.shape[-2:]
+    tv = (wv * torch.diff(mask_up, dim=-2).square()).flatten(1).mean(1) if h > 1 else None
+    if w > 1:
+        th = (wh * torch.diff(mask_up, dim=-1).square()).flatten(1).mean(1)
+        tv = th if tv is None else tv + th
+    return mask_up.new_zeros(mask_up.shape[0]) if tv is None else tv
 
 
 def _image_keys(x: torch.Tensor) -> list[int]:
@@ -210,8 +222,9 @@ class _MaskExplainer(Explainer, register=False):
         """Map the gradients w.r.t. each term's mask back to the state ``z``."""
         raise NotImplementedError
 
-    def _regulariser(self, z: torch.Tensor, images: torch.Tensor, l1: float, l2: float) -> torch.Tensor:
-        """Area and smoothness penalties per image (N,)."""
+    def _regulariser(self, z: torch.Tensor, l1: torch.Tensor, l2: float, rd: torch.Tensor | None = None) -> torch.Tensor:
+        """Area and smoothness penalties per state (M,): ``l1`` (M,) per state, ``rd`` the image
+        of each state (device indices; None: the states are all images, in order)."""
         raise NotImplementedError
 
     def _heat(self, z: torch.Tensor) -> torch.Tensor:
@@ -329,7 +342,9 @@ class _MaskExplainer(Explainer, register=False):
             ls_points = [round((i + 1) * ig_steps / k_ls) - 1 for i in range(k_ls)]
             self._ctx = dict(
                 autocast=autocast,
-                src=torch.cat([x, base]), diff=torch.cat([x - base, base - x]), n=n, t=t,
+                # row u = replaced-source * n + image: the pixels shown where the mask is 0, and
+                # kept - replaced (a term keeps the image and replaces by the baseline or the reverse)
+                src=torch.cat([x, base]), diffu=torch.cat([base - x, x - base]), n=n, t=t,
                 size=(h, w), images=x, keys=keys, seed=int(seed), sigma=sigma, noisy=bool((sigma > 0).any()),
                 gen=torch.Generator(device=device), k=ig_steps, ls_points=ls_points,
                 alphas=torch.arange(1, ig_steps + 1, device=device, dtype=x.dtype) / ig_steps,
@@ -337,18 +352,22 @@ class _MaskExplainer(Explainer, register=False):
                 fw_chunk=self._chunker(x, False, internal_batch_size, autocast),
                 fb=0, fw=setup_runs, spec=self._term_spec(x.dtype), cheap=self._cheap_rows(x, autocast),
             )
+            self._build_plans(n, t, ls_points)
             z = torch.ones(n, self.n_masks, mh, mw, device=device, dtype=x.dtype)
             failures = torch.zeros(n, dtype=torch.long)
             moved = torch.zeros(n, dtype=torch.long)
             area = torch.full((n,), float(l1), device=device, dtype=x.dtype)  # per image, see below
             lowered = torch.zeros(n, dtype=torch.long)
+            can_lower = lowered < AREA_LOWERINGS
             real, p_del = self._objective(z, area, l2, with_score=True)
             everyone = torch.ones(n, dtype=torch.bool)
+            const = self._constant(z)  # CPU bools: the heatmap of the current state is constant
             for it in range(iterations):
                 g_score, ls_score = self._direction(z, it)
                 g, loss = self._penalised(z, g_score, ls_score, area, l2)
                 z, real, p_del, failed, accepted = self._line_search(
-                    z, g, loss, real, p_del, it, area, l2, initial_step, everyone)
+                    z, g, loss, real, p_del, const, it, area, l2, initial_step, everyone)
+                const = self._constant(z)
                 # Area continuation: a mask still constant after its line search means that no
                 # deletion pays its area cost (a saturated model keeps the class until most of the
                 # image is gone): its area weight is divided by 4 (at most AREA_LOWERINGS times in
@@ -356,19 +375,22 @@ class _MaskExplainer(Explainer, register=False):
                 # with the new penalty (no new gradient pass). Images whose mask moves are not
                 # affected.
                 while True:
-                    stuck = torch.tensor(constant_heatmaps(self._heat(z), CONSTANT_TOL)) & (lowered < AREA_LOWERINGS)
+                    stuck = const & can_lower
                     if not bool(stuck.any()):
                         break
-                    lowered += stuck.long()
+                    lowered += stuck
+                    can_lower = lowered < AREA_LOWERINGS
                     area = torch.where(stuck.to(device), area / 4, area)
                     g, loss = self._penalised(z, g_score, ls_score, area, l2)
-                    real, p_del = self._objective(z, area, l2, with_score=True)
+                    rd = stuck.nonzero().squeeze(1).to(device)
+                    real[rd], p_del[rd] = self._objective(z[rd], area, l2, rd, with_score=True)
                     z, real, p_del, failed2, accepted2 = self._line_search(
-                        z, g, loss, real, p_del, it, area, l2, initial_step, stuck)
+                        z, g, loss, real, p_del, const, it, area, l2, initial_step, stuck)
+                    const = self._constant(z)
                     failed = torch.where(stuck, failed2, failed)
                     accepted = accepted | accepted2
-                failures += failed.long()
-                moved += accepted.long()
+                failures += failed
+                moved += accepted
             final_loss = real
             heat = self._heat(z).detach()
             passes = (self._ctx["fb"], self._ctx["fw"])
@@ -494,100 +516,167 @@ class _MaskExplainer(Explainer, register=False):
         return self._chunkers[key]
 
     # -- evaluation of rows ----------------------------------------------------------------
+    #
+    # A row shows one image through one term's mask at one integrated-gradient point (or at the
+    # mask itself). The rows of a pass are described by a _Plan of index tensors on the device,
+    # built from tables made once per call of attribute (``_build_plans``), so a pass costs a
+    # handful of gathers besides the model (on a tiny model the explainer's own small operations,
+    # not the model, used to take half of the time).
 
-    def _noise(self, img: torch.Tensor, slot: torch.Tensor, it: int) -> torch.Tensor | None:
-        """The noise of rows (image ``img[r]``, noise slot ``slot[r]`` = term * K + point, -1 = no
-        noise) in iteration ``it``; rows of one image are contiguous. Each image's noise of an
-        iteration is one draw of (terms * K, C, H, W) from its own seed."""
+    def _build_plans(self, n: int, t: torch.Tensor, ls_points: list[int]) -> None:
+        """The index tables of the three kinds of rows (the direction's, the objective's and the
+        line search's integrated points) for the images of this call, into ``self._ctx``."""
         c = self._ctx
-        if not c["noisy"]:
+        dev = t.device
+        _, repl, sign = c["spec"]
+        nt, k = sign.shape[0], c["k"]
+        s1 = nt * k + 1  # noise slots per image and iteration: term * k + point, the last one zero
+        i = torch.arange(n, device=dev).view(n, 1)
+        u = repl.to(dev).view(1, nt) * n + i  # (n, nt): the row of ``src`` / ``diffu`` per term
+        tt = t.view(n, 1).expand(n, nt)
+        signs = sign.to(dev)
+        pts = torch.tensor(ls_points, device=dev)
+        kp = pts.shape[0]
+        slot_ls = (torch.arange(nt, device=dev).view(nt, 1) * k + pts.view(1, kp)).flatten()  # (nt * kp,)
+        u_dir = u.unsqueeze(2).expand(n, nt, k).flatten()
+        x = c["images"]
+        small = 2 * u_dir.shape[0] * x[0].numel() * x.element_size() <= NOISE_TABLE_BYTES
+        c.update(
+            nt=nt, s1=s1, signs=signs, ls_idx=pts, one_plus=nt == 1 and bool((sign > 0).all()),
+            obj=(u.contiguous(), tt.contiguous()), obj_all=_Plan(u.flatten(), tt.reshape(-1, 1), None, None, None),
+            dir=_Plan(u_dir, tt.unsqueeze(2).expand(n, nt, k).reshape(-1, 1),
+                      None if bool((sign > 0).all()) else signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
+                      c["alphas"].repeat(n * nt).view(-1, 1, 1, 1),
+                      (i * s1 + torch.arange(nt * k, device=dev).view(1, -1)).flatten(),
+                      # the direction's rows show the same pixels every iteration: gathered once when small
+                      c["src"][u_dir] if small else None, c["diffu"][u_dir] if small else None),
+            ls=(u.unsqueeze(2).expand(n, nt, kp).reshape(n, nt * kp), tt.unsqueeze(2).expand(n, nt, kp).reshape(n, nt * kp),
+                c["alphas"][pts].repeat(nt), i * s1 + slot_ls.view(1, -1)),
+        )
+
+    def _noise_table(self, it: int) -> torch.Tensor | None:
+        """Every image's noise of iteration ``it`` (n * s1, C, H, W), scaled by its std; drawn once
+        per iteration and reused by every pass of it. None when it would take more than
+        ``NOISE_TABLE_BYTES`` (then each pass draws the noise of its images, ``_stream_noise``)."""
+        c = self._ctx
+        if c.get("eps_it") == it:
+            return c["eps"]
+        x, s1, n = c["images"], c["s1"], c["n"]
+        if n * s1 * x[0].numel() * x.element_size() > NOISE_TABLE_BYTES:
             return None
-        shape = c["images"].shape[1:]
-        slots = c["spec"][0].shape[0] * c["k"]
-        out = torch.empty((img.shape[0], *shape), device=c["images"].device, dtype=c["images"].dtype)
+        table = torch.empty((n, s1, *x.shape[1:]), device=x.device, dtype=x.dtype)
+        for i in range(n):  # (the same values as a fresh randn of one image's shape)
+            c["gen"].manual_seed(_noise_seed(c["seed"], c["keys"][i], it))
+            torch.randn((s1, *x.shape[1:]), generator=c["gen"], device=x.device, dtype=x.dtype, out=table[i])
+        table[:, -1] = 0
+        table.mul_(c["sigma"].view(n, 1, 1, 1, 1))
+        c["eps"], c["eps_it"] = table.view(n * s1, *x.shape[1:]), it
+        return c["eps"]
+
+    def _stream_noise(self, nidx: torch.Tensor, it: int) -> torch.Tensor:
+        """The noise of rows ``nidx`` (image * s1 + slot; rows of one image contiguous) of
+        iteration ``it``, drawn per image: the same values as ``_noise_table``."""
+        c = self._ctx
+        x, s1 = c["images"], c["s1"]
+        shape = x.shape[1:]
+        cpu = nidx.cpu()
+        img, slot = cpu // s1, cpu % s1
+        out = torch.empty((cpu.shape[0], *shape), device=x.device, dtype=x.dtype)
         images, counts = torch.unique_consecutive(img, return_counts=True)
         start = 0
         for i, cnt in zip(images.tolist(), counts.tolist()):
             c["gen"].manual_seed(_noise_seed(c["seed"], c["keys"][i], it))
-            eps = torch.randn((slots + 1, *shape), generator=c["gen"], device=out.device, dtype=out.dtype)
+            eps = torch.randn((s1, *shape), generator=c["gen"], device=x.device, dtype=x.dtype)
             eps[-1] = 0
-            out[start : start + cnt] = eps[slot[start : start + cnt].to(out.device)]
+            out[start : start + cnt] = eps[slot[start : start + cnt].to(x.device)]
             start += cnt
-        return out.mul_(c["sigma"][img.to(out.device)].view(-1, 1, 1, 1))
+        return out.mul_(c["sigma"][img.to(x.device)].view(-1, 1, 1, 1))
 
     def _term_spec(self, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per term (CPU): the source of the kept pixels, of the replaced pixels, and the sign."""
         terms = self._terms(torch.ones(1, self.n_masks, 1, 1, dtype=dtype))
-        return (torch.tensor([kp for kp, *_ in terms]), torch.tensor([rp for _, rp, *_ in terms]),
-                torch.tensor([s for *_, s in terms], dtype=dtype))
+        kept = torch.tensor([kp for kp, *_ in terms])
+        repl = torch.tensor([rp for _, rp, *_ in terms])
+        if bool((kept == repl).any()) or not bool(((kept == 0) | (kept == 1)).all()):
+            raise ValueError("every term keeps the image and replaces by the baseline, or the reverse")
+        return kept, repl, torch.tensor([s for *_, s in terms], dtype=dtype)
 
-    def _rows(self, img, term, point, masks, it, grad: bool):
-        """Scores (R,) of rows: row r shows image ``img[r]`` through term ``term[r]`` with mask
-        ``alphas[point[r]] * masks[r]`` (R, 1, h, w) plus the noise of iteration ``it`` (none if
-        ``it`` is None; ``point[r] = -1``: alpha = 1 without noise); with ``grad`` also the gradient of each row's signed score w.r.t. its mask
-        point. ``img``, ``term``, ``point`` are CPU long tensors."""
+    def _term_masks(self, z: torch.Tensor) -> torch.Tensor:
+        """Every term's mask, image-major: (M, terms, 1, h, w)."""
+        return torch.stack([m for _, _, m, _ in self._terms(z)], 1)
+
+    def _row_masks(self, z: torch.Tensor) -> torch.Tensor:
+        """``_term_masks`` as rows (M * terms, 1, h, w)."""
+        return self._term_masks(z).flatten(0, 1)
+
+    def _signed_sum(self, s: torch.Tensor) -> torch.Tensor:
+        """Per state the signed sum of its terms' scores ``s`` (M, terms)."""
         c = self._ctx
-        n, k = c["n"], c["k"]
-        dev = masks.device
-        kept, repl, sign = c["spec"]
-        src_i = (repl[term] * n + img).to(dev)  # the pixels shown where the mask is 0
-        diff_i = ((kept[term] == 1).long() * n + img).to(dev)  # kept - replaced
-        signs = sign[term].to(dev)
-        targets = c["t"][img.to(dev)]
-        slot = torch.where(point >= 0, term * k + point, -1)  # -1: no noise
-        point = torch.where(point >= 0, point, k - 1)  # -1: alpha = 1
-        alphas = c["alphas"][point.to(dev)].view(-1, 1, 1, 1)
-        scores = masks.new_empty(masks.shape[0])
-        grads = torch.empty_like(masks) if grad else None
+        return s.view(-1) if c["one_plus"] else (s * c["signs"]).sum(1)
+
+    def _rows(self, plan: "_Plan", masks: torch.Tensor, it: int | None, grad: bool):
+        """Scores (R,) of rows: row r shows image source ``plan.u[r]`` through the mask
+        ``plan.alpha[r] * masks[r]`` (R, 1, h, w; alpha 1 when ``plan.alpha`` is None) plus, in
+        iteration ``it`` (None: no noise), the noise row ``plan.nidx[r]``; the score is the
+        probability of class ``plan.tgt[r]``. With ``grad`` also the gradient of each row's score
+        times ``plan.sgn[r]`` w.r.t. its mask point."""
+        c = self._ctx
+        eps = stream = None
+        if it is not None and c["noisy"] and plan.nidx is not None:
+            eps = self._noise_table(it)
+            stream = eps is None
+        src, diffu, size, total_rows = c["src"], c["diffu"], c["size"], masks.shape[0]
+        scores: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
 
         def work(sl: slice) -> None:
-            p = alphas[sl] * masks[sl]
+            # (a pass in one piece takes the plan's tensors whole: no slicing)
+            cut = (lambda t: t) if sl.stop - sl.start == total_rows else (lambda t: t[sl])
+            p = cut(masks) if plan.alpha is None else cut(plan.alpha) * cut(masks)
             if grad:
-                p.requires_grad_(True)
+                p = p.detach().requires_grad_(True)
             with torch.set_grad_enabled(grad):
-                phi = torch.addcmul(c["src"][src_i[sl]], c["diff"][diff_i[sl]], upsample(p, c["size"]))
-                if it is not None:
-                    eps = self._noise(img[sl], slot[sl], it)
-                    if eps is not None:
-                        phi = phi + eps
+                if plan.src is not None:
+                    phi = torch.addcmul(cut(plan.src), cut(plan.diff), upsample(p, size))
+                else:
+                    u = cut(plan.u)
+                    phi = torch.addcmul(src[u], diffu[u], upsample(p, size))
+                if eps is not None:
+                    phi = phi + eps[cut(plan.nidx)]
+                elif stream:
+                    phi = phi + self._stream_noise(cut(plan.nidx), it)
                 logits = model_logits(self.model, phi, c["autocast"])
-                s = torch.softmax(logits, dim=1).gather(1, targets[sl].view(-1, 1)).squeeze(1)
+                sc = torch.softmax(logits, dim=1).gather(1, cut(plan.tgt))  # (rows, 1)
                 if grad:
-                    total = (s * signs[sl]).sum()
+                    total = (sc if plan.sgn is None else sc * cut(plan.sgn)).sum()
                     # a model whose output ignores its input has no graph back to the mask: zero gradient
                     (g,) = torch.autograd.grad(total, p, allow_unused=True) if total.requires_grad else (None,)
-                    grads[sl] = 0 if g is None else g
-            scores[sl] = s.detach()
+                    grads.append(torch.zeros_like(p) if g is None else g)
+            scores.append(sc.detach())
             c["fb" if grad else "fw"] += phi.shape[0]
 
-        (c["fb_chunk"] if grad else c["fw_chunk"]).run(masks.shape[0], work)
-        return scores, grads
-
-    def _signed(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per term the masks (terms, N, 1, h, w) and signs (terms,)."""
-        terms = self._terms(z)
-        masks = torch.stack([m for _, _, m, _ in terms])
-        signs = torch.tensor([s for *_, s in terms], device=z.device, dtype=z.dtype)
-        return masks, signs
+        (c["fb_chunk"] if grad else c["fw_chunk"]).run(total_rows, work)
+        out = (scores[0] if len(scores) == 1 else torch.cat(scores)).view(-1)
+        if not grad:
+            return out, None
+        return out, grads[0] if len(grads) == 1 else torch.cat(grads)
 
     @torch.no_grad()
-    def _objective(self, z: torch.Tensor, l1: torch.Tensor, l2: float, rows: torch.Tensor | None = None,
+    def _objective(self, z: torch.Tensor, l1: torch.Tensor, l2: float, rd: torch.Tensor | None = None,
                    with_score: bool = False):
         """The objective itself at states ``z`` (noise-free, one point per term: the mask) of
-        images ``rows`` (CPU; default all, in order); with ``with_score`` also the class
-        probability of the first (deletion) term."""
+        images ``rd`` (device indices, one per state; default all, in order); with ``with_score``
+        also the class probability of the first (deletion) term."""
         c = self._ctx
-        m = z.shape[0]
-        rows = torch.arange(m) if rows is None else rows
-        masks, signs = self._signed(z)
-        nt = masks.shape[0]
-        img = rows.repeat_interleave(nt)
-        term = torch.arange(nt).repeat(m)
-        point = torch.full_like(img, -1)  # alpha = 1, no noise
-        s, _ = self._rows(img, term, point, masks.transpose(0, 1).flatten(0, 1), None, grad=False)
+        m, nt = z.shape[0], c["nt"]
+        if rd is None:
+            plan = c["obj_all"]
+        else:
+            u, tt = c["obj"]
+            plan = _Plan(u[rd].flatten(), tt[rd].view(-1, 1), None, None, None)
+        s, _ = self._rows(plan, self._row_masks(z), None, grad=False)
         s = s.view(m, nt)
-        rd = rows.to(z.device)
-        value = (s * signs).sum(1) + self._regulariser(z, c["images"][rd], l1[rd], l2)
+        value = self._signed_sum(s) + self._regulariser(z, l1 if rd is None else l1[rd], l2, rd)
         return (value, s[:, 0]) if with_score else value
 
     def _direction(self, z: torch.Tensor, it: int):
@@ -595,156 +684,237 @@ class _MaskExplainer(Explainer, register=False):
         direction) and the score part of the integrated objective on the line-search points,
         with this iteration's noise (the value the line search compares against)."""
         c = self._ctx
-        n, k = c["n"], c["k"]
-        masks, signs = self._signed(z.detach())
-        nt = masks.shape[0]
+        n, k, nt = c["n"], c["k"], c["nt"]
+        masks = self._term_masks(z.detach())  # (n, nt, 1, h, w)
         # Row (i, term, point) = (i * nt + term) * k + point: the rows of an image are contiguous.
-        img = torch.arange(n).repeat_interleave(nt * k)
-        term = torch.arange(nt).repeat_interleave(k).repeat(n)
-        point = torch.arange(k).repeat(n * nt)
-        rows = masks.transpose(0, 1).unsqueeze(2).expand(n, nt, k, *masks.shape[2:]).reshape(-1, *masks.shape[2:])
-        scores, grads = self._rows(img, term, point, rows, it, grad=True)
+        rows = masks.unsqueeze(2).expand(n, nt, k, *masks.shape[2:]).reshape(-1, *masks.shape[2:])
+        scores, grads = self._rows(c["dir"], rows, it, grad=True)
         ig = grads.view(n, nt, k, *masks.shape[2:]).mean(2)  # (n, nt, 1, h, w)
-        g = self._chain(z, list(ig.transpose(0, 1).unbind(0)))
-        ls = scores.view(n, nt, k)[:, :, c["ls_points"]].mean(2)  # (n, nt)
-        return g, (ls * signs).sum(1)
+        g = self._chain(z, list(ig.unbind(1)))
+        ls = scores.view(n, nt, k)[:, :, c["ls_idx"]].mean(2)  # (n, nt)
+        return g, self._signed_sum(ls)
 
     def _penalised(self, z: torch.Tensor, g_score: torch.Tensor, ls_score: torch.Tensor, l1: torch.Tensor,
                    l2: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The descent direction and the integrated objective: the score parts plus the gradient
         and the value of the area and smoothness penalties."""
+        z = z.detach()
+        return g_score + self._regulariser_grad(z, l1, l2), ls_score + self._regulariser(z, l1, l2)
+
+    def _regulariser_grad(self, z: torch.Tensor, l1: torch.Tensor, l2: float) -> torch.Tensor:
+        """The gradient of the summed penalties w.r.t. the state (by autograd; subclasses write
+        it out where they can)."""
         zz = z.detach().requires_grad_(True)
         with torch.enable_grad():
-            reg = self._regulariser(zz, self._ctx["images"], l1, l2)
-            (greg,) = torch.autograd.grad(reg.sum(), zz)
-        return g_score + greg, ls_score + reg.detach()
+            (greg,) = torch.autograd.grad(self._regulariser(zz, l1, l2).sum(), zz)
+        return greg
 
     @torch.no_grad()
-    def _integrated(self, cand: torch.Tensor, rows: torch.Tensor, it: int, l1: torch.Tensor, l2: float):
-        """The integrated objective of candidate states ``cand`` (M, masks, h, w) for images
-        ``rows`` (M,) (CPU, rows of one image contiguous) on the line-search points, with the noise
-        of iteration ``it``."""
+    def _integrated(self, cand: torch.Tensor, rd: torch.Tensor, it: int, l1: torch.Tensor, l2: float):
+        """The integrated objective of candidate states ``cand`` (M, masks, h, w) of images ``rd``
+        (M,) (device, candidates of one image contiguous) on the line-search points, with the
+        noise of iteration ``it``."""
         c = self._ctx
-        masks, signs = self._signed(cand)
-        nt, m = masks.shape[0], cand.shape[0]
-        pts = torch.tensor(c["ls_points"])
-        kp = pts.shape[0]
-        img = rows.repeat_interleave(nt * kp)
-        term = torch.arange(nt).repeat_interleave(kp).repeat(m)
-        point = pts.repeat(m * nt)
-        r = masks.transpose(0, 1).unsqueeze(2).expand(m, nt, kp, *masks.shape[2:]).reshape(-1, *masks.shape[2:])
-        s, _ = self._rows(img, term, point, r, it, grad=False)
-        rd = rows.to(cand.device)
-        reg = self._regulariser(cand, c["images"][rd], l1[rd], l2)
-        return (s.view(m, nt, kp).mean(2) * signs).sum(1) + reg
+        m, nt = cand.shape[0], c["nt"]
+        u, tt, alpha, nidx = c["ls"]
+        kp = alpha.shape[0] // nt
+        masks = self._term_masks(cand)
+        rows = masks.unsqueeze(2).expand(m, nt, kp, *masks.shape[2:]).reshape(-1, *masks.shape[2:])
+        s, _ = self._rows(_Plan(u[rd].flatten(), tt[rd].view(-1, 1), None, alpha.repeat(m).view(-1, 1, 1, 1),
+                                nidx[rd].flatten()), rows, it, grad=False)
+        return self._signed_sum(s.view(m, nt, kp).mean(2)) + self._regulariser(cand, l1[rd], l2, rd)
+
+    def _every_image(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """arange(n) and each index repeated ``group`` times (device; kept for the call)."""
+        c = self._ctx
+        key = ("every", group)
+        if key not in c:
+            rd = torch.arange(c["n"], device=c["t"].device)
+            c[key] = (rd, rd.repeat_interleave(group))
+        return c[key]
+
+    def _constant(self, z: torch.Tensor) -> torch.Tensor:
+        """Per image (CPU bools) whether the heatmap of state ``z`` is constant (as
+        :func:`constant_heatmaps` with ``CONSTANT_TOL``)."""
+        flat = self._heat(z).flatten(1)  # (the states never need a gradient here)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        lo, hi = torch.aminmax(flat, dim=1)
+        return (~((hi - lo) > CONSTANT_TOL + 1e-6 * flat.abs().amax(1))).cpu()
 
     @torch.no_grad()
-    def _line_search(self, z, g, loss, real, p_del, it, l1, l2, initial_step, only):
+    def _line_search(self, z, g, loss, real, p_del, const, it, l1, l2, initial_step, only):
         """Per-image projected Armijo backtracking on z - step * g, clamped to [0, 1].
 
         The steps tried are step0 * 0.2^j (j = 0, 1, ...). First on the objective itself
         (noise-free, at the mask: what the heatmap is judged by), down to a largest cell change of
         ``MIN_STEP``. An image for which no step lowers it while its deletion score is saturated
         (the class probability at the mask ``p_del`` >= ``SATURATED``, or the mask has not moved
-        yet: the softmax does not move when a few cells go, so the integrated-gradient direction
-        is not a descent direction of that one point) is searched again on the integrated
-        objective with this iteration's noise (the function whose gradient the direction is),
-        down to ``MIN_STEP_INTEGRATED``. A step must lower the value by the Armijo amount and by
-        more than float rounding (``MIN_DECREASE``). Every image takes the first step that
-        passes, exactly as a sequential search would; the next ``line_search_group`` steps of
-        every image still searching are scored in one batched pass. Only the images in ``only``
-        (CPU bools) search. Returns the new state, its objective and deletion score, the images
-        that gave up (no step accepted) and the images whose accepted step changed the mask.
+        yet: ``const``, CPU bools; the softmax does not move when a few cells go, so the
+        integrated-gradient direction is not a descent direction of that one point) is searched
+        again on the integrated objective with this iteration's noise (the function whose
+        gradient the direction is), down to ``MIN_STEP_INTEGRATED``. A step must lower the value
+        by the Armijo amount and by more than float rounding (``MIN_DECREASE``). Every image takes
+        the first step that passes, exactly as a sequential search would; the next
+        ``line_search_group`` steps of every image still searching are scored in one batched
+        pass. Only the images in ``only`` (CPU bools) search. Returns the new state, its objective
+        and deletion score, the images that gave up (no step accepted) and the images whose
+        accepted step changed the mask.
         """
-        n = z.shape[0]
         # the scale of the step: the largest change among cells that can move (a cell at M = 1
         # pushed up by the area term cannot, and must not make the other cells' steps tiny)
-        movable = ((g > 0) & (z > 0)) | ((g < 0) & (z < 1))
-        gmax = (g.abs() * movable).flatten(1).amax(1).clamp_min(1e-12)
+        movable = torch.where(g > 0, z > 0, (g < 0) & (z < 1))
+        dims = tuple(range(1, z.dim()))
+        gmax = g.abs().mul_(movable).amax(dims)  # > 0 exactly where a cell can move (it has g != 0)
+        can_move = (gmax > 0).cpu() & only
+        gmax = gmax.clamp_min_(1e-12)
         step0 = INITIAL_STEP / gmax if initial_step is None else torch.full_like(gmax, float(initial_step))
-        can_move = movable.flatten(1).any(1).cpu() & only
         new_z, new_real, new_p = z.clone(), real.clone(), p_del.clone()
 
-        def score_real(cand, rows):
-            return self._objective(cand, l1, l2, rows, with_score=True)
+        def score_real(cand, rd):
+            return self._objective(cand, l1, l2, rd, with_score=True)
 
-        def score_integrated(cand, rows):
-            return self._integrated(cand, rows, it, l1, l2), None
+        def score_integrated(cand, rd):
+            return self._integrated(cand, rd, it, l1, l2), None
 
         done = self._ladder(z, g, step0, gmax, real, can_move, MIN_STEP, score_real, new_z, new_real, 1, new_p)
-        saturated = (p_del >= SATURATED).cpu() | torch.tensor(constant_heatmaps(self._heat(z), CONSTANT_TOL))
-        retry = can_move & ~done & saturated
-        done2 = torch.zeros(n, dtype=torch.bool)
-        if bool(retry.any()):
+        retry = can_move & ~done
+        done2 = None
+        if bool(retry.any()) and bool((retry := retry & ((p_del >= SATURATED).cpu() | const)).any()):
             fallback_val = torch.empty_like(real)
             done2 = self._ladder(z, g, step0, gmax, loss, retry, MIN_STEP_INTEGRATED, score_integrated,
-                                 new_z, fallback_val, len(self._ctx["ls_points"]))
+                                 new_z, fallback_val, self._ctx["ls_idx"].shape[0])
             if bool(done2.any()):  # the noise-free objective of the states taken on the fallback
-                rows = done2.nonzero().squeeze(1)
-                rd = rows.to(z.device)
-                new_real[rd], new_p[rd] = self._objective(new_z[rd], l1, l2, rows, with_score=True)
-        accepted = done | done2
-        moved = accepted & ((new_z - z).flatten(1).abs().amax(1) > 0).cpu()
+                rd = done2.nonzero().squeeze(1).to(z.device)
+                new_real[rd], new_p[rd] = self._objective(new_z[rd], l1, l2, rd, with_score=True)
+        accepted = done if done2 is None else done | done2
+        moved = accepted & new_z.ne(z).any(dim=dims).cpu()
         return new_z, new_real, new_p, can_move & ~accepted, moved
 
     def _ladder(self, z, g, step0, gmax, old, active, min_step, score, out_z, out_val, points,
                 out_aux=None) -> torch.Tensor:
-        """Armijo backtracking of the images in ``active`` (CPU bools) on ``score(cand, rows)``
+        """Armijo backtracking of the images in ``active`` (CPU bools) on ``score(cand, rd)``
         (-> values and an extra per-candidate number or None; ``points`` model rows per term and
         trial) against ``old``; accepted states, values (and extras) are written into ``out_z`` /
         ``out_val`` (/ ``out_aux``). Returns which images accepted a step (CPU bools)."""
         # Trial k of an image has step step0 * SHRINK**k, the power read from one table, so the
         # steps (and so the states and values) are the same bits whatever number of trials one
         # call scores (``group``, chosen from measured pass times).
-        tried = torch.zeros(active.shape[0], dtype=torch.long)  # CPU: trials scored per image
-        active = active.clone()
-        accepted = torch.zeros_like(active)
-        nt = self._ctx["spec"][0].shape[0]
-        while bool(active.any()):
-            rows = active.nonzero().squeeze(1)  # CPU
-            rd = rows.to(z.device)
-            r = rows.shape[0]
+        dev = z.device
+        n = z.shape[0]
+        act = [i for i, a in enumerate(active.tolist()) if a]  # the images still searching, in order
+        tried = [0] * n  # trials scored per image
+        hits: list[int] = []
+        nt = self._ctx["nt"]
+        while act:
+            r = len(act)
+            # (all images searching: the state tensors are taken whole, no gathers)
             group = self.line_search_group or max(2, min(8, self._ctx["cheap"] // (r * nt * points)))
-            k = tried[rows].unsqueeze(1) + torch.arange(group + 1)  # (r, G + 1): these trials, then the next
-            powers = _shrink_powers(int(k.max()) + 1, z.dtype, z.device)[k.to(z.device)]
-            steps_next = step0[rd].unsqueeze(1) * powers
+            if r == n:
+                rd, crd = self._every_image(group)
+                take = lambda t: t  # noqa: E731
+            else:
+                rd = torch.tensor(act, device=dev)
+                crd = rd.repeat_interleave(group)  # the image of each trial
+                take = lambda t: t[rd]  # noqa: E731
+            t0 = [tried[i] for i in act]
+            if min(t0) == max(t0):  # (r, G + 1) powers: these trials, then the next
+                powers = _shrink_powers(t0[0] + group + 1, z.dtype, dev, t0[0])
+            else:
+                table = _shrink_powers(max(t0) + group + 1, z.dtype, dev)
+                powers = table[torch.tensor([[a + j for j in range(group + 1)] for a in t0], device=dev)]
+            steps_next = take(step0).unsqueeze(1) * powers
             steps, next_step = steps_next[:, :group], steps_next[:, group]  # (r, G), (r,)
-            cand = (z[rd].unsqueeze(1) - steps.view(r, group, 1, 1, 1) * g[rd].unsqueeze(1)).clamp(0, 1)
+            zr, gr, gm = take(z).unsqueeze(1), take(g).unsqueeze(1), take(gmax)
+            cand = (zr - steps.view(r, group, 1, 1, 1) * gr).clamp_(0, 1)
             # trials whose largest cell change is below min_step are not scored (except an image's first)
-            valid = (steps * gmax[rd].unsqueeze(1) >= min_step) | (k[:, :group] == 0).to(z.device)
-            vflat = valid.flatten()
-            val = torch.full((r * group,), float("inf"), device=z.device, dtype=z.dtype)
-            aux = torch.zeros_like(val)
-            v, a = score(cand.flatten(0, 1)[vflat], rows.repeat_interleave(group)[vflat.cpu()])
-            val[vflat] = v
-            if a is not None:
-                aux[vflat] = a
-            val, aux = val.view(r, group), aux.view(r, group)
+            valid = steps * gm.unsqueeze(1) >= min_step
+            first_call = [j for j, a in enumerate(t0) if a == 0]
+            if len(first_call) == r:
+                valid[:, 0] = True
+            elif first_call:
+                valid[torch.tensor(first_call, device=dev), 0] = True
+            if bool(valid.all()):
+                v, a = score(cand.flatten(0, 1), crd)
+                val, aux = v.view(r, group), None if a is None else a.view(r, group)
+            else:
+                vflat = valid.flatten()
+                val = torch.full((r * group,), float("inf"), device=dev, dtype=z.dtype)
+                v, a = score(cand.flatten(0, 1)[vflat], crd[vflat])
+                val[vflat] = v
+                val, aux = val.view(r, group), None
+                if a is not None:
+                    aux = torch.zeros_like(val).flatten()
+                    aux[vflat] = a
+                    aux = aux.view(r, group)
             # Projected Armijo: the decrease predicted by the step actually taken after clamping
             # (equal to step * ||g||^2 when nothing is clamped).
-            pred = (g[rd].unsqueeze(1) * (z[rd].unsqueeze(1) - cand)).flatten(2).sum(2)
-            ok = (val <= old[rd].unsqueeze(1) - ARMIJO_C1 * pred - MIN_DECREASE) & valid  # (r, G)
-            any_ok = ok.any(1)
-            first = ok.float().argmax(1)  # first satisfying trial per image
-            idx = any_ok.nonzero().squeeze(1)
-            out_z[rd[idx]] = cand[idx, first[idx]]
-            out_val[rd[idx]] = val[idx, first[idx]]
-            if out_aux is not None:
-                out_aux[rd[idx]] = aux[idx, first[idx]]
-            tried[rows] += group
-            give_up = ~any_ok & (next_step * gmax[rd] < min_step)
-            any_ok, give_up = any_ok.cpu(), give_up.cpu()
-            accepted[rows[any_ok]] = True
-            active[rows[any_ok | give_up]] = False
+            pred = (gr * (zr - cand)).flatten(2).sum(2)
+            ok = (val <= take(old).unsqueeze(1) - ARMIJO_C1 * pred - MIN_DECREASE) & valid  # (r, G)
+            any_ok = ok.any(1).tolist()
+            give_up = (next_step * gm < min_step).tolist()
+            hit = [j for j in range(r) if any_ok[j]]
+            if hit:
+                first = ok.float().argmax(1)  # first satisfying trial per image
+                hj = torch.tensor(hit, device=dev)
+                pick, dest = first[hj], rd[hj]
+                out_z[dest] = cand[hj, pick]
+                out_val[dest] = val[hj, pick]
+                if out_aux is not None:
+                    out_aux[dest] = aux[hj, pick]
+                hits += [act[j] for j in hit]
+            for i in act:
+                tried[i] += group
+            act = [i for j, i in enumerate(act) if not (any_ok[j] or give_up[j])]
+        accepted = torch.zeros_like(active)
+        accepted[hits] = True
         return accepted
+
+
+class _Plan(NamedTuple):
+    """Rows of a pass (device tensors, one entry per row): ``u`` the row of ``src`` / ``diffu``
+    (image and which way round the term blends image and baseline), ``tgt`` the class, ``sgn`` the
+    sign of the score in the gradient (None without one), ``alpha`` (R, 1, 1, 1) the point on the
+    path (None: the mask itself), ``nidx`` the noise row (None: no noise); ``tgt`` and ``sgn``
+    are (R, 1); ``src`` / ``diff`` the rows' pixels ``src[u]`` / ``diffu[u]`` when gathered
+    beforehand (None: gathered per pass)."""
+
+    u: torch.Tensor
+    tgt: torch.Tensor
+    sgn: torch.Tensor | None
+    alpha: torch.Tensor | None
+    nidx: torch.Tensor | None
+    src: torch.Tensor | None = None  # src[u] and diffu[u], when gathered beforehand
+    diff: torch.Tensor | None = None
+
+
+def _tv_grad(m: torch.Tensor, wv: torch.Tensor | None = None, wh: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of :func:`total_variation` (with ``wv`` / ``wh``: of the weighted TV of
+    ``_weighted_tv``) w.r.t. the mask ``m`` (N, 1, h, w), per image."""
+    out = torch.zeros_like(m)
+    h, w = m.shape[-2:]
+    for dim, size, cells, weight in ((-2, h, (h - 1) * w, wv), (-1, w, h * (w - 1), wh)):
+        if size > 1:
+            d = torch.diff(m, dim=dim).mul_(2.0 / cells)
+            if weight is not None:
+                d.mul_(weight)
+            out.narrow(dim, 1, size - 1).add_(d)
+            out.narrow(dim, 0, size - 1).sub_(d)
+    return out
 
 
 _POWERS: dict = {}
 
 
-def _shrink_powers(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _shrink_powers(n: int, dtype: torch.dtype, device: torch.device, start: int | None = None) -> torch.Tensor:
     """ARMIJO_SHRINK ** k for k < n (at least), computed once in Python floats (kept per dtype and
-    device)."""
+    device); with ``start`` exactly k = start .. n - 1 as a (1, n - start) row (kept too)."""
+    if start is not None:
+        key = (dtype, str(device), start, n)
+        row = _POWERS.get(key)
+        if row is None:
+            row = _POWERS[key] = _shrink_powers(n, dtype, device)[start:n].unsqueeze(0)
+        return row
     key = (dtype, str(device))
     table = _POWERS.get(key)
     if table is None or table.shape[0] < n:
@@ -783,13 +953,21 @@ class IGOS(_MaskExplainer):
     def _chain(self, z, grads):
         return grads[0]
 
-    def _regulariser(self, z, images, l1, l2):
-        m = z[:, 0:1]
-        # M stays in [0, 1], so |1 - M| = 1 - M (and its gradient is -1 even at M = 1).
-        return l1 * (1 - m).flatten(1).mean(1) + l2 * total_variation(m)
+    def _regulariser(self, z, l1, l2, rd=None):
+        # z is the one mask (M, 1, h, w), in [0, 1]: |1 - M| = 1 - M (its gradient is -1 even at M = 1)
+        return torch.add(l1 * (1 - z.mean((1, 2, 3))), total_variation(z), alpha=l2)
+
+    def _regulariser_grad(self, z, l1, l2):
+        return _tv_grad(z).mul_(l2).sub_((l1 / z[0].numel()).view(-1, 1, 1, 1))
+
+    def _term_masks(self, z):
+        return z.unsqueeze(1)
+
+    def _row_masks(self, z):
+        return z
 
     def _heat(self, z):
-        return 1 - z[:, 0:1]
+        return 1 - z
 
 
 class IGOSPlusPlus(_MaskExplainer):
@@ -820,13 +998,34 @@ class IGOSPlusPlus(_MaskExplainer):
         gp = g_pd + g_pi
         return torch.cat([g_del + gp * mi, g_ins + gp * md], dim=1)
 
-    def _regulariser(self, z, images, l1, l2):
+    def _edge_weights(self, rd=None):
+        """The bilateral TV's weights exp(-||dI||^2 / sigma) of every image (vertical,
+        horizontal), computed once per call of attribute; of images ``rd`` when given."""
+        c = self._ctx
+        if "edge_weights" not in c:
+            c["edge_weights"] = _edge_weights(c["images"], self.bilateral_sigma)
+        wv, wh = c["edge_weights"]
+        return (wv, wh) if rd is None else (wv[rd], wh[rd])
+
+    def _regulariser(self, z, l1, l2, rd=None):
         m = z[:, 0:1] * z[:, 1:2]
-        btv = 0.5 * (
-            total_variation(m)
-            + _weighted_tv(upsample(m, images.shape[-2:]), images, self.bilateral_sigma)
-        )
-        return l1 * (1 - m).flatten(1).mean(1) + l2 * btv
+        wv, wh = self._edge_weights(rd)
+        btv = 0.5 * (total_variation(m) + _weighted_tv(upsample(m, self._ctx["size"]), wv, wh))
+        return l1 * (1 - m.flatten(1).mean(1)) + l2 * btv
+
+    def _regulariser_grad(self, z, l1, l2):
+        if tuple(z.shape[-2:]) != tuple(self._ctx["size"]):  # through the upsampling: by autograd
+            return super()._regulariser_grad(z, l1, l2)
+        md, mi = z[:, 0:1], z[:, 1:2]
+        m = md * mi
+        wv, wh = self._edge_weights()
+        gm = (0.5 * l2) * (_tv_grad(m) + _tv_grad(m, wv, wh)) - (l1 / m[0].numel()).view(-1, 1, 1, 1)
+        return torch.cat([gm * mi, gm * md], dim=1)
+
+    def _term_masks(self, z):
+        md, mi = z[:, 0:1], z[:, 1:2]
+        m = md * mi
+        return torch.stack([md, mi, m, m], 1)
 
     def _heat(self, z):
         return 1 - z[:, 0:1] * z[:, 1:2]
