@@ -370,3 +370,35 @@ def test_auto_chunk_respects_the_memory_budget(monkeypatch):
         chunk.run(200, work)
     assert chunk.max_rows is not None and 8 <= chunk.max_rows <= 16
     assert chunk.chunk_size() is not None and max(sizes) <= chunk.max_rows
+
+
+@pytest.mark.parametrize("cls", METHODS)
+def test_written_out_penalty_gradient_equals_autograd(cls):
+    """The area + (bilateral) TV gradients written out for the line search equal autograd's, per
+    image and with a per-image area weight (masks at the image's resolution: no upsampling)."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.rand(3, 3, 6, 7, generator=gen)
+    z = torch.rand(3, cls.n_masks, 6, 7, generator=gen)
+    l1 = torch.tensor([1.0, 0.25, 0.0625])
+    expl = cls(nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 7, 2)))
+    expl._ctx = dict(images=x, size=(6, 7))
+    written = expl._regulariser_grad(z, l1, 0.7)
+    by_autograd = super(cls, expl)._regulariser_grad(z, l1, 0.7)
+    torch.testing.assert_close(written, by_autograd, atol=1e-6, rtol=1e-5)
+    assert float(written.abs().amax()) > 0.01  # not trivially zero
+
+
+@pytest.mark.parametrize("cls", METHODS)
+def test_noise_drawn_per_pass_equals_the_iteration_table(cls, tiny_cnn, monkeypatch):
+    """Images whose iteration noise is too large to keep draw it per pass and per image
+    (``_stream_noise``, and their direction rows are gathered per pass): the same heatmaps, bit
+    for bit, as with the table drawn once per iteration."""
+    import trustvision.explain.igos as igos
+
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    kw = dict(iterations=3, ig_steps=4, seed=1)
+    table = quiet(cls(tiny_cnn).attribute, x, **kw)
+    monkeypatch.setattr(igos, "NOISE_TABLE_BYTES", 0)
+    streamed = quiet(cls(tiny_cnn).attribute, x, **kw)
+    assert torch.equal(table, streamed)
+    assert float(table.amax()) > 0.01

@@ -66,6 +66,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
 import time
@@ -141,11 +142,14 @@ def model_logits(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> t
 def total_variation(mask: torch.Tensor) -> torch.Tensor:
     """Mean squared difference of vertical and horizontal neighbours, per image: (N,)."""
     h, w = mask.shape[-2:]
-    dims = tuple(range(1, mask.dim()))
-    tv = torch.diff(mask, dim=-2).square().mean(dims) if h > 1 else None
+    tv = None
+    if h > 1:
+        dv = torch.diff(mask, dim=-2).flatten(1)
+        tv = torch.linalg.vecdot(dv, dv).mul_(1.0 / dv.shape[1])
     if w > 1:
-        th = torch.diff(mask, dim=-1).square().mean(dims)
-        tv = th if tv is None else tv + th
+        dh = torch.diff(mask, dim=-1).flatten(1)
+        th = torch.linalg.vecdot(dh, dh).mul_(1.0 / dh.shape[1])
+        tv = th if tv is None else tv.add_(th)
     return mask.new_zeros(mask.shape[0]) if tv is None else tv
 
 
@@ -635,7 +639,7 @@ class _MaskExplainer(Explainer, register=False):
             p = cut(masks) if plan.alpha is None else cut(plan.alpha) * cut(masks)
             if grad:
                 p = p.detach().requires_grad_(True)
-            with torch.set_grad_enabled(grad):
+            with torch.enable_grad() if grad else contextlib.nullcontext():  # (the passes run under no_grad)
                 if plan.src is not None:
                     phi = torch.addcmul(cut(plan.src), cut(plan.diff), upsample(p, size))
                 else:
@@ -740,7 +744,8 @@ class _MaskExplainer(Explainer, register=False):
         if flat.dtype != torch.float32:
             flat = flat.float()
         lo, hi = torch.aminmax(flat, dim=1)
-        return (~((hi - lo) > CONSTANT_TOL + 1e-6 * flat.abs().amax(1))).cpu()
+        scale = torch.maximum(lo.abs(), hi.abs())  # max |h|
+        return (~((hi - lo) > scale.mul_(1e-6).add_(CONSTANT_TOL))).cpu()
 
     @torch.no_grad()
     def _line_search(self, z, g, loss, real, p_del, const, it, l1, l2, initial_step, only):
@@ -769,6 +774,8 @@ class _MaskExplainer(Explainer, register=False):
         can_move = (gmax > 0).cpu() & only
         gmax = gmax.clamp_min_(1e-12)
         step0 = INITIAL_STEP / gmax if initial_step is None else torch.full_like(gmax, float(initial_step))
+        # per image the largest cell change of step0 (exactly INITIAL_STEP by default; Python floats)
+        scale = [INITIAL_STEP] * z.shape[0] if initial_step is None else (step0 * gmax).tolist()
         new_z, new_real, new_p = z.clone(), real.clone(), p_del.clone()
 
         def score_real(cand, rd):
@@ -777,12 +784,12 @@ class _MaskExplainer(Explainer, register=False):
         def score_integrated(cand, rd):
             return self._integrated(cand, rd, it, l1, l2), None
 
-        done = self._ladder(z, g, step0, gmax, real, can_move, MIN_STEP, score_real, new_z, new_real, 1, new_p)
+        done = self._ladder(z, g, step0, scale, real, can_move, MIN_STEP, score_real, new_z, new_real, 1, new_p)
         retry = can_move & ~done
         done2 = None
         if bool(retry.any()) and bool((retry := retry & ((p_del >= SATURATED).cpu() | const)).any()):
             fallback_val = torch.empty_like(real)
-            done2 = self._ladder(z, g, step0, gmax, loss, retry, MIN_STEP_INTEGRATED, score_integrated,
+            done2 = self._ladder(z, g, step0, scale, loss, retry, MIN_STEP_INTEGRATED, score_integrated,
                                  new_z, fallback_val, self._ctx["ls_idx"].shape[0])
             if bool(done2.any()):  # the noise-free objective of the states taken on the fallback
                 rd = done2.nonzero().squeeze(1).to(z.device)
@@ -791,73 +798,89 @@ class _MaskExplainer(Explainer, register=False):
         moved = accepted & new_z.ne(z).any(dim=dims).cpu()
         return new_z, new_real, new_p, can_move & ~accepted, moved
 
-    def _ladder(self, z, g, step0, gmax, old, active, min_step, score, out_z, out_val, points,
+    def _ladder(self, z, g, step0, scale, old, active, min_step, score, out_z, out_val, points,
                 out_aux=None) -> torch.Tensor:
         """Armijo backtracking of the images in ``active`` (CPU bools) on ``score(cand, rd)``
         (-> values and an extra per-candidate number or None; ``points`` model rows per term and
-        trial) against ``old``; accepted states, values (and extras) are written into ``out_z`` /
+        trial) against ``old``; ``scale`` (Python floats) is per image the largest cell change of
+        the step ``step0``. Accepted states, values (and extras) are written into ``out_z`` /
         ``out_val`` (/ ``out_aux``). Returns which images accepted a step (CPU bools)."""
         # Trial k of an image has step step0 * SHRINK**k, the power read from one table, so the
         # steps (and so the states and values) are the same bits whatever number of trials one
-        # call scores (``group``, chosen from measured pass times).
+        # call scores (``group``, chosen from measured pass times). A trial whose largest cell
+        # change scale * SHRINK**k is below ``min_step`` is not scored (except an image's first,
+        # k = 0); as the changes shrink with k, an image's trials to score are a prefix of the
+        # next ``group``, decided here in Python floats.
         dev = z.device
         n = z.shape[0]
         act = [i for i, a in enumerate(active.tolist()) if a]  # the images still searching, in order
         tried = [0] * n  # trials scored per image
         hits: list[int] = []
         nt = self._ctx["nt"]
+        thresh = old.unsqueeze(1) - MIN_DECREASE  # (n, 1): a value must be below this minus c1 * the predicted decrease
         while act:
-            r = len(act)
-            # (all images searching: the state tensors are taken whole, no gathers)
-            group = self.line_search_group or max(2, min(8, self._ctx["cheap"] // (r * nt * points)))
+            group = self.line_search_group or max(2, min(8, self._ctx["cheap"] // (len(act) * nt * points)))
+            # per image how many of its next ``group`` trials are scored, and whether it gives up after them
+            counts, give_up = [], []
+            for i in act:
+                k0 = tried[i]
+                c = 0
+                while c < group and (k0 + c == 0 or scale[i] * ARMIJO_SHRINK ** (k0 + c) >= min_step):
+                    c += 1
+                counts.append(c)
+                give_up.append(scale[i] * ARMIJO_SHRINK ** (k0 + group) < min_step)
+            keep = [j for j, c in enumerate(counts) if c]
+            if len(keep) < len(act):  # images with nothing left to score give up now
+                act, counts = [act[j] for j in keep], [counts[j] for j in keep]
+                give_up = [give_up[j] for j in keep]
+                if not act:
+                    break
+            r, c = len(act), max(counts)
             if r == n:
-                rd, crd = self._every_image(group)
+                rd, crd = self._every_image(c)
                 take = lambda t: t  # noqa: E731
             else:
                 rd = torch.tensor(act, device=dev)
-                crd = rd.repeat_interleave(group)  # the image of each trial
+                crd = rd.repeat_interleave(c)  # the image of each trial
                 take = lambda t: t[rd]  # noqa: E731
             t0 = [tried[i] for i in act]
-            if min(t0) == max(t0):  # (r, G + 1) powers: these trials, then the next
-                powers = _shrink_powers(t0[0] + group + 1, z.dtype, dev, t0[0])
+            if min(t0) == max(t0):  # (r, c) powers of these trials
+                powers = _shrink_powers(t0[0] + c, z.dtype, dev, t0[0])
             else:
-                table = _shrink_powers(max(t0) + group + 1, z.dtype, dev)
-                powers = table[torch.tensor([[a + j for j in range(group + 1)] for a in t0], device=dev)]
-            steps_next = take(step0).unsqueeze(1) * powers
-            steps, next_step = steps_next[:, :group], steps_next[:, group]  # (r, G), (r,)
-            zr, gr, gm = take(z).unsqueeze(1), take(g).unsqueeze(1), take(gmax)
-            cand = (zr - steps.view(r, group, 1, 1, 1) * gr).clamp_(0, 1)
-            # trials whose largest cell change is below min_step are not scored (except an image's first)
-            valid = steps * gm.unsqueeze(1) >= min_step
-            first_call = [j for j, a in enumerate(t0) if a == 0]
-            if len(first_call) == r:
-                valid[:, 0] = True
-            elif first_call:
-                valid[torch.tensor(first_call, device=dev), 0] = True
-            if bool(valid.all()):
+                table = _shrink_powers(max(t0) + c, z.dtype, dev)
+                powers = table[torch.tensor([[a + j for j in range(c)] for a in t0], device=dev)]
+            steps = take(step0).unsqueeze(1) * powers  # (r, c)
+            zr, gr = take(z).unsqueeze(1), take(g).unsqueeze(1)
+            cand = (zr - steps.view(r, c, 1, 1, 1) * gr).clamp_(0, 1)
+            if min(counts) == c:  # every trial scored (the usual case)
+                valid = None
                 v, a = score(cand.flatten(0, 1), crd)
-                val, aux = v.view(r, group), None if a is None else a.view(r, group)
+                val, aux = v.view(r, c), None if a is None else a.view(r, c)
             else:
+                valid = torch.tensor([[j < cnt for j in range(c)] for cnt in counts], device=dev)
                 vflat = valid.flatten()
-                val = torch.full((r * group,), float("inf"), device=dev, dtype=z.dtype)
+                val = torch.full((r * c,), float("inf"), device=dev, dtype=z.dtype)
                 v, a = score(cand.flatten(0, 1)[vflat], crd[vflat])
                 val[vflat] = v
-                val, aux = val.view(r, group), None
+                val, aux = val.view(r, c), None
                 if a is not None:
                     aux = torch.zeros_like(val).flatten()
                     aux[vflat] = a
-                    aux = aux.view(r, group)
+                    aux = aux.view(r, c)
             # Projected Armijo: the decrease predicted by the step actually taken after clamping
             # (equal to step * ||g||^2 when nothing is clamped).
             pred = (gr * (zr - cand)).flatten(2).sum(2)
-            ok = (val <= take(old).unsqueeze(1) - ARMIJO_C1 * pred - MIN_DECREASE) & valid  # (r, G)
+            ok = val <= torch.add(take(thresh), pred, alpha=-ARMIJO_C1)  # (r, c); unscored trials are inf
             any_ok = ok.any(1).tolist()
-            give_up = (next_step * gm < min_step).tolist()
             hit = [j for j in range(r) if any_ok[j]]
             if hit:
-                first = ok.float().argmax(1)  # first satisfying trial per image
-                hj = torch.tensor(hit, device=dev)
-                pick, dest = first[hj], rd[hj]
+                first = ok.to(torch.uint8).argmax(1)  # first satisfying trial per image
+                if len(hit) == r:
+                    hj, dest = self._every_image(1)[0][:r], rd
+                    pick = first
+                else:
+                    hj = torch.tensor(hit, device=dev)
+                    pick, dest = first[hj], rd[hj]
                 out_z[dest] = cand[hj, pick]
                 out_val[dest] = val[hj, pick]
                 if out_aux is not None:
@@ -955,7 +978,7 @@ class IGOS(_MaskExplainer):
 
     def _regulariser(self, z, l1, l2, rd=None):
         # z is the one mask (M, 1, h, w), in [0, 1]: |1 - M| = 1 - M (its gradient is -1 even at M = 1)
-        return torch.add(l1 * (1 - z.mean((1, 2, 3))), total_variation(z), alpha=l2)
+        return torch.addcmul(total_variation(z).mul_(l2).add_(l1), l1, z.flatten(1).mean(1), value=-1)
 
     def _regulariser_grad(self, z, l1, l2):
         return _tv_grad(z).mul_(l2).sub_((l1 / z[0].numel()).view(-1, 1, 1, 1))
