@@ -546,6 +546,7 @@ class _MaskExplainer(Explainer, register=False):
         x = c["images"]
         small = 2 * u_dir.shape[0] * x[0].numel() * x.element_size() <= NOISE_TABLE_BYTES
         c.update(
+            kept={}, kept_ids={}, noise_bytes=n * s1 * x[0].numel() * x.element_size(),
             nt=nt, s1=s1, signs=signs, ls_idx=pts, one_plus=nt == 1 and bool((sign > 0).all()),
             obj=(u.contiguous(), tt.contiguous()), obj_all=_Plan(u.flatten(), tt.reshape(-1, 1), None, None, None),
             dir=_Plan(u_dir, tt.unsqueeze(2).expand(n, nt, k).reshape(-1, 1),
@@ -566,7 +567,7 @@ class _MaskExplainer(Explainer, register=False):
         if c.get("eps_it") == it:
             return c["eps"]
         x, s1, n = c["images"], c["s1"], c["n"]
-        if n * s1 * x[0].numel() * x.element_size() > NOISE_TABLE_BYTES:
+        if c["noise_bytes"] > NOISE_TABLE_BYTES:
             return None
         table = torch.empty((n, s1, *x.shape[1:]), device=x.device, dtype=x.dtype)
         for i in range(n):  # (the same values as a fresh randn of one image's shape)
@@ -676,11 +677,11 @@ class _MaskExplainer(Explainer, register=False):
         if rd is None:
             plan = c["obj_all"]
         else:
-            u, tt = c["obj"]
-            plan = _Plan(u[rd].flatten(), tt[rd].view(-1, 1), None, None, None)
+            plan = self._kept(("objective", rd), lambda: _Plan(c["obj"][0][rd].flatten(), c["obj"][1][rd].view(-1, 1),
+                                                               None, None, None))
         s, _ = self._rows(plan, self._row_masks(z), None, grad=False)
         s = s.view(m, nt)
-        value = self._signed_sum(s) + self._regulariser(z, l1 if rd is None else l1[rd], l2, rd)
+        value = self._signed_sum(s) + self._regulariser(z, l1 if rd is None else self._kept(("l1", rd, l1), lambda: l1[rd]), l2, rd)
         return (value, s[:, 0]) if with_score else value
 
     def _direction(self, z: torch.Tensor, it: int):
@@ -724,9 +725,24 @@ class _MaskExplainer(Explainer, register=False):
         kp = alpha.shape[0] // nt
         masks = self._term_masks(cand)
         rows = masks.unsqueeze(2).expand(m, nt, kp, *masks.shape[2:]).reshape(-1, *masks.shape[2:])
-        s, _ = self._rows(_Plan(u[rd].flatten(), tt[rd].view(-1, 1), None, alpha.repeat(m).view(-1, 1, 1, 1),
-                                nidx[rd].flatten()), rows, it, grad=False)
-        return self._signed_sum(s.view(m, nt, kp).mean(2)) + self._regulariser(cand, l1[rd], l2, rd)
+        plan = self._kept(("integrated", rd), lambda: _Plan(u[rd].flatten(), tt[rd].view(-1, 1), None,
+                                                            alpha.repeat(m).view(-1, 1, 1, 1), nidx[rd].flatten()))
+        s, _ = self._rows(plan, rows, it, grad=False)
+        return self._signed_sum(s.view(m, nt, kp).mean(2)) + self._regulariser(
+            cand, self._kept(("l1", rd, l1), lambda: l1[rd]), l2, rd)
+
+    def _kept(self, key: tuple, make):
+        """``make()``, kept for the call when ``key``'s tensors are ones this call keeps (the
+        image indices of ``_every_image``: the line search of all images asks for the same rows
+        every iteration); tensors are matched by identity."""
+        c = self._ctx
+        if not any(t is k for t in key[1:] for k in c["kept_ids"].values()):
+            return make()
+        slot = (key[0],) + tuple(id(t) for t in key[1:])
+        hit = c["kept"].get(slot)
+        if hit is None or any(a is not b for a, b in zip(hit[0], key[1:])):
+            hit = c["kept"][slot] = (key[1:], make())
+        return hit[1]
 
     def _every_image(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """arange(n) and each index repeated ``group`` times (device; kept for the call)."""
@@ -735,6 +751,7 @@ class _MaskExplainer(Explainer, register=False):
         if key not in c:
             rd = torch.arange(c["n"], device=c["t"].device)
             c[key] = (rd, rd.repeat_interleave(group))
+            c["kept_ids"][group] = c[key][1]
         return c[key]
 
     def _constant(self, z: torch.Tensor) -> torch.Tensor:
