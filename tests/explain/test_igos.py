@@ -374,18 +374,21 @@ def test_auto_chunk_respects_the_memory_budget(monkeypatch):
 
 @pytest.mark.parametrize("cls", METHODS)
 def test_written_out_penalty_gradient_equals_autograd(cls):
-    """The area + (bilateral) TV gradients written out for the line search equal autograd's, per
-    image and with a per-image area weight (masks at the image's resolution: no upsampling)."""
+    """The area + (bilateral) TV gradients written out for the line search equal autograd's, and
+    the penalties computed with them equal the regulariser, per image and with a per-image area
+    weight (masks at the image's resolution: no upsampling)."""
     gen = torch.Generator().manual_seed(11)
     x = torch.rand(3, 3, 6, 7, generator=gen)
     z = torch.rand(3, cls.n_masks, 6, 7, generator=gen)
     l1 = torch.tensor([1.0, 0.25, 0.0625])
     expl = cls(nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 7, 2)))
     expl._ctx = dict(images=x, size=(6, 7))
-    written = expl._regulariser_grad(z, l1, 0.7)
     by_autograd = super(cls, expl)._regulariser_grad(z, l1, 0.7)
-    torch.testing.assert_close(written, by_autograd, atol=1e-6, rtol=1e-5)
-    assert float(written.abs().amax()) > 0.01  # not trivially zero
+    value, grad = expl._penalties(z, l1, 0.7)  # value and gradient from the same differences
+    for written in (expl._regulariser_grad(z, l1, 0.7), grad):
+        torch.testing.assert_close(written, by_autograd, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(value, expl._regulariser(z, l1, 0.7), atol=1e-6, rtol=1e-5)
+    assert float(grad.abs().amax()) > 0.01 and float(value.abs().amin()) > 0.01  # not trivially zero
 
 
 @pytest.mark.parametrize("cls", METHODS)

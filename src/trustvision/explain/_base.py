@@ -362,14 +362,19 @@ class Explainer:
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """Keyword -> default value of ``attribute`` (besides ``inputs`` and ``target``)."""
-        fn = inspect.unwrap(cls.attribute)
-        return {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[1:]
+        return {p.name: p.default for p in _parameters(cls.attribute)[1:]
                 if p.name not in _CORE and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
     @classmethod
     def _accepts_any_keyword(cls) -> bool:
-        fn = inspect.unwrap(cls.attribute)
-        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+        return any(p.kind is p.VAR_KEYWORD for p in _parameters(cls.attribute))
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(fn: Callable) -> tuple[inspect.Parameter, ...]:
+    """The parameters of the function ``fn`` wraps (read once per function: every call of
+    ``attribute`` checks its keywords against them)."""
+    return tuple(inspect.signature(inspect.unwrap(fn)).parameters.values())
 
 
 def check_keywords(method: type[Explainer], kw: Mapping[str, Any]) -> None:

@@ -75,6 +75,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from trustvision.errors import TrustVisionError
 from trustvision._utils.images import (
@@ -540,14 +541,19 @@ class _MaskExplainer(Explainer, register=False):
         tt = t.view(n, 1).expand(n, nt)
         signs = sign.to(dev)
         pts = torch.tensor(ls_points, device=dev)
+        steps = {b - a for a, b in zip(ls_points, ls_points[1:])}
+        ls_take = slice(ls_points[0], ls_points[-1] + 1, steps.pop()) if len(steps) == 1 else pts
         kp = pts.shape[0]
         slot_ls = (torch.arange(nt, device=dev).view(nt, 1) * k + pts.view(1, kp)).flatten()  # (nt * kp,)
         u_dir = u.unsqueeze(2).expand(n, nt, k).flatten()
         x = c["images"]
         small = 2 * u_dir.shape[0] * x[0].numel() * x.element_size() <= NOISE_TABLE_BYTES
+        scale = c["sigma"].view(n, 1).repeat(1, s1)
+        scale[:, -1] = 0
         c.update(
+            noise_scale=scale.view(n, s1, *([1] * (x.dim() - 1))),
             kept={}, kept_ids={}, noise_bytes=n * s1 * x[0].numel() * x.element_size(),
-            nt=nt, s1=s1, signs=signs, ls_idx=pts, one_plus=nt == 1 and bool((sign > 0).all()),
+            nt=nt, s1=s1, signs=signs, ls_idx=pts, ls_take=ls_take, one_plus=nt == 1 and bool((sign > 0).all()),
             obj=(u.contiguous(), tt.contiguous()), obj_all=_Plan(u.flatten(), tt.reshape(-1, 1), None, None, None),
             dir=_Plan(u_dir, tt.unsqueeze(2).expand(n, nt, k).reshape(-1, 1),
                       None if bool((sign > 0).all()) else signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
@@ -573,8 +579,7 @@ class _MaskExplainer(Explainer, register=False):
         for i in range(n):  # (the same values as a fresh randn of one image's shape)
             c["gen"].manual_seed(_noise_seed(c["seed"], c["keys"][i], it))
             torch.randn((s1, *x.shape[1:]), generator=c["gen"], device=x.device, dtype=x.dtype, out=table[i])
-        table[:, -1] = 0
-        table.mul_(c["sigma"].view(n, 1, 1, 1, 1))
+        table.mul_(c["noise_scale"])  # each image's std, 0 on its last slot (no noise)
         c["eps"], c["eps_it"] = table.view(n * s1, *x.shape[1:]), it
         return c["eps"]
 
@@ -696,15 +701,20 @@ class _MaskExplainer(Explainer, register=False):
         scores, grads = self._rows(c["dir"], rows, it, grad=True)
         ig = grads.view(n, nt, k, *masks.shape[2:]).mean(2)  # (n, nt, 1, h, w)
         g = self._chain(z, list(ig.unbind(1)))
-        ls = scores.view(n, nt, k)[:, :, c["ls_idx"]].mean(2)  # (n, nt)
+        ls = scores.view(n, nt, k)[:, :, c["ls_take"]].mean(2)  # (n, nt)
         return g, self._signed_sum(ls)
 
     def _penalised(self, z: torch.Tensor, g_score: torch.Tensor, ls_score: torch.Tensor, l1: torch.Tensor,
                    l2: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The descent direction and the integrated objective: the score parts plus the gradient
         and the value of the area and smoothness penalties."""
-        z = z.detach()
-        return g_score + self._regulariser_grad(z, l1, l2), ls_score + self._regulariser(z, l1, l2)
+        value, grad = self._penalties(z.detach(), l1, l2)
+        return g_score + grad, ls_score + value
+
+    def _penalties(self, z: torch.Tensor, l1: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The penalties (M,) at the states ``z`` of all images and their gradient (subclasses
+        compute both from the same neighbour differences where they can)."""
+        return self._regulariser(z, l1, l2), self._regulariser_grad(z, l1, l2)
 
     def _regulariser_grad(self, z: torch.Tensor, l1: torch.Tensor, l2: float) -> torch.Tensor:
         """The gradient of the summed penalties w.r.t. the state (by autograd; subclasses write
@@ -761,8 +771,8 @@ class _MaskExplainer(Explainer, register=False):
         if flat.dtype != torch.float32:
             flat = flat.float()
         lo, hi = torch.aminmax(flat, dim=1)
-        scale = torch.maximum(lo.abs(), hi.abs())  # max |h|
-        return (~((hi - lo) > scale.mul_(1e-6).add_(CONSTANT_TOL))).cpu()
+        # (heatmaps lie in [0, 1]: constant_heatmaps' relative part, 1e-6 * max|h|, is left out)
+        return (~((hi - lo) > CONSTANT_TOL)).cpu()
 
     @torch.no_grad()
     def _line_search(self, z, g, loss, real, p_del, const, it, l1, l2, initial_step, only):
@@ -886,7 +896,7 @@ class _MaskExplainer(Explainer, register=False):
                     aux = aux.view(r, c)
             # Projected Armijo: the decrease predicted by the step actually taken after clamping
             # (equal to step * ||g||^2 when nothing is clamped).
-            pred = (gr * (zr - cand)).flatten(2).sum(2)
+            pred = torch.linalg.vecdot(gr.flatten(2), (zr - cand).flatten(2))
             ok = val <= torch.add(take(thresh), pred, alpha=-ARMIJO_C1)  # (r, c); unscored trials are inf
             any_ok = ok.any(1).tolist()
             hit = [j for j in range(r) if any_ok[j]]
@@ -926,6 +936,31 @@ class _Plan(NamedTuple):
     nidx: torch.Tensor | None
     src: torch.Tensor | None = None  # src[u] and diffu[u], when gathered beforehand
     diff: torch.Tensor | None = None
+
+
+def _tv_and_grad(m: torch.Tensor, wv: torch.Tensor | None = None,
+                 wh: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`total_variation` of the mask ``m`` (N, 1, h, w) (with ``wv`` / ``wh``: the weighted
+    TV of ``_weighted_tv``) and its gradient, from the same neighbour differences: with zeros
+    padded at both ends, the difference of the (weighted) differences is -1/2 the gradient of
+    their sum of squares."""
+    h, w = m.shape[-2:]
+    val = grad = None
+    for dim, size, cells, weight, pad in ((-2, h, (h - 1) * w, wv, (0, 0, 1, 1)), (-1, w, h * (w - 1), wh, (1, 1))):
+        if size < 2:
+            continue
+        d = torch.diff(m, dim=dim)
+        wd = d if weight is None else d * weight
+        v = torch.linalg.vecdot(wd.flatten(1), d.flatten(1))
+        gpart = torch.diff(F.pad(wd, pad), dim=dim)
+        if val is None:
+            val, grad = v.mul_(1.0 / cells), gpart.mul_(-2.0 / cells)
+        else:
+            val.add_(v, alpha=1.0 / cells)
+            grad.add_(gpart, alpha=-2.0 / cells)
+    if val is None:
+        return m.new_zeros(m.shape[0]), torch.zeros_like(m)
+    return val, grad
 
 
 def _tv_grad(m: torch.Tensor, wv: torch.Tensor | None = None, wh: torch.Tensor | None = None) -> torch.Tensor:
@@ -1000,6 +1035,11 @@ class IGOS(_MaskExplainer):
     def _regulariser_grad(self, z, l1, l2):
         return _tv_grad(z).mul_(l2).sub_((l1 / z[0].numel()).view(-1, 1, 1, 1))
 
+    def _penalties(self, z, l1, l2):
+        tv, g = _tv_and_grad(z)
+        value = torch.addcmul(tv.mul_(l2).add_(l1), l1, z.flatten(1).mean(1), value=-1)
+        return value, g.mul_(l2).sub_((l1 / z[0].numel()).view(-1, 1, 1, 1))
+
     def _term_masks(self, z):
         return z.unsqueeze(1)
 
@@ -1045,7 +1085,7 @@ class IGOSPlusPlus(_MaskExplainer):
         if "edge_weights" not in c:
             c["edge_weights"] = _edge_weights(c["images"], self.bilateral_sigma)
         wv, wh = c["edge_weights"]
-        return (wv, wh) if rd is None else (wv[rd], wh[rd])
+        return (wv, wh) if rd is None else self._kept(("edges", rd), lambda: (wv[rd], wh[rd]))
 
     def _regulariser(self, z, l1, l2, rd=None):
         m = z[:, 0:1] * z[:, 1:2]
@@ -1061,6 +1101,18 @@ class IGOSPlusPlus(_MaskExplainer):
         wv, wh = self._edge_weights()
         gm = (0.5 * l2) * (_tv_grad(m) + _tv_grad(m, wv, wh)) - (l1 / m[0].numel()).view(-1, 1, 1, 1)
         return torch.cat([gm * mi, gm * md], dim=1)
+
+    def _penalties(self, z, l1, l2):
+        if tuple(z.shape[-2:]) != tuple(self._ctx["size"]):  # through the upsampling: by autograd
+            return super()._penalties(z, l1, l2)
+        md, mi = z[:, 0:1], z[:, 1:2]
+        m = md * mi
+        wv, wh = self._edge_weights()
+        tv, g = _tv_and_grad(m)
+        wtv, wg = _tv_and_grad(m, wv, wh)
+        value = torch.addcmul(tv.add_(wtv).mul_(0.5 * l2).add_(l1), l1, m.flatten(1).mean(1), value=-1)
+        gm = g.add_(wg).mul_(0.5 * l2).sub_((l1 / m[0].numel()).view(-1, 1, 1, 1))
+        return value, torch.cat([gm * mi, gm * md], dim=1)
 
     def _term_masks(self, z):
         md, mi = z[:, 0:1], z[:, 1:2]
