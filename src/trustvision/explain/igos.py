@@ -40,7 +40,17 @@ Why masks stayed blank, and what is done about it (each has a test in tests/expl
 
 Noise. Each image's noise is drawn from a generator seeded by (``seed``, a hash of the image's
 pixels, the iteration), so an image gets the same heatmap alone, in any batch, in any order and
-with any chunking (to float rounding).
+with any chunking (to float rounding). An iteration's noise is drawn once and kept for all its
+passes while it fits in ``NOISE_TABLE_BYTES`` (64 MiB), else each pass draws it for its images
+(the same values).
+
+Host work. On a small model the explainer's own tensor operations between the model's passes
+cost as much as the passes themselves (each small CPU operation costs microseconds), so the rows
+of every pass are described by index tables built once per call, the pixels of the direction's
+rows are gathered once, the penalties' gradients are written out (from the same neighbour
+differences as their values) and the line search decides in Python which trials to score
+(``benchmarks/bench_explain.py --only replay`` times a run against the bare model replaying its
+calls).
 
 Precision. ``attribute(..., autocast=True)`` runs the model's passes of the optimisation under
 bf16 autocast (``torch.autocast`` on the inputs' device, CPU or CUDA) while the masks, losses, line
@@ -717,8 +727,8 @@ class _MaskExplainer(Explainer, register=False):
         return self._regulariser(z, l1, l2), self._regulariser_grad(z, l1, l2)
 
     def _regulariser_grad(self, z: torch.Tensor, l1: torch.Tensor, l2: float) -> torch.Tensor:
-        """The gradient of the summed penalties w.r.t. the state (by autograd; subclasses write
-        it out where they can)."""
+        """The gradient of the summed penalties w.r.t. the state, by autograd (the subclasses'
+        ``_penalties`` write it out where they can)."""
         zz = z.detach().requires_grad_(True)
         with torch.enable_grad():
             (greg,) = torch.autograd.grad(self._regulariser(zz, l1, l2).sum(), zz)
@@ -963,21 +973,6 @@ def _tv_and_grad(m: torch.Tensor, wv: torch.Tensor | None = None,
     return val, grad
 
 
-def _tv_grad(m: torch.Tensor, wv: torch.Tensor | None = None, wh: torch.Tensor | None = None) -> torch.Tensor:
-    """The gradient of :func:`total_variation` (with ``wv`` / ``wh``: of the weighted TV of
-    ``_weighted_tv``) w.r.t. the mask ``m`` (N, 1, h, w), per image."""
-    out = torch.zeros_like(m)
-    h, w = m.shape[-2:]
-    for dim, size, cells, weight in ((-2, h, (h - 1) * w, wv), (-1, w, h * (w - 1), wh)):
-        if size > 1:
-            d = torch.diff(m, dim=dim).mul_(2.0 / cells)
-            if weight is not None:
-                d.mul_(weight)
-            out.narrow(dim, 1, size - 1).add_(d)
-            out.narrow(dim, 0, size - 1).sub_(d)
-    return out
-
-
 _POWERS: dict = {}
 
 
@@ -1031,9 +1026,6 @@ class IGOS(_MaskExplainer):
     def _regulariser(self, z, l1, l2, rd=None):
         # z is the one mask (M, 1, h, w), in [0, 1]: |1 - M| = 1 - M (its gradient is -1 even at M = 1)
         return torch.addcmul(total_variation(z).mul_(l2).add_(l1), l1, z.flatten(1).mean(1), value=-1)
-
-    def _regulariser_grad(self, z, l1, l2):
-        return _tv_grad(z).mul_(l2).sub_((l1 / z[0].numel()).view(-1, 1, 1, 1))
 
     def _penalties(self, z, l1, l2):
         tv, g = _tv_and_grad(z)
@@ -1092,15 +1084,6 @@ class IGOSPlusPlus(_MaskExplainer):
         wv, wh = self._edge_weights(rd)
         btv = 0.5 * (total_variation(m) + _weighted_tv(upsample(m, self._ctx["size"]), wv, wh))
         return l1 * (1 - m.flatten(1).mean(1)) + l2 * btv
-
-    def _regulariser_grad(self, z, l1, l2):
-        if tuple(z.shape[-2:]) != tuple(self._ctx["size"]):  # through the upsampling: by autograd
-            return super()._regulariser_grad(z, l1, l2)
-        md, mi = z[:, 0:1], z[:, 1:2]
-        m = md * mi
-        wv, wh = self._edge_weights()
-        gm = (0.5 * l2) * (_tv_grad(m) + _tv_grad(m, wv, wh)) - (l1 / m[0].numel()).view(-1, 1, 1, 1)
-        return torch.cat([gm * mi, gm * md], dim=1)
 
     def _penalties(self, z, l1, l2):
         if tuple(z.shape[-2:]) != tuple(self._ctx["size"]):  # through the upsampling: by autograd
