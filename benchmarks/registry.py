@@ -15,7 +15,9 @@ measures the peak memory the calls need beyond what the set-up already holds.
 Helpers shared by the ``bench_*`` modules: :func:`sync` (wait for the device before reading a
 clock), :func:`zoo_names`, :func:`zoo_workload` (a zoo model with a seeded random batch) and
 :func:`training_run` (one optimiser step), :class:`CallRecorder` and :func:`replay_seconds` (the
-bare model replaying the very calls a run made: the model's own limit for that run).
+bare model replaying the very calls a run made: the model's own limit for that run),
+:func:`best_seconds` (the best of n timed calls) and :func:`paired` (a run and its limit timed back
+to back in alternating rounds).
 """
 
 from __future__ import annotations
