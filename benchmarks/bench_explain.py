@@ -245,9 +245,9 @@ def _constant(heat: torch.Tensor) -> torch.Tensor:
 def igos_report(name: str, method: str, net, x: torch.Tensor, device: torch.device, settings: dict,
                 n_single: int | None = None, with_scores: bool = True, rounds: int = 3) -> dict:
     """Speed of ``method`` on ``x``: one batched call vs one call per image (both shapes warmed
-    up first; the two timed in ``rounds`` alternating rounds, the best of each), passes per
-    image, the chunk sizes used and the ratio to the model limit; with ``with_scores`` also
-    deletion/insertion of the batched and one-at-a-time heatmaps."""
+    up first; the two timed in ``rounds`` alternating rounds, ``registry.paired``, the best of
+    each), passes per image, the chunk sizes used and the ratio to the model limit; with
+    ``with_scores`` also deletion/insertion of the batched and one-at-a-time heatmaps."""
     from trustvision import explain
 
     expl = explain.get(method)(net)
@@ -259,23 +259,23 @@ def igos_report(name: str, method: str, net, x: torch.Tensor, device: torch.devi
         # use; the automatic chunking measures the model on the first passes)
         expl.attribute(x, **{**settings, "iterations": 1})
         expl.attribute(x[:1], **{**settings, "iterations": 1})
-        t_batch = t_single = math.inf
-        for _ in range(rounds):  # (this machine's speed moves over seconds: alternate, keep the best)
-            sync(device)
-            t0 = time.perf_counter()
-            heat = expl.attribute(x, **settings)
-            sync(device)
-            t_batch = min(t_batch, time.perf_counter() - t0)
-            info = expl.last_info
-            singles, fb1, fw1 = [], 0, 0
-            sync(device)
-            t0 = time.perf_counter()
-            for i in range(n_single):
-                singles.append(expl.attribute(x[i : i + 1], **settings))
-                fb1 += expl.last_info.forward_backward_passes
-                fw1 += expl.last_info.forward_passes
-            sync(device)
-            t_single = min(t_single, (time.perf_counter() - t0) / n_single)
+        got: dict = {}
+
+        def batched() -> None:
+            got["heat"], got["info"] = expl.attribute(x, **settings), expl.last_info
+
+        def one_at_a_time() -> float:  # seconds per image
+            def run():
+                got["singles"], got["fb1"], got["fw1"] = [], 0, 0
+                for i in range(n_single):
+                    got["singles"].append(expl.attribute(x[i : i + 1], **settings))
+                    got["fb1"] += expl.last_info.forward_backward_passes
+                    got["fw1"] += expl.last_info.forward_passes
+            return best_seconds(run, device, repeat=1, warm=False) / n_single
+
+        # (this machine's speed moves over seconds: the two alternate in rounds, the best of each)
+        t_batch, t_single, _, _ = paired(batched, one_at_a_time, device, rounds=rounds, budget=math.inf)
+        heat, info, singles, fb1, fw1 = (got[k] for k in ("heat", "info", "singles", "fb1", "fw1"))
         fb_chunk, fw_chunk = _chunk_sizes(expl, x, settings, method)
         fb_chunk1, fw_chunk1 = _chunk_sizes(expl, x[:1], settings, method)
     single = torch.cat(singles)

@@ -56,6 +56,7 @@ __all__ = [
     "ExplanationInfo",
     "ExplanationWarning",
     "constant_heatmaps",
+    "constant_rows",
     "heatmap_reasons",
     "reliability_warning",
     "summarise_reasons",
@@ -83,12 +84,19 @@ def constant_heatmaps(heatmaps: torch.Tensor, atol: float = 0.0, rtol: float = 1
     A constant heatmap ranks nothing (deletion / insertion then follow the pixel order, and
     correlation metrics divide by zero), so it is flagged unreliable.
     """
-    flat = heatmaps.detach().flatten(1).float()
+    return constant_rows(heatmaps, atol, rtol).tolist()
+
+
+def constant_rows(heatmaps: torch.Tensor, atol: float = 0.0, rtol: float = 1e-6) -> torch.Tensor:
+    """:func:`constant_heatmaps` as a bool tensor (N,) on the heatmaps' device."""
+    flat = heatmaps.detach().flatten(1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
     if flat.shape[1] == 0:
-        return [True] * flat.shape[0]
-    spread = flat.amax(1) - flat.amin(1)
-    scale = flat.abs().amax(1)
-    return (~(spread > atol + rtol * scale)).tolist()  # NaN spreads count as constant
+        return torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+    lo, hi = torch.aminmax(flat, dim=1)
+    scale = torch.maximum(lo.abs(), hi.abs())  # max |h|
+    return ~(hi - lo > scale.mul_(rtol).add_(atol))  # NaN spreads count as constant
 
 
 def heatmap_reasons(

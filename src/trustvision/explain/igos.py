@@ -109,6 +109,7 @@ from trustvision.explain._base import (
     ExplanationWarning,
     Explainer,
     constant_heatmaps,
+    constant_rows,
     reliability_warning,
 )
 
@@ -152,16 +153,42 @@ def model_logits(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> t
 
 def total_variation(mask: torch.Tensor) -> torch.Tensor:
     """Mean squared difference of vertical and horizontal neighbours, per image: (N,)."""
-    h, w = mask.shape[-2:]
-    tv = None
-    if h > 1:
-        dv = torch.diff(mask, dim=-2).flatten(1)
-        tv = torch.linalg.vecdot(dv, dv).mul_(1.0 / dv.shape[1])
-    if w > 1:
-        dh = torch.diff(mask, dim=-1).flatten(1)
-        th = torch.linalg.vecdot(dh, dh).mul_(1.0 / dh.shape[1])
-        tv = th if tv is None else tv.add_(th)
-    return mask.new_zeros(mask.shape[0]) if tv is None else tv
+    return _tv(mask)[0]
+
+
+def _tv(m: torch.Tensor, wv: torch.Tensor | None = None, wh: torch.Tensor | None = None,
+        grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`total_variation` of ``m`` (N, C, h, w) per image (with ``wv`` / ``wh``, the weights of
+    :func:`_edge_weights`: the mean of the weighted squared differences) and, with ``grad``, its
+    gradient w.r.t. ``m`` from the same neighbour differences: with zeros padded at both ends, the
+    difference of the (weighted) differences is -1/2 the gradient of their sum of squares."""
+    h, w = m.shape[-2:]
+    val = g = None
+    for dim, size, weight, pad in ((-2, h, wv, (0, 0, 1, 1)), (-1, w, wh, (1, 1))):
+        if size < 2:
+            continue
+        d = torch.diff(m, dim=dim)
+        wd = d if weight is None else d * weight
+        cells = d[0].numel()
+        v = torch.linalg.vecdot(wd.flatten(1), d.flatten(1)).mul_(1.0 / cells)
+        val = v if val is None else val.add_(v)
+        if grad:
+            gpart = torch.diff(F.pad(wd, pad), dim=dim).mul_(-2.0 / cells)
+            g = gpart if g is None else g.add_(gpart)
+    if val is None:
+        val, g = m.new_zeros(m.shape[0]), (torch.zeros_like(m) if grad else None)
+    return val, g
+
+
+def _area_and_tv(m: torch.Tensor, l1: torch.Tensor, l2: float, tv: torch.Tensor,
+                 tv_grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The penalties l1 * mean(1 - m) + l2 * tv per state (``m`` in [0, 1], ``l1`` per state) and,
+    given the TV's gradient, their gradient w.r.t. ``m`` (the area term's is -l1 / cells, even
+    at m = 1); ``tv`` and ``tv_grad`` are overwritten."""
+    value = torch.addcmul(tv.mul_(l2).add_(l1), l1, m.flatten(1).mean(1), value=-1)
+    if tv_grad is None:
+        return value, None
+    return value, tv_grad.mul_(l2).sub_((l1 / m[0].numel()).view(-1, 1, 1, 1))
 
 
 def _edge_weights(image: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,17 +196,6 @@ def _edge_weights(image: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torc
     wv = torch.exp(-(image[..., 1:, :] - image[..., :-1, :]).pow(2).sum(1, keepdim=True) / sigma)
     wh = torch.exp(-(image[..., :, 1:] - image[..., :, :-1]).pow(2).sum(1, keepdim=True) / sigma)
     return wv, wh
-
-
-def _weighted_tv(mask_up: torch.Tensor, wv: torch.Tensor, wh: torch.Tensor) -> torch.Tensor:
-    """Image-weighted TV of a full-resolution mask with the weights of :func:`_edge_weights`, per
-    image."""
-    h, w = mask_up.shape[-2:]
-    tv = (wv * torch.diff(mask_up, dim=-2).square()).flatten(1).mean(1) if h > 1 else None
-    if w > 1:
-        th = (wh * torch.diff(mask_up, dim=-1).square()).flatten(1).mean(1)
-        tv = th if tv is None else tv + th
-    return mask_up.new_zeros(mask_up.shape[0]) if tv is None else tv
 
 
 def _image_keys(x: torch.Tensor) -> list[int]:
@@ -557,16 +573,18 @@ class _MaskExplainer(Explainer, register=False):
         slot_ls = (torch.arange(nt, device=dev).view(nt, 1) * k + pts.view(1, kp)).flatten()  # (nt * kp,)
         u_dir = u.unsqueeze(2).expand(n, nt, k).flatten()
         x = c["images"]
-        small = 2 * u_dir.shape[0] * x[0].numel() * x.element_size() <= NOISE_TABLE_BYTES
+        row_bytes = x[0].numel() * x.element_size()
+        small = 2 * u_dir.shape[0] * row_bytes <= NOISE_TABLE_BYTES
+        all_plus = bool((sign > 0).all())
         scale = c["sigma"].view(n, 1).repeat(1, s1)
         scale[:, -1] = 0
         c.update(
             noise_scale=scale.view(n, s1, *([1] * (x.dim() - 1))),
-            kept={}, kept_ids={}, noise_bytes=n * s1 * x[0].numel() * x.element_size(),
-            nt=nt, s1=s1, signs=signs, ls_idx=pts, ls_take=ls_take, one_plus=nt == 1 and bool((sign > 0).all()),
+            kept={}, kept_ids={}, noise_bytes=n * s1 * row_bytes,
+            nt=nt, s1=s1, signs=signs, ls_take=ls_take, one_plus=nt == 1 and all_plus,
             obj=(u.contiguous(), tt.contiguous()), obj_all=_Plan(u.flatten(), tt.reshape(-1, 1), None, None, None),
             dir=_Plan(u_dir, tt.unsqueeze(2).expand(n, nt, k).reshape(-1, 1),
-                      None if bool((sign > 0).all()) else signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
+                      None if all_plus else signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
                       c["alphas"].repeat(n * nt).view(-1, 1, 1, 1),
                       (i * s1 + torch.arange(nt * k, device=dev).view(1, -1)).flatten(),
                       # the direction's rows show the same pixels every iteration: gathered once when small
@@ -586,12 +604,19 @@ class _MaskExplainer(Explainer, register=False):
         if c["noise_bytes"] > NOISE_TABLE_BYTES:
             return None
         table = torch.empty((n, s1, *x.shape[1:]), device=x.device, dtype=x.dtype)
-        for i in range(n):  # (the same values as a fresh randn of one image's shape)
-            c["gen"].manual_seed(_noise_seed(c["seed"], c["keys"][i], it))
-            torch.randn((s1, *x.shape[1:]), generator=c["gen"], device=x.device, dtype=x.dtype, out=table[i])
+        for i in range(n):
+            self._draw_noise(i, it, out=table[i])
         table.mul_(c["noise_scale"])  # each image's std, 0 on its last slot (no noise)
         c["eps"], c["eps_it"] = table.view(n * s1, *x.shape[1:]), it
         return c["eps"]
+
+    def _draw_noise(self, i: int, it: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Image ``i``'s standard normal draw of iteration ``it`` (s1, C, H, W), from its own seed
+        (into ``out`` when given: the same values as a fresh tensor)."""
+        c = self._ctx
+        x = c["images"]
+        c["gen"].manual_seed(_noise_seed(c["seed"], c["keys"][i], it))
+        return torch.randn((c["s1"], *x.shape[1:]), generator=c["gen"], device=x.device, dtype=x.dtype, out=out)
 
     def _stream_noise(self, nidx: torch.Tensor, it: int) -> torch.Tensor:
         """The noise of rows ``nidx`` (image * s1 + slot; rows of one image contiguous) of
@@ -605,8 +630,7 @@ class _MaskExplainer(Explainer, register=False):
         images, counts = torch.unique_consecutive(img, return_counts=True)
         start = 0
         for i, cnt in zip(images.tolist(), counts.tolist()):
-            c["gen"].manual_seed(_noise_seed(c["seed"], c["keys"][i], it))
-            eps = torch.randn((s1, *shape), generator=c["gen"], device=x.device, dtype=x.dtype)
+            eps = self._draw_noise(i, it)
             eps[-1] = 0
             out[start : start + cnt] = eps[slot[start : start + cnt].to(x.device)]
             start += cnt
@@ -756,7 +780,7 @@ class _MaskExplainer(Explainer, register=False):
         image indices of ``_every_image``: the line search of all images asks for the same rows
         every iteration); tensors are matched by identity."""
         c = self._ctx
-        if not any(t is k for t in key[1:] for k in c["kept_ids"].values()):
+        if c["kept_ids"].get(id(key[1])) is not key[1]:  # key[1]: the image of each state
             return make()
         slot = (key[0],) + tuple(id(t) for t in key[1:])
         hit = c["kept"].get(slot)
@@ -771,18 +795,13 @@ class _MaskExplainer(Explainer, register=False):
         if key not in c:
             rd = torch.arange(c["n"], device=c["t"].device)
             c[key] = (rd, rd.repeat_interleave(group))
-            c["kept_ids"][group] = c[key][1]
+            c["kept_ids"][id(c[key][1])] = c[key][1]
         return c[key]
 
     def _constant(self, z: torch.Tensor) -> torch.Tensor:
-        """Per image (CPU bools) whether the heatmap of state ``z`` is constant (as
-        :func:`constant_heatmaps` with ``CONSTANT_TOL``)."""
-        flat = self._heat(z).flatten(1)  # (the states never need a gradient here)
-        if flat.dtype != torch.float32:
-            flat = flat.float()
-        lo, hi = torch.aminmax(flat, dim=1)
-        # (heatmaps lie in [0, 1]: constant_heatmaps' relative part, 1e-6 * max|h|, is left out)
-        return (~((hi - lo) > CONSTANT_TOL)).cpu()
+        """Per image (CPU bools) whether the heatmap of state ``z`` is constant
+        (:func:`constant_heatmaps` with ``CONSTANT_TOL``)."""
+        return constant_rows(self._heat(z), CONSTANT_TOL).cpu()
 
     @torch.no_grad()
     def _line_search(self, z, g, loss, real, p_del, const, it, l1, l2, initial_step, only):
@@ -827,7 +846,7 @@ class _MaskExplainer(Explainer, register=False):
         if bool(retry.any()) and bool((retry := retry & ((p_del >= SATURATED).cpu() | const)).any()):
             fallback_val = torch.empty_like(real)
             done2 = self._ladder(z, g, step0, scale, loss, retry, MIN_STEP_INTEGRATED, score_integrated,
-                                 new_z, fallback_val, self._ctx["ls_idx"].shape[0])
+                                 new_z, fallback_val, len(self._ctx["ls_points"]))
             if bool(done2.any()):  # the noise-free objective of the states taken on the fallback
                 rd = done2.nonzero().squeeze(1).to(z.device)
                 new_real[rd], new_p[rd] = self._objective(new_z[rd], l1, l2, rd, with_score=True)
@@ -890,7 +909,6 @@ class _MaskExplainer(Explainer, register=False):
             zr, gr = take(z).unsqueeze(1), take(g).unsqueeze(1)
             cand = (zr - steps.view(r, c, 1, 1, 1) * gr).clamp_(0, 1)
             if min(counts) == c:  # every trial scored (the usual case)
-                valid = None
                 v, a = score(cand.flatten(0, 1), crd)
                 val, aux = v.view(r, c), None if a is None else a.view(r, c)
             else:
@@ -948,31 +966,6 @@ class _Plan(NamedTuple):
     diff: torch.Tensor | None = None
 
 
-def _tv_and_grad(m: torch.Tensor, wv: torch.Tensor | None = None,
-                 wh: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`total_variation` of the mask ``m`` (N, 1, h, w) (with ``wv`` / ``wh``: the weighted
-    TV of ``_weighted_tv``) and its gradient, from the same neighbour differences: with zeros
-    padded at both ends, the difference of the (weighted) differences is -1/2 the gradient of
-    their sum of squares."""
-    h, w = m.shape[-2:]
-    val = grad = None
-    for dim, size, cells, weight, pad in ((-2, h, (h - 1) * w, wv, (0, 0, 1, 1)), (-1, w, h * (w - 1), wh, (1, 1))):
-        if size < 2:
-            continue
-        d = torch.diff(m, dim=dim)
-        wd = d if weight is None else d * weight
-        v = torch.linalg.vecdot(wd.flatten(1), d.flatten(1))
-        gpart = torch.diff(F.pad(wd, pad), dim=dim)
-        if val is None:
-            val, grad = v.mul_(1.0 / cells), gpart.mul_(-2.0 / cells)
-        else:
-            val.add_(v, alpha=1.0 / cells)
-            grad.add_(gpart, alpha=-2.0 / cells)
-    if val is None:
-        return m.new_zeros(m.shape[0]), torch.zeros_like(m)
-    return val, grad
-
-
 _POWERS: dict = {}
 
 
@@ -1024,13 +1017,11 @@ class IGOS(_MaskExplainer):
         return grads[0]
 
     def _regulariser(self, z, l1, l2, rd=None):
-        # z is the one mask (M, 1, h, w), in [0, 1]: |1 - M| = 1 - M (its gradient is -1 even at M = 1)
-        return torch.addcmul(total_variation(z).mul_(l2).add_(l1), l1, z.flatten(1).mean(1), value=-1)
+        # z is the one mask (M, 1, h, w), in [0, 1]: |1 - M| = 1 - M
+        return _area_and_tv(z, l1, l2, _tv(z)[0])[0]
 
     def _penalties(self, z, l1, l2):
-        tv, g = _tv_and_grad(z)
-        value = torch.addcmul(tv.mul_(l2).add_(l1), l1, z.flatten(1).mean(1), value=-1)
-        return value, g.mul_(l2).sub_((l1 / z[0].numel()).view(-1, 1, 1, 1))
+        return _area_and_tv(z, l1, l2, *_tv(z, grad=True))
 
     def _term_masks(self, z):
         return z.unsqueeze(1)
@@ -1082,8 +1073,8 @@ class IGOSPlusPlus(_MaskExplainer):
     def _regulariser(self, z, l1, l2, rd=None):
         m = z[:, 0:1] * z[:, 1:2]
         wv, wh = self._edge_weights(rd)
-        btv = 0.5 * (total_variation(m) + _weighted_tv(upsample(m, self._ctx["size"]), wv, wh))
-        return l1 * (1 - m.flatten(1).mean(1)) + l2 * btv
+        btv = _tv(m)[0].add_(_tv(upsample(m, self._ctx["size"]), wv, wh)[0]).mul_(0.5)
+        return _area_and_tv(m, l1, l2, btv)[0]
 
     def _penalties(self, z, l1, l2):
         if tuple(z.shape[-2:]) != tuple(self._ctx["size"]):  # through the upsampling: by autograd
@@ -1091,10 +1082,9 @@ class IGOSPlusPlus(_MaskExplainer):
         md, mi = z[:, 0:1], z[:, 1:2]
         m = md * mi
         wv, wh = self._edge_weights()
-        tv, g = _tv_and_grad(m)
-        wtv, wg = _tv_and_grad(m, wv, wh)
-        value = torch.addcmul(tv.add_(wtv).mul_(0.5 * l2).add_(l1), l1, m.flatten(1).mean(1), value=-1)
-        gm = g.add_(wg).mul_(0.5 * l2).sub_((l1 / m[0].numel()).view(-1, 1, 1, 1))
+        tv, g = _tv(m, grad=True)
+        wtv, wg = _tv(m, wv, wh, grad=True)
+        value, gm = _area_and_tv(m, l1, l2, tv.add_(wtv).mul_(0.5), g.add_(wg).mul_(0.5))
         return value, torch.cat([gm * mi, gm * md], dim=1)
 
     def _term_masks(self, z):
