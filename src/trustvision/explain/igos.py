@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import struct
 import time
 import warnings
@@ -109,7 +110,6 @@ from trustvision.explain._base import (
     ExplanationWarning,
     Explainer,
     constant_heatmaps,
-    constant_rows,
     reliability_warning,
 )
 
@@ -127,6 +127,7 @@ LINE_SEARCH_POINTS = 5  # integrated-gradient points the fallback scores (alpha 
 SATURATED = 0.9  # a class probability this high at the mask: the softmax is saturated there
 AREA_LOWERINGS = 3  # a mask that does not move gets its area weight divided by 4, at most 3 times
 CONSTANT_TOL = 1e-4  # a heatmap whose max - min is below this did not move
+CONSTANT_RTOL = 1e-6  # (and below this fraction of its largest value: constant_heatmaps' rtol)
 NOISE_CHANGE = 0.2  # noise may move the class probability by at most this much (mean |dp|)
 NOISE_DRAWS = 2  # noisy copies per image, point and noise level in that check
 NOISE_HALVINGS = 6  # the noise is halved at most this many times, then switched off
@@ -163,18 +164,19 @@ def _tv(m: torch.Tensor, wv: torch.Tensor | None = None, wh: torch.Tensor | None
     gradient w.r.t. ``m`` from the same neighbour differences: with zeros padded at both ends, the
     difference of the (weighted) differences is -1/2 the gradient of their sum of squares."""
     h, w = m.shape[-2:]
+    per = math.prod(m.shape[1:-2])  # (h, w) planes per image
     val = g = None
-    for dim, size, weight, pad in ((-2, h, wv, (0, 0, 1, 1)), (-1, w, wh, (1, 1))):
-        if size < 2:
+    for dim, cells, weight, pad in ((-2, (h - 1) * w * per, wv, (0, 0, 1, 1)), (-1, h * (w - 1) * per, wh, (1, 1))):
+        if cells <= 0:
             continue
         d = torch.diff(m, dim=dim)
         wd = d if weight is None else d * weight
-        cells = d[0].numel()
-        v = torch.linalg.vecdot(wd.flatten(1), d.flatten(1)).mul_(1.0 / cells)
-        val = v if val is None else val.add_(v)
+        # (the sum of squares, then one scaling per dimension: a mean over the neighbour pairs)
+        v = torch.linalg.vecdot(wd.flatten(1), d.flatten(1))
+        val = v.mul_(1.0 / cells) if val is None else val.add_(v, alpha=1.0 / cells)
         if grad:
-            gpart = torch.diff(F.pad(wd, pad), dim=dim).mul_(-2.0 / cells)
-            g = gpart if g is None else g.add_(gpart)
+            gpart = torch.diff(F.pad(wd, pad), dim=dim)
+            g = gpart.mul_(-2.0 / cells) if g is None else g.add_(gpart, alpha=-2.0 / cells)
     if val is None:
         val, g = m.new_zeros(m.shape[0]), (torch.zeros_like(m) if grad else None)
     return val, g
@@ -185,10 +187,11 @@ def _area_and_tv(m: torch.Tensor, l1: torch.Tensor, l2: float, tv: torch.Tensor,
     """The penalties l1 * mean(1 - m) + l2 * tv per state (``m`` in [0, 1], ``l1`` per state) and,
     given the TV's gradient, their gradient w.r.t. ``m`` (the area term's is -l1 / cells, even
     at m = 1); ``tv`` and ``tv_grad`` are overwritten."""
-    value = torch.addcmul(tv.mul_(l2).add_(l1), l1, m.flatten(1).mean(1), value=-1)
+    value = torch.addcmul(torch.add(l1, tv, alpha=l2), l1, m.flatten(1).mean(1), value=-1)
     if tv_grad is None:
         return value, None
-    return value, tv_grad.mul_(l2).sub_((l1 / m[0].numel()).view(-1, 1, 1, 1))
+    cells = math.prod(m.shape[1:])
+    return value, tv_grad.mul_(l2).sub_(l1.view(-1, *([1] * (m.dim() - 1))), alpha=1.0 / cells)
 
 
 def _edge_weights(image: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,14 +388,12 @@ class _MaskExplainer(Explainer, register=False):
             )
             self._build_plans(n, t, ls_points)
             z = torch.ones(n, self.n_masks, mh, mw, device=device, dtype=x.dtype)
-            failures = torch.zeros(n, dtype=torch.long)
-            moved = torch.zeros(n, dtype=torch.long)
+            # per-image bookkeeping in Python lists (the images' flags are read on the host anyway)
+            failures, moved, lowered = [0] * n, [0] * n, [0] * n
             area = torch.full((n,), float(l1), device=device, dtype=x.dtype)  # per image, see below
-            lowered = torch.zeros(n, dtype=torch.long)
-            can_lower = lowered < AREA_LOWERINGS
             real, p_del = self._objective(z, area, l2, with_score=True)
-            everyone = torch.ones(n, dtype=torch.bool)
-            const = self._constant(z)  # CPU bools: the heatmap of the current state is constant
+            everyone = [True] * n
+            const = self._constant(z)  # per image: the heatmap of the current state is constant
             for it in range(iterations):
                 g_score, ls_score = self._direction(z, it)
                 g, loss = self._penalised(z, g_score, ls_score, area, l2)
@@ -406,22 +407,24 @@ class _MaskExplainer(Explainer, register=False):
                 # with the new penalty (no new gradient pass). Images whose mask moves are not
                 # affected.
                 while True:
-                    stuck = const & can_lower
-                    if not bool(stuck.any()):
+                    stuck = [cn and lw < AREA_LOWERINGS for cn, lw in zip(const, lowered)]
+                    if not any(stuck):
                         break
-                    lowered += stuck
-                    can_lower = lowered < AREA_LOWERINGS
-                    area = torch.where(stuck.to(device), area / 4, area)
+                    ids = [i for i, st in enumerate(stuck) if st]
+                    for i in ids:
+                        lowered[i] += 1
+                    rd = torch.tensor(ids, device=device)
+                    area = area.index_put((rd,), area[rd] / 4)
                     g, loss = self._penalised(z, g_score, ls_score, area, l2)
-                    rd = stuck.nonzero().squeeze(1).to(device)
                     real[rd], p_del[rd] = self._objective(z[rd], area, l2, rd, with_score=True)
                     z, real, p_del, failed2, accepted2 = self._line_search(
                         z, g, loss, real, p_del, const, it, area, l2, initial_step, stuck)
                     const = self._constant(z)
-                    failed = torch.where(stuck, failed2, failed)
-                    accepted = accepted | accepted2
-                failures += failed
-                moved += accepted
+                    for i in ids:
+                        failed[i], accepted[i] = failed2[i], accepted[i] or accepted2[i]
+                for i in range(n):
+                    failures[i] += failed[i]
+                    moved[i] += accepted[i]
             final_loss = real
             heat = self._heat(z).detach()
             passes = (self._ctx["fb"], self._ctx["fw"])
@@ -440,8 +443,8 @@ class _MaskExplainer(Explainer, register=False):
             final_loss=final_loss.tolist(),
             forward_backward_passes=passes[0],
             forward_passes=passes[1],
-            line_search_failures=failures.tolist(),
-            accepted_steps=moved.tolist(),
+            line_search_failures=failures,
+            accepted_steps=moved,
             area_weight=area.tolist(),
             noise_std=[round(v, 6) for v in sigma.tolist()],
             constant=constant,
@@ -801,7 +804,9 @@ class _MaskExplainer(Explainer, register=False):
     def _constant(self, z: torch.Tensor) -> torch.Tensor:
         """Per image (CPU bools) whether the heatmap of state ``z`` is constant
         (:func:`constant_heatmaps` with ``CONSTANT_TOL``)."""
-        return constant_rows(self._heat(z), CONSTANT_TOL).cpu()
+        lo, hi = torch.aminmax(self._heat(z).flatten(1), dim=1)
+        # constant_rows' test; the heatmap is in [0, 1], so its largest |value| is hi
+        return (torch.sub(hi - lo, hi, alpha=CONSTANT_RTOL) <= CONSTANT_TOL).tolist()
 
     @torch.no_grad()
     def _line_search(self, z, g, loss, real, p_del, const, it, l1, l2, initial_step, only):
@@ -811,23 +816,23 @@ class _MaskExplainer(Explainer, register=False):
         (noise-free, at the mask: what the heatmap is judged by), down to a largest cell change of
         ``MIN_STEP``. An image for which no step lowers it while its deletion score is saturated
         (the class probability at the mask ``p_del`` >= ``SATURATED``, or the mask has not moved
-        yet: ``const``, CPU bools; the softmax does not move when a few cells go, so the
+        yet: ``const``, Python bools; the softmax does not move when a few cells go, so the
         integrated-gradient direction is not a descent direction of that one point) is searched
         again on the integrated objective with this iteration's noise (the function whose
         gradient the direction is), down to ``MIN_STEP_INTEGRATED``. A step must lower the value
         by the Armijo amount and by more than float rounding (``MIN_DECREASE``). Every image takes
         the first step that passes, exactly as a sequential search would; the next
         ``line_search_group`` steps of every image still searching are scored in one batched
-        pass. Only the images in ``only`` (CPU bools) search. Returns the new state, its objective
-        and deletion score, the images that gave up (no step accepted) and the images whose
-        accepted step changed the mask.
+        pass. Only the images in ``only`` (Python bools) search. Returns the new state, its
+        objective and deletion score, and per image (Python bools) whether it gave up (no step
+        accepted) and whether its accepted step changed the mask.
         """
         # the scale of the step: the largest change among cells that can move (a cell at M = 1
-        # pushed up by the area term cannot, and must not make the other cells' steps tiny)
-        movable = torch.where(g > 0, z > 0, (g < 0) & (z < 1))
-        dims = tuple(range(1, z.dim()))
-        gmax = g.abs().mul_(movable).amax(dims)  # > 0 exactly where a cell can move (it has g != 0)
-        can_move = (gmax > 0).cpu() & only
+        # pushed up by the area term cannot, and must not make the other cells' steps tiny; a
+        # cell with g = 0 adds nothing whichever branch it takes)
+        movable = torch.where(g > 0, z > 0, z < 1)
+        gmax = g.abs().mul_(movable).flatten(1).amax(1)  # > 0 exactly where a cell can move
+        can_move = [gm > 0 and o for gm, o in zip(gmax.tolist(), only)]
         gmax = gmax.clamp_min_(1e-12)
         step0 = INITIAL_STEP / gmax if initial_step is None else torch.full_like(gmax, float(initial_step))
         # per image the largest cell change of step0 (exactly INITIAL_STEP by default; Python floats)
@@ -841,26 +846,30 @@ class _MaskExplainer(Explainer, register=False):
             return self._integrated(cand, rd, it, l1, l2), None
 
         done = self._ladder(z, g, step0, scale, real, can_move, MIN_STEP, score_real, new_z, new_real, 1, new_p)
-        retry = can_move & ~done
-        done2 = None
-        if bool(retry.any()) and bool((retry := retry & ((p_del >= SATURATED).cpu() | const)).any()):
+        retry = [cm and d is None for cm, d in zip(can_move, done)]
+        if any(retry):
+            sat = (p_del >= SATURATED).tolist()
+            retry = [r and (st or cn) for r, st, cn in zip(retry, sat, const)]
+        if any(retry):
             fallback_val = torch.empty_like(real)
             done2 = self._ladder(z, g, step0, scale, loss, retry, MIN_STEP_INTEGRATED, score_integrated,
                                  new_z, fallback_val, len(self._ctx["ls_points"]))
-            if bool(done2.any()):  # the noise-free objective of the states taken on the fallback
-                rd = done2.nonzero().squeeze(1).to(z.device)
+            ids = [i for i, d in enumerate(done2) if d is not None]
+            if ids:  # the noise-free objective of the states taken on the fallback
+                rd = torch.tensor(ids, device=z.device)
                 new_real[rd], new_p[rd] = self._objective(new_z[rd], l1, l2, rd, with_score=True)
-        accepted = done if done2 is None else done | done2
-        moved = accepted & new_z.ne(z).any(dim=dims).cpu()
-        return new_z, new_real, new_p, can_move & ~accepted, moved
+            done = [d if d2 is None else d2 for d, d2 in zip(done, done2)]
+        failed = [cm and d is None for cm, d in zip(can_move, done)]
+        return new_z, new_real, new_p, failed, [bool(d) for d in done]
 
     def _ladder(self, z, g, step0, scale, old, active, min_step, score, out_z, out_val, points,
-                out_aux=None) -> torch.Tensor:
-        """Armijo backtracking of the images in ``active`` (CPU bools) on ``score(cand, rd)``
+                out_aux=None) -> list:
+        """Armijo backtracking of the images in ``active`` (Python bools) on ``score(cand, rd)``
         (-> values and an extra per-candidate number or None; ``points`` model rows per term and
         trial) against ``old``; ``scale`` (Python floats) is per image the largest cell change of
         the step ``step0``. Accepted states, values (and extras) are written into ``out_z`` /
-        ``out_val`` (/ ``out_aux``). Returns which images accepted a step (CPU bools)."""
+        ``out_val`` (/ ``out_aux``). Returns per image None (no step accepted) or whether the
+        accepted step changed the mask."""
         # Trial k of an image has step step0 * SHRINK**k, the power read from one table, so the
         # steps (and so the states and values) are the same bits whatever number of trials one
         # call scores (``group``, chosen from measured pass times). A trial whose largest cell
@@ -869,9 +878,9 @@ class _MaskExplainer(Explainer, register=False):
         # next ``group``, decided here in Python floats.
         dev = z.device
         n = z.shape[0]
-        act = [i for i, a in enumerate(active.tolist()) if a]  # the images still searching, in order
+        act = [i for i, a in enumerate(active) if a]  # the images still searching, in order
         tried = [0] * n  # trials scored per image
-        hits: list[int] = []
+        result: list = [None] * n
         nt = self._ctx["nt"]
         thresh = old.unsqueeze(1) - MIN_DECREASE  # (n, 1): a value must be below this minus c1 * the predicted decrease
         while act:
@@ -905,8 +914,8 @@ class _MaskExplainer(Explainer, register=False):
             else:
                 table = _shrink_powers(max(t0) + c, z.dtype, dev)
                 powers = table[torch.tensor([[a + j for j in range(c)] for a in t0], device=dev)]
-            steps = take(step0).unsqueeze(1) * powers  # (r, c)
             zr, gr = take(z).unsqueeze(1), take(g).unsqueeze(1)
+            steps = take(step0).unsqueeze(1) * powers  # (r, c)
             cand = (zr - steps.view(r, c, 1, 1, 1) * gr).clamp_(0, 1)
             if min(counts) == c:  # every trial scored (the usual case)
                 v, a = score(cand.flatten(0, 1), crd)
@@ -923,30 +932,34 @@ class _MaskExplainer(Explainer, register=False):
                     aux[vflat] = a
                     aux = aux.view(r, c)
             # Projected Armijo: the decrease predicted by the step actually taken after clamping
-            # (equal to step * ||g||^2 when nothing is clamped).
+            # (equal to step * ||g||^2 when nothing is clamped; 0 exactly when the step changes
+            # no cell, as every cell's term is >= 0).
             pred = torch.linalg.vecdot(gr.flatten(2), (zr - cand).flatten(2))
-            ok = val <= torch.add(take(thresh), pred, alpha=-ARMIJO_C1)  # (r, c); unscored trials are inf
-            any_ok = ok.any(1).tolist()
-            hit = [j for j in range(r) if any_ok[j]]
+            ok = (val <= torch.add(take(thresh), pred, alpha=-ARMIJO_C1)).tolist()  # (r, c); unscored trials are inf
+            first = [row.index(True) if True in row else -1 for row in ok]  # first satisfying trial per image
+            hit = [j for j in range(r) if first[j] >= 0]
             if hit:
-                first = ok.to(torch.uint8).argmax(1)  # first satisfying trial per image
-                if len(hit) == r:
-                    hj, dest = self._every_image(1)[0][:r], rd
-                    pick = first
+                if len(hit) == 1:
+                    j = hit[0]
+                    k, i = first[j], act[j]
+                    out_z[i] = cand[j, k]
+                    out_val[i] = val[j, k]
+                    if out_aux is not None:
+                        out_aux[i] = aux[j, k]
+                    result[i] = bool(pred[j, k] > 0)
                 else:
-                    hj = torch.tensor(hit, device=dev)
-                    pick, dest = first[hj], rd[hj]
-                out_z[dest] = cand[hj, pick]
-                out_val[dest] = val[hj, pick]
-                if out_aux is not None:
-                    out_aux[dest] = aux[hj, pick]
-                hits += [act[j] for j in hit]
+                    hj, pick = torch.tensor(hit, device=dev), torch.tensor([first[j] for j in hit], device=dev)
+                    dest = rd if len(hit) == r else rd[hj]
+                    out_z[dest] = cand[hj, pick]
+                    out_val[dest] = val[hj, pick]
+                    if out_aux is not None:
+                        out_aux[dest] = aux[hj, pick]
+                    for j, mv in zip(hit, (pred[hj, pick] > 0).tolist()):
+                        result[act[j]] = mv
             for i in act:
                 tried[i] += group
-            act = [i for j, i in enumerate(act) if not (any_ok[j] or give_up[j])]
-        accepted = torch.zeros_like(active)
-        accepted[hits] = True
-        return accepted
+            act = [i for j, i in enumerate(act) if not (first[j] >= 0 or give_up[j])]
+        return result
 
 
 class _Plan(NamedTuple):
