@@ -172,7 +172,8 @@ def _tv(m: torch.Tensor, wv: torch.Tensor | None = None, wh: torch.Tensor | None
         d = torch.diff(m, dim=dim)
         wd = d if weight is None else d * weight
         # (the sum of squares, then one scaling per dimension: a mean over the neighbour pairs)
-        v = torch.linalg.vecdot(wd.flatten(1), d.flatten(1))
+        df = d.flatten(1)
+        v = torch.linalg.vecdot(df if weight is None else wd.flatten(1), df)
         val = v.mul_(1.0 / cells) if val is None else val.add_(v, alpha=1.0 / cells)
         if grad:
             gpart = torch.diff(F.pad(wd, pad), dim=dim)
@@ -387,44 +388,45 @@ class _MaskExplainer(Explainer, register=False):
                 fb=0, fw=setup_runs, spec=self._term_spec(x.dtype), cheap=self._cheap_rows(x, autocast),
             )
             self._build_plans(n, t, ls_points)
-            z = torch.ones(n, self.n_masks, mh, mw, device=device, dtype=x.dtype)
-            # per-image bookkeeping in Python lists (the images' flags are read on the host anyway)
-            failures, moved, lowered = [0] * n, [0] * n, [0] * n
-            area = torch.full((n,), float(l1), device=device, dtype=x.dtype)  # per image, see below
-            real, p_del = self._objective(z, area, l2, with_score=True)
-            everyone = [True] * n
-            const = self._constant(z)  # per image: the heatmap of the current state is constant
-            for it in range(iterations):
-                g_score, ls_score = self._direction(z, it)
-                g, loss = self._penalised(z, g_score, ls_score, area, l2)
-                z, real, p_del, failed, accepted = self._line_search(
-                    z, g, loss, real, p_del, const, it, area, l2, initial_step, everyone)
-                const = self._constant(z)
-                # Area continuation: a mask still constant after its line search means that no
-                # deletion pays its area cost (a saturated model keeps the class until most of the
-                # image is gone): its area weight is divided by 4 (at most AREA_LOWERINGS times in
-                # all) and the step searched again at once, along the same integrated gradient
-                # with the new penalty (no new gradient pass). Images whose mask moves are not
-                # affected.
-                while True:
-                    stuck = [cn and lw < AREA_LOWERINGS for cn, lw in zip(const, lowered)]
-                    if not any(stuck):
-                        break
-                    ids = [i for i, st in enumerate(stuck) if st]
-                    for i in ids:
-                        lowered[i] += 1
-                    rd = torch.tensor(ids, device=device)
-                    area = area.index_put((rd,), area[rd] / 4)
+            with torch.no_grad():  # (the gradient passes enable it for themselves)
+                z = torch.ones(n, self.n_masks, mh, mw, device=device, dtype=x.dtype)
+                # per-image bookkeeping in Python lists (the images' flags are read on the host anyway)
+                failures, moved, lowered = [0] * n, [0] * n, [0] * n
+                area = torch.full((n,), float(l1), device=device, dtype=x.dtype)  # per image, see below
+                real, p_del = self._objective(z, area, l2, with_score=True)
+                everyone = [True] * n
+                const = self._constant(z)  # per image: the heatmap of the current state is constant
+                for it in range(iterations):
+                    g_score, ls_score = self._direction(z, it)
                     g, loss = self._penalised(z, g_score, ls_score, area, l2)
-                    real[rd], p_del[rd] = self._objective(z[rd], area, l2, rd, with_score=True)
-                    z, real, p_del, failed2, accepted2 = self._line_search(
-                        z, g, loss, real, p_del, const, it, area, l2, initial_step, stuck)
+                    z, real, p_del, failed, accepted = self._line_search(
+                        z, g, loss, real, p_del, const, it, area, l2, initial_step, everyone)
                     const = self._constant(z)
-                    for i in ids:
-                        failed[i], accepted[i] = failed2[i], accepted[i] or accepted2[i]
-                for i in range(n):
-                    failures[i] += failed[i]
-                    moved[i] += accepted[i]
+                    # Area continuation: a mask still constant after its line search means that no
+                    # deletion pays its area cost (a saturated model keeps the class until most of the
+                    # image is gone): its area weight is divided by 4 (at most AREA_LOWERINGS times in
+                    # all) and the step searched again at once, along the same integrated gradient
+                    # with the new penalty (no new gradient pass). Images whose mask moves are not
+                    # affected.
+                    while True:
+                        stuck = [cn and lw < AREA_LOWERINGS for cn, lw in zip(const, lowered)]
+                        if not any(stuck):
+                            break
+                        ids = [i for i, st in enumerate(stuck) if st]
+                        for i in ids:
+                            lowered[i] += 1
+                        rd = torch.tensor(ids, device=device)
+                        area = area.index_put((rd,), area[rd] / 4)
+                        g, loss = self._penalised(z, g_score, ls_score, area, l2)
+                        real[rd], p_del[rd] = self._objective(z[rd], area, l2, rd, with_score=True)
+                        z, real, p_del, failed2, accepted2 = self._line_search(
+                            z, g, loss, real, p_del, const, it, area, l2, initial_step, stuck)
+                        const = self._constant(z)
+                        for i in ids:
+                            failed[i], accepted[i] = failed2[i], accepted[i] or accepted2[i]
+                    for i in range(n):
+                        failures[i] += failed[i]
+                        moved[i] += accepted[i]
             final_loss = real
             heat = self._heat(z).detach()
             passes = (self._ctx["fb"], self._ctx["fw"])
@@ -606,9 +608,12 @@ class _MaskExplainer(Explainer, register=False):
         x, s1, n = c["images"], c["s1"], c["n"]
         if c["noise_bytes"] > NOISE_TABLE_BYTES:
             return None
-        table = torch.empty((n, s1, *x.shape[1:]), device=x.device, dtype=x.dtype)
-        for i in range(n):
-            self._draw_noise(i, it, out=table[i])
+        if n == 1:
+            table = self._draw_noise(0, it).unsqueeze(0)
+        else:
+            table = torch.empty((n, s1, *x.shape[1:]), device=x.device, dtype=x.dtype)
+            for i in range(n):
+                self._draw_noise(i, it, out=table[i])
         table.mul_(c["noise_scale"])  # each image's std, 0 on its last slot (no noise)
         c["eps"], c["eps_it"] = table.view(n * s1, *x.shape[1:]), it
         return c["eps"]
@@ -680,8 +685,8 @@ class _MaskExplainer(Explainer, register=False):
             # (a pass in one piece takes the plan's tensors whole: no slicing)
             cut = (lambda t: t) if sl.stop - sl.start == total_rows else (lambda t: t[sl])
             p = cut(masks) if plan.alpha is None else cut(plan.alpha) * cut(masks)
-            if grad:
-                p = p.detach().requires_grad_(True)
+            if grad:  # (a product is a new tensor: no copy needed)
+                p = (p.detach() if plan.alpha is None else p).requires_grad_(True)
             with torch.enable_grad() if grad else contextlib.nullcontext():  # (the passes run under no_grad)
                 if plan.src is not None:
                     phi = torch.addcmul(cut(plan.src), cut(plan.diff), upsample(p, size))
@@ -699,7 +704,7 @@ class _MaskExplainer(Explainer, register=False):
                     # a model whose output ignores its input has no graph back to the mask: zero gradient
                     (g,) = torch.autograd.grad(total, p, allow_unused=True) if total.requires_grad else (None,)
                     grads.append(torch.zeros_like(p) if g is None else g)
-            scores.append(sc.detach())
+            scores.append(sc.detach() if grad else sc)
             c["fb" if grad else "fw"] += phi.shape[0]
 
         (c["fb_chunk"] if grad else c["fw_chunk"]).run(total_rows, work)
@@ -708,7 +713,6 @@ class _MaskExplainer(Explainer, register=False):
             return out, None
         return out, grads[0] if len(grads) == 1 else torch.cat(grads)
 
-    @torch.no_grad()
     def _objective(self, z: torch.Tensor, l1: torch.Tensor, l2: float, rd: torch.Tensor | None = None,
                    with_score: bool = False):
         """The objective itself at states ``z`` (noise-free, one point per term: the mask) of
@@ -722,8 +726,11 @@ class _MaskExplainer(Explainer, register=False):
             plan = self._kept(("objective", rd), lambda: _Plan(c["obj"][0][rd].flatten(), c["obj"][1][rd].view(-1, 1),
                                                                None, None, None))
         s, _ = self._rows(plan, self._row_masks(z), None, grad=False)
+        reg = self._regulariser(z, l1 if rd is None else self._kept(("l1", rd, l1), lambda: l1[rd]), l2, rd)
+        if c["one_plus"]:  # one term: the score itself
+            return (s + reg, s) if with_score else s + reg
         s = s.view(m, nt)
-        value = self._signed_sum(s) + self._regulariser(z, l1 if rd is None else self._kept(("l1", rd, l1), lambda: l1[rd]), l2, rd)
+        value = self._signed_sum(s) + reg
         return (value, s[:, 0]) if with_score else value
 
     def _direction(self, z: torch.Tensor, it: int):
@@ -732,7 +739,7 @@ class _MaskExplainer(Explainer, register=False):
         with this iteration's noise (the value the line search compares against)."""
         c = self._ctx
         n, k, nt = c["n"], c["k"], c["nt"]
-        masks = self._term_masks(z.detach())  # (n, nt, 1, h, w)
+        masks = self._term_masks(z)  # (n, nt, 1, h, w); z never requires a gradient
         # Row (i, term, point) = (i * nt + term) * k + point: the rows of an image are contiguous.
         rows = masks.unsqueeze(2).expand(n, nt, k, *masks.shape[2:]).reshape(-1, *masks.shape[2:])
         scores, grads = self._rows(c["dir"], rows, it, grad=True)
@@ -745,7 +752,7 @@ class _MaskExplainer(Explainer, register=False):
                    l2: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The descent direction and the integrated objective: the score parts plus the gradient
         and the value of the area and smoothness penalties."""
-        value, grad = self._penalties(z.detach(), l1, l2)
+        value, grad = self._penalties(z, l1, l2)
         return g_score + grad, ls_score + value
 
     def _penalties(self, z: torch.Tensor, l1: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -761,7 +768,6 @@ class _MaskExplainer(Explainer, register=False):
             (greg,) = torch.autograd.grad(self._regulariser(zz, l1, l2).sum(), zz)
         return greg
 
-    @torch.no_grad()
     def _integrated(self, cand: torch.Tensor, rd: torch.Tensor, it: int, l1: torch.Tensor, l2: float):
         """The integrated objective of candidate states ``cand`` (M, masks, h, w) of images ``rd``
         (M,) (device, candidates of one image contiguous) on the line-search points, with the
@@ -808,7 +814,6 @@ class _MaskExplainer(Explainer, register=False):
         # constant_rows' test; the heatmap is in [0, 1], so its largest |value| is hi
         return (torch.sub(hi - lo, hi, alpha=CONSTANT_RTOL) <= CONSTANT_TOL).tolist()
 
-    @torch.no_grad()
     def _line_search(self, z, g, loss, real, p_del, const, it, l1, l2, initial_step, only):
         """Per-image projected Armijo backtracking on z - step * g, clamped to [0, 1].
 
@@ -837,26 +842,26 @@ class _MaskExplainer(Explainer, register=False):
         step0 = INITIAL_STEP / gmax if initial_step is None else torch.full_like(gmax, float(initial_step))
         # per image the largest cell change of step0 (exactly INITIAL_STEP by default; Python floats)
         scale = [INITIAL_STEP] * z.shape[0] if initial_step is None else (step0 * gmax).tolist()
-        new_z, new_real, new_p = z.clone(), real.clone(), p_del.clone()
-
         def score_real(cand, rd):
             return self._objective(cand, l1, l2, rd, with_score=True)
 
         def score_integrated(cand, rd):
             return self._integrated(cand, rd, it, l1, l2), None
 
-        done = self._ladder(z, g, step0, scale, real, can_move, MIN_STEP, score_real, new_z, new_real, 1, new_p)
+        done, new_z, new_real, new_p = self._ladder(z, g, step0, scale, real, can_move, MIN_STEP, score_real,
+                                                    z, real, 1, p_del)
         retry = [cm and d is None for cm, d in zip(can_move, done)]
         if any(retry):
             sat = (p_del >= SATURATED).tolist()
             retry = [r and (st or cn) for r, st, cn in zip(retry, sat, const)]
         if any(retry):
-            fallback_val = torch.empty_like(real)
-            done2 = self._ladder(z, g, step0, scale, loss, retry, MIN_STEP_INTEGRATED, score_integrated,
-                                 new_z, fallback_val, len(self._ctx["ls_points"]))
+            done2, new_z, _, _ = self._ladder(z, g, step0, scale, loss, retry, MIN_STEP_INTEGRATED, score_integrated,
+                                              new_z, None, len(self._ctx["ls_points"]))
             ids = [i for i, d in enumerate(done2) if d is not None]
             if ids:  # the noise-free objective of the states taken on the fallback
                 rd = torch.tensor(ids, device=z.device)
+                if new_real is real:  # (nothing taken on the first search: not the caller's tensors)
+                    new_real, new_p = real.clone(), p_del.clone()
                 new_real[rd], new_p[rd] = self._objective(new_z[rd], l1, l2, rd, with_score=True)
             done = [d if d2 is None else d2 for d, d2 in zip(done, done2)]
         failed = [cm and d is None for cm, d in zip(can_move, done)]
@@ -868,8 +873,9 @@ class _MaskExplainer(Explainer, register=False):
         (-> values and an extra per-candidate number or None; ``points`` model rows per term and
         trial) against ``old``; ``scale`` (Python floats) is per image the largest cell change of
         the step ``step0``. Accepted states, values (and extras) are written into ``out_z`` /
-        ``out_val`` (/ ``out_aux``). Returns per image None (no step accepted) or whether the
-        accepted step changed the mask."""
+        ``out_val`` (/ ``out_aux``; None: not wanted) if some image keeps its own (these are
+        not changed: a copy is written), else are the chosen trials. Returns per image None (no
+        step accepted) or whether the accepted step changed the mask, and the three outputs."""
         # Trial k of an image has step step0 * SHRINK**k, the power read from one table, so the
         # steps (and so the states and values) are the same bits whatever number of trials one
         # call scores (``group``, chosen from measured pass times). A trial whose largest cell
@@ -881,6 +887,7 @@ class _MaskExplainer(Explainer, register=False):
         act = [i for i, a in enumerate(active) if a]  # the images still searching, in order
         tried = [0] * n  # trials scored per image
         result: list = [None] * n
+        outs, owned = [out_z, out_val, out_aux], [False] * 3
         nt = self._ctx["nt"]
         thresh = old.unsqueeze(1) - MIN_DECREASE  # (n, 1): a value must be below this minus c1 * the predicted decrease
         while act:
@@ -939,27 +946,38 @@ class _MaskExplainer(Explainer, register=False):
             first = [row.index(True) if True in row else -1 for row in ok]  # first satisfying trial per image
             hit = [j for j in range(r) if first[j] >= 0]
             if hit:
-                if len(hit) == 1:
-                    j = hit[0]
-                    k, i = first[j], act[j]
-                    out_z[i] = cand[j, k]
-                    out_val[i] = val[j, k]
-                    if out_aux is not None:
-                        out_aux[i] = aux[j, k]
-                    result[i] = bool(pred[j, k] > 0)
+                srcs = (cand, val, aux)
+                if len(hit) == n:  # every image takes a trial of this round (so r == n): the outputs are those trials
+                    if n == 1:
+                        k = first[0]
+                        picked = [None if o is None else t[0, k : k + 1] for o, t in zip(outs, srcs)]
+                    else:
+                        hj, pick = self._every_image(1)[0], torch.tensor(first, device=dev)
+                        picked = [None if o is None else t[hj, pick] for o, t in zip(outs, srcs)]
+                    outs = picked
                 else:
-                    hj, pick = torch.tensor(hit, device=dev), torch.tensor([first[j] for j in hit], device=dev)
-                    dest = rd if len(hit) == r else rd[hj]
-                    out_z[dest] = cand[hj, pick]
-                    out_val[dest] = val[hj, pick]
-                    if out_aux is not None:
-                        out_aux[dest] = aux[hj, pick]
-                    for j, mv in zip(hit, (pred[hj, pick] > 0).tolist()):
-                        result[act[j]] = mv
+                    for q in range(3):
+                        if outs[q] is not None and not owned[q]:
+                            outs[q], owned[q] = outs[q].clone(), True
+                    if len(hit) == 1:
+                        j = hit[0]
+                        k, i = first[j], act[j]
+                        for o, t in zip(outs, srcs):
+                            if o is not None:
+                                o[i] = t[j, k]
+                    else:
+                        hj, pick = torch.tensor(hit, device=dev), torch.tensor([first[j] for j in hit], device=dev)
+                        dest = rd[hj]
+                        for o, t in zip(outs, srcs):
+                            if o is not None:
+                                o[dest] = t[hj, pick]
+                moves = pred.tolist()  # (a step that changes no cell predicts 0 exactly)
+                for j in hit:
+                    result[act[j]] = moves[j][first[j]] > 0
             for i in act:
                 tried[i] += group
             act = [i for j, i in enumerate(act) if not (first[j] >= 0 or give_up[j])]
-        return result
+        return result, *outs
 
 
 class _Plan(NamedTuple):
