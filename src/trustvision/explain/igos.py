@@ -578,8 +578,7 @@ class _MaskExplainer(Explainer, register=False):
         slot_ls = (torch.arange(nt, device=dev).view(nt, 1) * k + pts.view(1, kp)).flatten()  # (nt * kp,)
         u_dir = u.unsqueeze(2).expand(n, nt, k).flatten()
         x = c["images"]
-        row_bytes = x[0].numel() * x.element_size()
-        small = 2 * u_dir.shape[0] * row_bytes <= NOISE_TABLE_BYTES
+        row_bytes = c["row_bytes"] = x[0].numel() * x.element_size()
         all_plus = bool((sign > 0).all())
         scale = c["sigma"].view(n, 1).repeat(1, s1)
         scale[:, -1] = 0
@@ -587,16 +586,24 @@ class _MaskExplainer(Explainer, register=False):
             noise_scale=scale.view(n, s1, *([1] * (x.dim() - 1))),
             kept={}, kept_ids={}, noise_bytes=n * s1 * row_bytes,
             nt=nt, s1=s1, signs=signs, ls_take=ls_take, one_plus=nt == 1 and all_plus,
-            obj=(u.contiguous(), tt.contiguous()), obj_all=_Plan(u.flatten(), tt.reshape(-1, 1), None, None, None),
-            dir=_Plan(u_dir, tt.unsqueeze(2).expand(n, nt, k).reshape(-1, 1),
-                      None if all_plus else signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
-                      c["alphas"].repeat(n * nt).view(-1, 1, 1, 1),
-                      (i * s1 + torch.arange(nt * k, device=dev).view(1, -1)).flatten(),
-                      # the direction's rows show the same pixels every iteration: gathered once when small
-                      c["src"][u_dir] if small else None, c["diffu"][u_dir] if small else None),
+            obj=(u.contiguous(), tt.contiguous()), obj_all=self._plan(u.flatten(), tt.reshape(-1, 1)),
+            # (the direction's rows show the same pixels every iteration: gathered once when small)
+            dir=self._plan(u_dir, tt.unsqueeze(2).expand(n, nt, k).reshape(-1, 1),
+                           None if all_plus else signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
+                           (i * s1 + torch.arange(nt * k, device=dev).view(1, -1)).flatten()),
             ls=(u.unsqueeze(2).expand(n, nt, kp).reshape(n, nt * kp), tt.unsqueeze(2).expand(n, nt, kp).reshape(n, nt * kp),
-                c["alphas"][pts].repeat(nt), i * s1 + slot_ls.view(1, -1)),
+                c["alphas"][pts].repeat(nt).view(1, nt, kp, 1, 1, 1), i * s1 + slot_ls.view(1, -1)),
         )
+
+    def _plan(self, u: torch.Tensor, tgt: torch.Tensor, sgn: torch.Tensor | None = None,
+              nidx: torch.Tensor | None = None) -> "_Plan":
+        """A :class:`_Plan` of rows ``u``, with their pixels gathered now when they are small (a
+        plan kept for the call then gathers nothing per pass)."""
+        c = self._ctx
+        src = diff = None
+        if 2 * u.shape[0] * c["row_bytes"] <= NOISE_TABLE_BYTES:
+            src, diff = c["src"][u], c["diffu"][u]
+        return _Plan(u, tgt, sgn, nidx, src, diff)
 
     def _noise_table(self, it: int) -> torch.Tensor | None:
         """Every image's noise of iteration ``it`` (n * s1, C, H, W), scaled by its std; drawn once
@@ -668,7 +675,7 @@ class _MaskExplainer(Explainer, register=False):
 
     def _rows(self, plan: "_Plan", masks: torch.Tensor, it: int | None, grad: bool):
         """Scores (R,) of rows: row r shows image source ``plan.u[r]`` through the mask
-        ``plan.alpha[r] * masks[r]`` (R, 1, h, w; alpha 1 when ``plan.alpha`` is None) plus, in
+        ``masks[r]`` (R, 1, h, w; a point alpha * M of the path, or the mask itself) plus, in
         iteration ``it`` (None: no noise), the noise row ``plan.nidx[r]``; the score is the
         probability of class ``plan.tgt[r]``. With ``grad`` also the gradient of each row's score
         times ``plan.sgn[r]`` w.r.t. its mask point."""
@@ -684,9 +691,9 @@ class _MaskExplainer(Explainer, register=False):
         def work(sl: slice) -> None:
             # (a pass in one piece takes the plan's tensors whole: no slicing)
             cut = (lambda t: t) if sl.stop - sl.start == total_rows else (lambda t: t[sl])
-            p = cut(masks) if plan.alpha is None else cut(plan.alpha) * cut(masks)
-            if grad:  # (a product is a new tensor: no copy needed)
-                p = (p.detach() if plan.alpha is None else p).requires_grad_(True)
+            p = cut(masks)
+            if grad:
+                p = p.detach().requires_grad_(True)
             with torch.enable_grad() if grad else contextlib.nullcontext():  # (the passes run under no_grad)
                 if plan.src is not None:
                     phi = torch.addcmul(cut(plan.src), cut(plan.diff), upsample(p, size))
@@ -723,8 +730,7 @@ class _MaskExplainer(Explainer, register=False):
         if rd is None:
             plan = c["obj_all"]
         else:
-            plan = self._kept(("objective", rd), lambda: _Plan(c["obj"][0][rd].flatten(), c["obj"][1][rd].view(-1, 1),
-                                                               None, None, None))
+            plan = self._kept(("objective", rd), lambda: self._plan(c["obj"][0][rd].flatten(), c["obj"][1][rd].view(-1, 1)))
         s, _ = self._rows(plan, self._row_masks(z), None, grad=False)
         reg = self._regulariser(z, l1 if rd is None else self._kept(("l1", rd, l1), lambda: l1[rd]), l2, rd)
         if c["one_plus"]:  # one term: the score itself
@@ -741,7 +747,8 @@ class _MaskExplainer(Explainer, register=False):
         n, k, nt = c["n"], c["k"], c["nt"]
         masks = self._term_masks(z)  # (n, nt, 1, h, w); z never requires a gradient
         # Row (i, term, point) = (i * nt + term) * k + point: the rows of an image are contiguous.
-        rows = masks.unsqueeze(2).expand(n, nt, k, *masks.shape[2:]).reshape(-1, *masks.shape[2:])
+        # (the points alpha * M of the path, alpha = 1/K..1, in one product)
+        rows = (masks.unsqueeze(2) * c["alphas"].view(1, 1, k, *([1] * (masks.dim() - 2)))).flatten(0, 2)
         scores, grads = self._rows(c["dir"], rows, it, grad=True)
         ig = grads.view(n, nt, k, *masks.shape[2:]).mean(2)  # (n, nt, 1, h, w)
         g = self._chain(z, list(ig.unbind(1)))
@@ -775,11 +782,10 @@ class _MaskExplainer(Explainer, register=False):
         c = self._ctx
         m, nt = cand.shape[0], c["nt"]
         u, tt, alpha, nidx = c["ls"]
-        kp = alpha.shape[0] // nt
-        masks = self._term_masks(cand)
-        rows = masks.unsqueeze(2).expand(m, nt, kp, *masks.shape[2:]).reshape(-1, *masks.shape[2:])
-        plan = self._kept(("integrated", rd), lambda: _Plan(u[rd].flatten(), tt[rd].view(-1, 1), None,
-                                                            alpha.repeat(m).view(-1, 1, 1, 1), nidx[rd].flatten()))
+        kp = alpha.shape[2]
+        rows = (self._term_masks(cand).unsqueeze(2) * alpha).flatten(0, 2)  # (m * nt * kp, 1, h, w)
+        plan = self._kept(("integrated", rd), lambda: self._plan(u[rd].flatten(), tt[rd].view(-1, 1), None,
+                                                                 nidx[rd].flatten()))
         s, _ = self._rows(plan, rows, it, grad=False)
         return self._signed_sum(s.view(m, nt, kp).mean(2)) + self._regulariser(
             cand, self._kept(("l1", rd, l1), lambda: l1[rd]), l2, rd)
@@ -983,15 +989,13 @@ class _MaskExplainer(Explainer, register=False):
 class _Plan(NamedTuple):
     """Rows of a pass (device tensors, one entry per row): ``u`` the row of ``src`` / ``diffu``
     (image and which way round the term blends image and baseline), ``tgt`` the class, ``sgn`` the
-    sign of the score in the gradient (None without one), ``alpha`` (R, 1, 1, 1) the point on the
-    path (None: the mask itself), ``nidx`` the noise row (None: no noise); ``tgt`` and ``sgn``
-    are (R, 1); ``src`` / ``diff`` the rows' pixels ``src[u]`` / ``diffu[u]`` when gathered
-    beforehand (None: gathered per pass)."""
+    sign of the score in the gradient (None without one), ``nidx`` the noise row (None: no
+    noise); ``tgt`` and ``sgn`` are (R, 1); ``src`` / ``diff`` the rows' pixels ``src[u]`` /
+    ``diffu[u]`` when gathered beforehand (None: gathered per pass)."""
 
     u: torch.Tensor
     tgt: torch.Tensor
     sgn: torch.Tensor | None
-    alpha: torch.Tensor | None
     nidx: torch.Tensor | None
     src: torch.Tensor | None = None  # src[u] and diffu[u], when gathered beforehand
     diff: torch.Tensor | None = None
