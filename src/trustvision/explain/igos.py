@@ -46,11 +46,12 @@ passes while it fits in ``NOISE_TABLE_BYTES`` (64 MiB), else each pass draws it 
 
 Host work. On a small model the explainer's own tensor operations between the model's passes
 cost as much as the passes themselves (each small CPU operation costs microseconds), so the rows
-of every pass are described by index tables built once per call, the pixels of the direction's
-rows are gathered once, the penalties' gradients are written out (from the same neighbour
-differences as their values) and the line search decides in Python which trials to score
-(``benchmarks/bench_explain.py --only replay`` times a run against the bare model replaying its
-calls).
+of every pass are described by index tables built once per call (with their pixels gathered
+once while small), the penalties' gradients are written out (from the same neighbour differences
+as their values), the line search decides in Python which trials to score and keeps the images'
+flags in Python lists, and its outputs are the chosen trials themselves when every image takes
+one at once (``benchmarks/bench_explain.py --only replay`` times a run against the bare model
+replaying its calls).
 
 Precision. ``attribute(..., autocast=True)`` runs the model's passes of the optimisation under
 bf16 autocast (``torch.autocast`` on the inputs' device, CPU or CUDA) while the masks, losses, line
