@@ -11,7 +11,7 @@ from torch import nn
 
 from trustvision.errors import TrustVisionError
 from trustvision.explain import IGOS, ExplanationWarning, IGOSPlusPlus
-from trustvision.explain._base import constant_heatmaps, summarise_reasons
+from trustvision.explain._base import constant_heatmaps, constant_rows, summarise_reasons
 from trustvision._utils.images import (
     AutoChunk,
     blur_ladder,
@@ -190,6 +190,22 @@ def test_summarise_reasons_counts_kinds():
                ["heatmap is constant: the mask ended with every cell equal"], [], ["low confidence (p = 0.30 < 0.5)"]]
     assert summarise_reasons(reasons) == "2 constant heatmaps, 1 baseline keeping the class, 1 low confidence"
     assert constant_heatmaps(torch.stack([torch.zeros(1, 4, 4), torch.eye(4).unsqueeze(0) * 1e-9])) == [True, False]
+
+
+def test_constant_rows_nonnegative_shortcut_gives_the_same_answer():
+    # rows: all zero, all one, spread just below / above atol + rtol * max, a one-cell bump of 1e-9,
+    # a NaN: the shortcut (max|h| = max) must answer as the general test does
+    h = torch.stack([torch.zeros(16), torch.ones(16), torch.full((16,), 0.5), torch.full((16,), 0.5),
+                     torch.zeros(16), torch.zeros(16)])
+    h[2, 0] += 0.9e-4
+    h[3, 0] += 1.2e-4
+    h[4, 3] = 1e-9
+    h[5, 2] = float("nan")
+    for atol in (0.0, 1e-4):
+        general = constant_rows(h, atol).tolist()
+        assert constant_rows(h, atol, nonnegative=True).tolist() == general
+    assert constant_rows(h, 1e-4).tolist() == [True, True, True, False, True, True]
+    assert constant_rows(h, 0.0).tolist() == [True, True, False, False, False, True]
 
 
 def test_blur_ladder_by_hand():

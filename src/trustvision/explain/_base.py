@@ -87,15 +87,18 @@ def constant_heatmaps(heatmaps: torch.Tensor, atol: float = 0.0, rtol: float = 1
     return constant_rows(heatmaps, atol, rtol).tolist()
 
 
-def constant_rows(heatmaps: torch.Tensor, atol: float = 0.0, rtol: float = 1e-6) -> torch.Tensor:
-    """:func:`constant_heatmaps` as a bool tensor (N,) on the heatmaps' device."""
+def constant_rows(heatmaps: torch.Tensor, atol: float = 0.0, rtol: float = 1e-6,
+                  nonnegative: bool = False) -> torch.Tensor:
+    """:func:`constant_heatmaps` as a bool tensor (N,) on the heatmaps' device; ``nonnegative``:
+    the caller knows every value is >= 0, so max|h| is the max (the same answer, three small
+    operations fewer: I-GOS tests its mask every iteration)."""
     flat = heatmaps.detach().flatten(1)
     if flat.dtype != torch.float32:
         flat = flat.float()
     if flat.shape[1] == 0:
         return torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
     lo, hi = torch.aminmax(flat, dim=1)
-    scale = torch.maximum(lo.abs(), hi.abs())  # max |h|
+    scale = hi.clone() if nonnegative else torch.maximum(lo.abs(), hi.abs())  # max |h|
     return ~(hi - lo > scale.mul_(rtol).add_(atol))  # NaN spreads count as constant
 
 

@@ -111,6 +111,7 @@ from trustvision.explain._base import (
     ExplanationWarning,
     Explainer,
     constant_heatmaps,
+    constant_rows,
     reliability_warning,
 )
 
@@ -128,7 +129,6 @@ LINE_SEARCH_POINTS = 5  # integrated-gradient points the fallback scores (alpha 
 SATURATED = 0.9  # a class probability this high at the mask: the softmax is saturated there
 AREA_LOWERINGS = 3  # a mask that does not move gets its area weight divided by 4, at most 3 times
 CONSTANT_TOL = 1e-4  # a heatmap whose max - min is below this did not move
-CONSTANT_RTOL = 1e-6  # (and below this fraction of its largest value: constant_heatmaps' rtol)
 NOISE_CHANGE = 0.2  # noise may move the class probability by at most this much (mean |dp|)
 NOISE_DRAWS = 2  # noisy copies per image, point and noise level in that check
 NOISE_HALVINGS = 6  # the noise is halved at most this many times, then switched off
@@ -733,11 +733,8 @@ class _MaskExplainer(Explainer, register=False):
         else:
             plan = self._kept(("objective", rd), lambda: self._plan(c["obj"][0][rd].flatten(), c["obj"][1][rd].view(-1, 1)))
         s, _ = self._rows(plan, self._row_masks(z), None, grad=False)
-        reg = self._regulariser(z, l1 if rd is None else self._kept(("l1", rd, l1), lambda: l1[rd]), l2, rd)
-        if c["one_plus"]:  # one term: the score itself
-            return (s + reg, s) if with_score else s + reg
         s = s.view(m, nt)
-        value = self._signed_sum(s) + reg
+        value = self._signed_sum(s) + self._regulariser(z, l1 if rd is None else self._kept(("l1", rd, l1), lambda: l1[rd]), l2, rd)
         return (value, s[:, 0]) if with_score else value
 
     def _direction(self, z: torch.Tensor, it: int):
@@ -815,11 +812,9 @@ class _MaskExplainer(Explainer, register=False):
         return c[key]
 
     def _constant(self, z: torch.Tensor) -> torch.Tensor:
-        """Per image (CPU bools) whether the heatmap of state ``z`` is constant
-        (:func:`constant_heatmaps` with ``CONSTANT_TOL``)."""
-        lo, hi = torch.aminmax(self._heat(z).flatten(1), dim=1)
-        # constant_rows' test; the heatmap is in [0, 1], so its largest |value| is hi
-        return (torch.sub(hi - lo, hi, alpha=CONSTANT_RTOL) <= CONSTANT_TOL).tolist()
+        """Per image (Python bools) whether the heatmap of state ``z`` is constant
+        (:func:`constant_heatmaps` with ``CONSTANT_TOL``; the heatmap is in [0, 1])."""
+        return constant_rows(self._heat(z), CONSTANT_TOL, nonnegative=True).tolist()
 
     def _line_search(self, z, g, loss, real, p_del, const, it, l1, l2, initial_step, only):
         """Per-image projected Armijo backtracking on z - step * g, clamped to [0, 1].
@@ -875,7 +870,7 @@ class _MaskExplainer(Explainer, register=False):
         return new_z, new_real, new_p, failed, [bool(d) for d in done]
 
     def _ladder(self, z, g, step0, scale, old, active, min_step, score, out_z, out_val, points,
-                out_aux=None) -> list:
+                out_aux=None) -> tuple:
         """Armijo backtracking of the images in ``active`` (Python bools) on ``score(cand, rd)``
         (-> values and an extra per-candidate number or None; ``points`` model rows per term and
         trial) against ``old``; ``scale`` (Python floats) is per image the largest cell change of
