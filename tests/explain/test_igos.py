@@ -192,20 +192,22 @@ def test_summarise_reasons_counts_kinds():
     assert constant_heatmaps(torch.stack([torch.zeros(1, 4, 4), torch.eye(4).unsqueeze(0) * 1e-9])) == [True, False]
 
 
-def test_constant_rows_nonnegative_shortcut_gives_the_same_answer():
-    # rows: all zero, all one, spread just below / above atol + rtol * max, a one-cell bump of 1e-9,
-    # a NaN: the shortcut (max|h| = max) must answer as the general test does
+def test_constant_test_by_hand():
+    # rows: all zero, all one, spread just below / above atol + rtol * max|h|, a one-cell bump of
+    # 1e-9, a NaN, and a negative row whose max|h| is its min (-2: the bound 2e-6 at atol = 0)
     h = torch.stack([torch.zeros(16), torch.ones(16), torch.full((16,), 0.5), torch.full((16,), 0.5),
-                     torch.zeros(16), torch.zeros(16)])
+                     torch.zeros(16), torch.zeros(16), torch.full((16,), -2.0)])
     h[2, 0] += 0.9e-4
     h[3, 0] += 1.2e-4
     h[4, 3] = 1e-9
     h[5, 2] = float("nan")
-    for atol in (0.0, 1e-4):
-        general = constant_rows(h, atol).tolist()
-        assert constant_rows(h, atol, nonnegative=True).tolist() == general
-    assert constant_rows(h, 1e-4).tolist() == [True, True, True, False, True, True]
-    assert constant_rows(h, 0.0).tolist() == [True, True, False, False, False, True]
+    h[6, 0] += 1.5e-6  # spread 1.5e-6 < 1e-6 * 2
+    assert constant_heatmaps(h, 1e-4) == [True, True, True, False, True, True, True]
+    assert constant_heatmaps(h, 0.0) == [True, True, False, False, False, True, True]
+    assert constant_rows(h.view(7, 1, 4, 4), 0.0).tolist() == [True, True, False, False, False, True, True]
+    h[6, 0] += 1.5e-6  # spread 3e-6 > 2e-6
+    assert constant_heatmaps(h, 0.0)[6] is False
+    assert constant_heatmaps(torch.zeros(3, 0)) == [True, True, True]
 
 
 def test_blur_ladder_by_hand():

@@ -111,7 +111,7 @@ from trustvision.explain._base import (
     ExplanationWarning,
     Explainer,
     constant_heatmaps,
-    constant_rows,
+    constant_range,
     reliability_warning,
 )
 
@@ -133,6 +133,7 @@ NOISE_CHANGE = 0.2  # noise may move the class probability by at most this much 
 NOISE_DRAWS = 2  # noisy copies per image, point and noise level in that check
 NOISE_HALVINGS = 6  # the noise is halved at most this many times, then switched off
 NOISE_TABLE_BYTES = 64 << 20  # an iteration's noise of all images up to this size is drawn once and kept
+TV_MATRIX_CELLS = 256  # masks of at most this many cells: TV by an incidence matrix (_Penalty)
 
 def check_autocast(autocast) -> bool:
     """``autocast`` as a bool (a one-line error for anything else, e.g. the string ``"bf16"``)."""
@@ -196,6 +197,83 @@ def _area_and_tv(m: torch.Tensor, l1: torch.Tensor, l2: float, tv: torch.Tensor,
     return value, tv_grad.mul_(l2).sub_(l1.view(-1, *([1] * (m.dim() - 1))), alpha=1.0 / cells)
 
 
+_INCIDENCE: dict = {}
+
+
+def _incidence(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """For masks of ``shape`` (planes, h, w): the (cells, pairs + 1) matrix D whose column e is
+    e_b - e_a for the neighbour pair e = (a, b) (b below / right of a; the vertical pairs of every
+    plane, then the horizontal ones, each in the order of ``torch.diff(m, dim).flatten(1)``) and
+    whose last column is -1 / cells; twice its transpose; and per column 1 / the number of pairs
+    in its direction (0 for the last). ``m @ D`` is exactly ``torch.diff``'s differences (each
+    column adds one value and subtracts another), then -mean(m). Kept per shape."""
+    key = (tuple(shape), dtype, str(device))
+    hit = _INCIDENCE.get(key)
+    if hit is None:
+        per, h, w = (math.prod(shape[:-2]), *shape[-2:])
+        idx = torch.arange(per * h * w).view(per, h, w)
+        pairs = [(idx[:, :-1, :], idx[:, 1:, :]), (idx[:, :, :-1], idx[:, :, 1:])]
+        a = torch.cat([p[0].flatten() for p in pairs])
+        b = torch.cat([p[1].flatten() for p in pairs])
+        e = torch.arange(a.numel())
+        mat = torch.zeros(per * h * w, a.numel() + 1, dtype=torch.float64)
+        mat[b, e], mat[a, e] = 1.0, -1.0
+        mat[:, -1] = -1.0 / (per * h * w)
+        nv, nh = pairs[0][0].numel(), pairs[1][0].numel()
+        scale = torch.cat([torch.full((nv,), 1.0 / max(nv, 1), dtype=torch.float64),
+                           torch.full((nh,), 1.0 / max(nh, 1), dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+        twice_t = 2 * mat.t()
+        twice_t[-1] = 0  # (the mean's column takes no part in the TV's gradient)
+        hit = _INCIDENCE[key] = (mat.to(device, dtype), twice_t.contiguous().to(device, dtype), scale.to(device, dtype))
+    return hit
+
+
+class _Penalty:
+    """The area and smoothness penalties ``l1 * mean(1 - m) + l2 * TV(m)`` of masks ``m`` (M, C, h,
+    w) in [0, 1] of one shape, per state, and their gradient; TV is :func:`total_variation`,
+    with ``wv`` / ``wh`` (per image, :func:`_edge_weights`) the mean of the weighted squared
+    neighbour differences. Masks of at most ``TV_MATRIX_CELLS`` cells get every difference from
+    one product with :func:`_incidence`'s matrix and the gradient from one more (a handful of
+    operations where the differences take twenty); larger ones take :func:`_tv`'s differences."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, l2: float,
+                 wv: torch.Tensor | None = None, wh: torch.Tensor | None = None):
+        self.cells, self.l2, self.wv, self.wh = math.prod(shape), float(l2), wv, wh
+        self.matrix = self.cells <= TV_MATRIX_CELLS
+        if self.matrix:
+            self.d, self.dt2, scale = _incidence(shape, dtype, device)
+            coef = scale * self.l2  # per pair the weight of its squared difference (0 for the mean)
+            if wv is not None:
+                n = wv.shape[0]
+                coef = torch.cat([wv.expand(n, *shape[:-2], shape[-2] - 1, shape[-1]).flatten(1),
+                                  wh.expand(n, *shape[:-1], shape[-1] - 1).flatten(1), wv.new_zeros(n, 1)], 1) * coef
+            self.coef = coef  # (pairs,) or (N, pairs)
+
+    def select(self, rd: torch.Tensor) -> "_Penalty":
+        """The same penalties for states of images ``rd`` (device indices; the per-image weights'
+        rows gathered)."""
+        if self.wv is None:
+            return self
+        out = object.__new__(_Penalty)
+        out.__dict__.update(self.__dict__, wv=self.wv[rd], wh=self.wh[rd])
+        if self.matrix:
+            out.coef = self.coef[rd]
+        return out
+
+    def __call__(self, m: torch.Tensor, l1: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per state the penalties (M,) (``l1`` (M,) per state) and, with ``grad``, their gradient
+        w.r.t. ``m``."""
+        if not self.matrix:
+            return _area_and_tv(m, l1, self.l2, *_tv(m, self.wv, self.wh, grad=grad))
+        d = m.flatten(1) @ self.d  # the differences, then -mean(m)
+        wd = d * self.coef
+        value = torch.addcmul(torch.add(l1, torch.linalg.vecdot(wd, d)), l1, d[:, -1])
+        if not grad:
+            return value, None
+        # d/dm of sum_e coef_e d_e^2 is 2 (coef d) D^T; the area term's is -l1 / cells everywhere
+        return value, torch.addmm(l1.view(-1, 1), wd, self.dt2, beta=-1.0 / self.cells).view(m.shape)
+
+
 def _edge_weights(image: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The weights exp(-||dI||^2 / sigma) of vertical and horizontal neighbours, per image."""
     wv = torch.exp(-(image[..., 1:, :] - image[..., :-1, :]).pow(2).sum(1, keepdim=True) / sigma)
@@ -254,8 +332,8 @@ class _MaskExplainer(Explainer, register=False):
         mask, sign); source 0 = image, 1 = baseline. Each term is sign * p_c(Phi(X, Y, mask))."""
         raise NotImplementedError
 
-    def _chain(self, z: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Map the gradients w.r.t. each term's mask back to the state ``z``."""
+    def _chain(self, z: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """Map the gradients w.r.t. each term's mask (M, terms, 1, h, w) back to the state ``z``."""
         raise NotImplementedError
 
     def _regulariser(self, z: torch.Tensor, l1: torch.Tensor, l2: float, rd: torch.Tensor | None = None) -> torch.Tensor:
@@ -400,9 +478,8 @@ class _MaskExplainer(Explainer, register=False):
                 for it in range(iterations):
                     g_score, ls_score = self._direction(z, it)
                     g, loss = self._penalised(z, g_score, ls_score, area, l2)
-                    z, real, p_del, failed, accepted = self._line_search(
+                    z, real, p_del, failed, accepted, const = self._line_search(
                         z, g, loss, real, p_del, const, it, area, l2, initial_step, everyone)
-                    const = self._constant(z)
                     # Area continuation: a mask still constant after its line search means that no
                     # deletion pays its area cost (a saturated model keeps the class until most of the
                     # image is gone): its area weight is divided by 4 (at most AREA_LOWERINGS times in
@@ -420,9 +497,8 @@ class _MaskExplainer(Explainer, register=False):
                         area = area.index_put((rd,), area[rd] / 4)
                         g, loss = self._penalised(z, g_score, ls_score, area, l2)
                         real[rd], p_del[rd] = self._objective(z[rd], area, l2, rd, with_score=True)
-                        z, real, p_del, failed2, accepted2 = self._line_search(
+                        z, real, p_del, failed2, accepted2, const = self._line_search(
                             z, g, loss, real, p_del, const, it, area, l2, initial_step, stuck)
-                        const = self._constant(z)
                         for i in ids:
                             failed[i], accepted[i] = failed2[i], accepted[i] or accepted2[i]
                     for i in range(n):
@@ -585,26 +661,27 @@ class _MaskExplainer(Explainer, register=False):
         scale[:, -1] = 0
         c.update(
             noise_scale=scale.view(n, s1, *([1] * (x.dim() - 1))),
+            alpha_rows=c["alphas"].view(1, 1, k, 1, *([1] * (x.dim() - 2))),  # (the path's alphas against (n, nt, k, 1, h, w))
             kept={}, kept_ids={}, noise_bytes=n * s1 * row_bytes,
             nt=nt, s1=s1, signs=signs, ls_take=ls_take, one_plus=nt == 1 and all_plus,
             obj=(u.contiguous(), tt.contiguous()), obj_all=self._plan(u.flatten(), tt.reshape(-1, 1)),
             # (the direction's rows show the same pixels every iteration: gathered once when small)
             dir=self._plan(u_dir, tt.unsqueeze(2).expand(n, nt, k).reshape(-1, 1),
-                           None if all_plus else signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
-                           (i * s1 + torch.arange(nt * k, device=dev).view(1, -1)).flatten()),
+                           signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
+                           (i * s1 + torch.arange(nt * k, device=dev).view(1, -1)).flatten(), grid=True),
             ls=(u.unsqueeze(2).expand(n, nt, kp).reshape(n, nt * kp), tt.unsqueeze(2).expand(n, nt, kp).reshape(n, nt * kp),
                 c["alphas"][pts].repeat(nt).view(1, nt, kp, 1, 1, 1), i * s1 + slot_ls.view(1, -1)),
         )
 
     def _plan(self, u: torch.Tensor, tgt: torch.Tensor, sgn: torch.Tensor | None = None,
-              nidx: torch.Tensor | None = None) -> "_Plan":
+              nidx: torch.Tensor | None = None, grid: bool = False) -> "_Plan":
         """A :class:`_Plan` of rows ``u``, with their pixels gathered now when they are small (a
         plan kept for the call then gathers nothing per pass)."""
         c = self._ctx
         src = diff = None
         if 2 * u.shape[0] * c["row_bytes"] <= NOISE_TABLE_BYTES:
             src, diff = c["src"][u], c["diffu"][u]
-        return _Plan(u, tgt, sgn, nidx, src, diff)
+        return _Plan(u, tgt, sgn, nidx, src, diff, grid)
 
     def _noise_table(self, it: int) -> torch.Tensor | None:
         """Every image's noise of iteration ``it`` (n * s1, C, H, W), scaled by its std; drawn once
@@ -623,7 +700,7 @@ class _MaskExplainer(Explainer, register=False):
             for i in range(n):
                 self._draw_noise(i, it, out=table[i])
         table.mul_(c["noise_scale"])  # each image's std, 0 on its last slot (no noise)
-        c["eps"], c["eps_it"] = table.view(n * s1, *x.shape[1:]), it
+        c["eps"], c["eps_grid"], c["eps_it"] = table.view(n * s1, *x.shape[1:]), table, it
         return c["eps"]
 
     def _draw_noise(self, i: int, it: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -679,7 +756,7 @@ class _MaskExplainer(Explainer, register=False):
         ``masks[r]`` (R, 1, h, w; a point alpha * M of the path, or the mask itself) plus, in
         iteration ``it`` (None: no noise), the noise row ``plan.nidx[r]``; the score is the
         probability of class ``plan.tgt[r]``. With ``grad`` also the gradient of each row's score
-        times ``plan.sgn[r]`` w.r.t. its mask point."""
+        times ``plan.sgn[r]`` w.r.t. its mask point (a plan with gradients has signs)."""
         c = self._ctx
         eps = stream = None
         if it is not None and c["noisy"] and plan.nidx is not None:
@@ -691,28 +768,35 @@ class _MaskExplainer(Explainer, register=False):
 
         def work(sl: slice) -> None:
             # (a pass in one piece takes the plan's tensors whole: no slicing)
-            cut = (lambda t: t) if sl.stop - sl.start == total_rows else (lambda t: t[sl])
+            whole = sl.stop - sl.start == total_rows
+            cut = (lambda t: t) if whole else (lambda t: t[sl])
             p = cut(masks)
-            if grad:
-                p = p.detach().requires_grad_(True)
+            if grad:  # (the direction's rows are its own fresh tensor, made under no_grad: no copy of them)
+                p = p.requires_grad_(True) if whole else p.detach().requires_grad_(True)
             with torch.enable_grad() if grad else contextlib.nullcontext():  # (the passes run under no_grad)
                 if plan.src is not None:
                     phi = torch.addcmul(cut(plan.src), cut(plan.diff), upsample(p, size))
                 else:
                     u = cut(plan.u)
                     phi = torch.addcmul(src[u], diffu[u], upsample(p, size))
-                if eps is not None:
+                if eps is not None and whole and plan.grid:  # every image's noise slots in order: a view
+                    ntk = c["nt"] * c["k"]
+                    if c["n"] == 1:
+                        phi = phi + eps[:ntk]
+                    else:
+                        phi = torch.add(phi.view(-1, ntk, *phi.shape[1:]), c["eps_grid"][:, :ntk]).view(phi.shape)
+                elif eps is not None:
                     phi = phi + eps[cut(plan.nidx)]
                 elif stream:
                     phi = phi + self._stream_noise(cut(plan.nidx), it)
                 logits = model_logits(self.model, phi, c["autocast"])
                 sc = torch.softmax(logits, dim=1).gather(1, cut(plan.tgt))  # (rows, 1)
-                if grad:
-                    total = (sc if plan.sgn is None else sc * cut(plan.sgn)).sum()
-                    # a model whose output ignores its input has no graph back to the mask: zero gradient
-                    (g,) = torch.autograd.grad(total, p, allow_unused=True) if total.requires_grad else (None,)
+                if grad:  # the gradient of sum(sign * score): the signs are the output's gradient
+                    # (a model whose output ignores its input has no graph back to the mask: zero gradient)
+                    (g,) = (torch.autograd.grad(sc, p, cut(plan.sgn), allow_unused=True) if sc.requires_grad
+                            else (None,))
                     grads.append(torch.zeros_like(p) if g is None else g)
-            scores.append(sc.detach() if grad else sc)
+            scores.append(sc)
             c["fb" if grad else "fw"] += phi.shape[0]
 
         (c["fb_chunk"] if grad else c["fw_chunk"]).run(total_rows, work)
@@ -746,10 +830,10 @@ class _MaskExplainer(Explainer, register=False):
         masks = self._term_masks(z)  # (n, nt, 1, h, w); z never requires a gradient
         # Row (i, term, point) = (i * nt + term) * k + point: the rows of an image are contiguous.
         # (the points alpha * M of the path, alpha = 1/K..1, in one product)
-        rows = (masks.unsqueeze(2) * c["alphas"].view(1, 1, k, *([1] * (masks.dim() - 2)))).flatten(0, 2)
+        rows = (masks.unsqueeze(2) * c["alpha_rows"]).flatten(0, 2)
         scores, grads = self._rows(c["dir"], rows, it, grad=True)
         ig = grads.view(n, nt, k, *masks.shape[2:]).mean(2)  # (n, nt, 1, h, w)
-        g = self._chain(z, list(ig.unbind(1)))
+        g = self._chain(z, ig)
         ls = scores.view(n, nt, k)[:, :, c["ls_take"]].mean(2)  # (n, nt)
         return g, self._signed_sum(ls)
 
@@ -764,6 +848,18 @@ class _MaskExplainer(Explainer, register=False):
         """The penalties (M,) at the states ``z`` of all images and their gradient (subclasses
         compute both from the same neighbour differences where they can)."""
         return self._regulariser(z, l1, l2), self._regulariser_grad(z, l1, l2)
+
+    def _penalty(self, m: torch.Tensor, l2: float, rd: torch.Tensor | None = None,
+                 weights=None) -> _Penalty:
+        """The :class:`_Penalty` of masks shaped like ``m`` (made once per call of attribute and
+        ``l2``; ``weights``: a function giving its per-image (wv, wh) when it is made), for the
+        states of images ``rd`` (None: all images, in order)."""
+        c = self._ctx
+        key = ("penalty", tuple(m.shape[1:]), float(l2))
+        pen = c.get(key)
+        if pen is None:
+            pen = c[key] = _Penalty(tuple(m.shape[1:]), m.dtype, m.device, l2, *(weights() if weights else ()))
+        return pen if rd is None else self._kept(("penalty", rd), lambda: pen.select(rd))
 
     def _regulariser_grad(self, z: torch.Tensor, l1: torch.Tensor, l2: float) -> torch.Tensor:
         """The gradient of the summed penalties w.r.t. the state, by autograd (the subclasses'
@@ -814,7 +910,7 @@ class _MaskExplainer(Explainer, register=False):
     def _constant(self, z: torch.Tensor) -> torch.Tensor:
         """Per image (Python bools) whether the heatmap of state ``z`` is constant
         (:func:`constant_heatmaps` with ``CONSTANT_TOL``; the heatmap is in [0, 1])."""
-        return constant_rows(self._heat(z), CONSTANT_TOL, nonnegative=True).tolist()
+        return constant_heatmaps(self._heat(z), CONSTANT_TOL)
 
     def _line_search(self, z, g, loss, real, p_del, const, it, l1, l2, initial_step, only):
         """Per-image projected Armijo backtracking on z - step * g, clamped to [0, 1].
@@ -832,33 +928,38 @@ class _MaskExplainer(Explainer, register=False):
         ``line_search_group`` steps of every image still searching are scored in one batched
         pass. Only the images in ``only`` (Python bools) search. Returns the new state, its
         objective and deletion score, and per image (Python bools) whether it gave up (no step
-        accepted) and whether its accepted step changed the mask.
+        accepted), whether its accepted step changed the mask and whether the new state's
+        heatmap is constant (as ``_constant``: known for every trial scored).
         """
         # the scale of the step: the largest change among cells that can move (a cell at M = 1
         # pushed up by the area term cannot, and must not make the other cells' steps tiny; a
         # cell with g = 0 adds nothing whichever branch it takes)
         movable = torch.where(g > 0, z > 0, z < 1)
-        gmax = g.abs().mul_(movable).flatten(1).amax(1)  # > 0 exactly where a cell can move
-        can_move = [gm > 0 and o for gm, o in zip(gmax.tolist(), only)]
-        gmax = gmax.clamp_min_(1e-12)
-        step0 = INITIAL_STEP / gmax if initial_step is None else torch.full_like(gmax, float(initial_step))
-        # per image the largest cell change of step0 (exactly INITIAL_STEP by default; Python floats)
-        scale = [INITIAL_STEP] * z.shape[0] if initial_step is None else (step0 * gmax).tolist()
+        gmax = g.abs().mul_(movable).flatten(1).amax(1).tolist()  # > 0 exactly where a cell can move
+        can_move = [gm > 0 and o for gm, o in zip(gmax, only)]
+        # per image (Python floats) the first trial step and the largest cell change it makes
+        # (exactly INITIAL_STEP by default)
+        if initial_step is None:
+            step0, scale = [INITIAL_STEP / max(gm, 1e-12) for gm in gmax], [INITIAL_STEP] * len(gmax)
+        else:
+            step0 = [float(initial_step)] * len(gmax)
+            scale = [float(initial_step) * max(gm, 1e-12) for gm in gmax]
+
         def score_real(cand, rd):
             return self._objective(cand, l1, l2, rd, with_score=True)
 
         def score_integrated(cand, rd):
             return self._integrated(cand, rd, it, l1, l2), None
 
-        done, new_z, new_real, new_p = self._ladder(z, g, step0, scale, real, can_move, MIN_STEP, score_real,
-                                                    z, real, 1, p_del)
+        done, flat, new_z, new_real, new_p = self._ladder(z, g, step0, scale, real, can_move, MIN_STEP, score_real,
+                                                          z, real, 1, p_del)
         retry = [cm and d is None for cm, d in zip(can_move, done)]
         if any(retry):
             sat = (p_del >= SATURATED).tolist()
             retry = [r and (st or cn) for r, st, cn in zip(retry, sat, const)]
         if any(retry):
-            done2, new_z, _, _ = self._ladder(z, g, step0, scale, loss, retry, MIN_STEP_INTEGRATED, score_integrated,
-                                              new_z, None, len(self._ctx["ls_points"]))
+            done2, flat2, new_z, _, _ = self._ladder(z, g, step0, scale, loss, retry, MIN_STEP_INTEGRATED,
+                                                     score_integrated, new_z, None, len(self._ctx["ls_points"]))
             ids = [i for i, d in enumerate(done2) if d is not None]
             if ids:  # the noise-free objective of the states taken on the fallback
                 rd = torch.tensor(ids, device=z.device)
@@ -866,32 +967,38 @@ class _MaskExplainer(Explainer, register=False):
                     new_real, new_p = real.clone(), p_del.clone()
                 new_real[rd], new_p[rd] = self._objective(new_z[rd], l1, l2, rd, with_score=True)
             done = [d if d2 is None else d2 for d, d2 in zip(done, done2)]
+            flat = [f if f2 is None else f2 for f, f2 in zip(flat, flat2)]
         failed = [cm and d is None for cm, d in zip(can_move, done)]
-        return new_z, new_real, new_p, failed, [bool(d) for d in done]
+        const = [cn if f is None else f for cn, f in zip(const, flat)]  # (an image that took no step keeps its state)
+        return new_z, new_real, new_p, failed, [bool(d) for d in done], const
 
     def _ladder(self, z, g, step0, scale, old, active, min_step, score, out_z, out_val, points,
                 out_aux=None) -> tuple:
         """Armijo backtracking of the images in ``active`` (Python bools) on ``score(cand, rd)``
         (-> values and an extra per-candidate number or None; ``points`` model rows per term and
-        trial) against ``old``; ``scale`` (Python floats) is per image the largest cell change of
-        the step ``step0``. Accepted states, values (and extras) are written into ``out_z`` /
-        ``out_val`` (/ ``out_aux``; None: not wanted) if some image keeps its own (these are
-        not changed: a copy is written), else are the chosen trials. Returns per image None (no
-        step accepted) or whether the accepted step changed the mask, and the three outputs."""
-        # Trial k of an image has step step0 * SHRINK**k, the power read from one table, so the
-        # steps (and so the states and values) are the same bits whatever number of trials one
-        # call scores (``group``, chosen from measured pass times). A trial whose largest cell
-        # change scale * SHRINK**k is below ``min_step`` is not scored (except an image's first,
-        # k = 0); as the changes shrink with k, an image's trials to score are a prefix of the
-        # next ``group``, decided here in Python floats.
+        trial) against ``old``; ``step0`` and ``scale`` (Python floats) are per image the first
+        step and the largest cell change it makes. Accepted states, values (and extras) are
+        written into ``out_z`` / ``out_val`` (/ ``out_aux``; None: not wanted) if some image keeps
+        its own (these are not changed: a copy is written), else are the chosen trials. Returns
+        per image None (no step accepted) or whether the accepted step changed the mask, per image
+        None or whether the accepted state's heatmap is constant, and the three outputs."""
+        # Trial k of an image has step step0 * SHRINK**k (Python floats), so the steps (and so
+        # the states and values) are the same bits whatever number of trials one call scores
+        # (``group``, chosen from measured pass times). A trial whose largest cell change
+        # scale * SHRINK**k is below ``min_step`` is not scored (except an image's first, k = 0);
+        # as the changes shrink with k, an image's trials to score are a prefix of the next
+        # ``group``, decided here in Python floats; so is the Armijo test, on the values and
+        # predicted decreases of one transfer.
         dev = z.device
         n = z.shape[0]
         act = [i for i, a in enumerate(active) if a]  # the images still searching, in order
         tried = [0] * n  # trials scored per image
         result: list = [None] * n
+        flat: list = [None] * n  # per image whether the taken trial's heatmap is constant
         outs, owned = [out_z, out_val, out_aux], [False] * 3
         nt = self._ctx["nt"]
-        thresh = old.unsqueeze(1) - MIN_DECREASE  # (n, 1): a value must be below this minus c1 * the predicted decrease
+        # per image the value a trial must reach, less ARMIJO_C1 * its predicted decrease
+        bound = [v - MIN_DECREASE for v in old.tolist()] if act else []
         while act:
             group = self.line_search_group or max(2, min(8, self._ctx["cheap"] // (len(act) * nt * points)))
             # per image how many of its next ``group`` trials are scored, and whether it gives up after them
@@ -917,14 +1024,9 @@ class _MaskExplainer(Explainer, register=False):
                 rd = torch.tensor(act, device=dev)
                 crd = rd.repeat_interleave(c)  # the image of each trial
                 take = lambda t: t[rd]  # noqa: E731
-            t0 = [tried[i] for i in act]
-            if min(t0) == max(t0):  # (r, c) powers of these trials
-                powers = _shrink_powers(t0[0] + c, z.dtype, dev, t0[0])
-            else:
-                table = _shrink_powers(max(t0) + c, z.dtype, dev)
-                powers = table[torch.tensor([[a + j for j in range(c)] for a in t0], device=dev)]
+            steps = torch.tensor([[step0[i] * ARMIJO_SHRINK ** (tried[i] + j) for j in range(c)] for i in act],
+                                 dtype=z.dtype, device=dev)
             zr, gr = take(z).unsqueeze(1), take(g).unsqueeze(1)
-            steps = take(step0).unsqueeze(1) * powers  # (r, c)
             cand = (zr - steps.view(r, c, 1, 1, 1) * gr).clamp_(0, 1)
             if min(counts) == c:  # every trial scored (the usual case)
                 v, a = score(cand.flatten(0, 1), crd)
@@ -942,10 +1044,15 @@ class _MaskExplainer(Explainer, register=False):
                     aux = aux.view(r, c)
             # Projected Armijo: the decrease predicted by the step actually taken after clamping
             # (equal to step * ||g||^2 when nothing is clamped; 0 exactly when the step changes
-            # no cell, as every cell's term is >= 0).
+            # no cell, as every cell's term is >= 0). Unscored trials are inf: never taken.
             pred = torch.linalg.vecdot(gr.flatten(2), (zr - cand).flatten(2))
-            ok = (val <= torch.add(take(thresh), pred, alpha=-ARMIJO_C1)).tolist()  # (r, c); unscored trials are inf
-            first = [row.index(True) if True in row else -1 for row in ok]  # first satisfying trial per image
+            lo, hi = torch.aminmax(self._heat(cand.flatten(0, 1)).flatten(1), dim=1)  # (the constant test's range)
+            vals, moves, los, his = torch.stack((val, pred, lo.view(r, c), hi.view(r, c))).tolist()  # (r, c) each
+            first = []  # first satisfying trial per image, -1: none
+            for j, i in enumerate(act):
+                b = bound[i]
+                first.append(next((k for k, (v, pr) in enumerate(zip(vals[j], moves[j]))
+                                   if v <= b - ARMIJO_C1 * pr), -1))
             hit = [j for j in range(r) if first[j] >= 0]
             if hit:
                 srcs = (cand, val, aux)
@@ -973,13 +1080,14 @@ class _MaskExplainer(Explainer, register=False):
                         for o, t in zip(outs, srcs):
                             if o is not None:
                                 o[dest] = t[hj, pick]
-                moves = pred.tolist()  # (a step that changes no cell predicts 0 exactly)
-                for j in hit:
-                    result[act[j]] = moves[j][first[j]] > 0
+                for j in hit:  # (a step that changes no cell predicts 0 exactly)
+                    k = first[j]
+                    result[act[j]] = moves[j][k] > 0
+                    flat[act[j]] = constant_range(los[j][k], his[j][k], CONSTANT_TOL)
             for i in act:
                 tried[i] += group
             act = [i for j, i in enumerate(act) if not (first[j] >= 0 or give_up[j])]
-        return result, *outs
+        return result, flat, *outs
 
 
 class _Plan(NamedTuple):
@@ -987,7 +1095,9 @@ class _Plan(NamedTuple):
     (image and which way round the term blends image and baseline), ``tgt`` the class, ``sgn`` the
     sign of the score in the gradient (None without one), ``nidx`` the noise row (None: no
     noise); ``tgt`` and ``sgn`` are (R, 1); ``src`` / ``diff`` the rows' pixels ``src[u]`` /
-    ``diffu[u]`` when gathered beforehand (None: gathered per pass)."""
+    ``diffu[u]`` when gathered beforehand (None: gathered per pass); ``grid``: the rows are
+    (image, term, point) in order, so their noise is the first terms * points slots of every
+    image in the iteration's table (a view of it)."""
 
     u: torch.Tensor
     tgt: torch.Tensor
@@ -995,27 +1105,7 @@ class _Plan(NamedTuple):
     nidx: torch.Tensor | None
     src: torch.Tensor | None = None  # src[u] and diffu[u], when gathered beforehand
     diff: torch.Tensor | None = None
-
-
-_POWERS: dict = {}
-
-
-def _shrink_powers(n: int, dtype: torch.dtype, device: torch.device, start: int | None = None) -> torch.Tensor:
-    """ARMIJO_SHRINK ** k for k < n (at least), computed once in Python floats (kept per dtype and
-    device); with ``start`` exactly k = start .. n - 1 as a (1, n - start) row (kept too)."""
-    if start is not None:
-        key = (dtype, str(device), start, n)
-        row = _POWERS.get(key)
-        if row is None:
-            row = _POWERS[key] = _shrink_powers(n, dtype, device)[start:n].unsqueeze(0)
-        return row
-    key = (dtype, str(device))
-    table = _POWERS.get(key)
-    if table is None or table.shape[0] < n:
-        size = max(n, 32, 2 * (0 if table is None else table.shape[0]))
-        table = torch.tensor([ARMIJO_SHRINK**k for k in range(size)], dtype=torch.float64).to(device, dtype)
-        _POWERS[key] = table
-    return table
+    grid: bool = False  # the rows are (image, term, point) in order: the direction's
 
 
 def _baseline_name(baselines: BaselineType) -> str:
@@ -1045,14 +1135,14 @@ class IGOS(_MaskExplainer):
         return [(0, 1, z[:, 0:1], 1.0)]
 
     def _chain(self, z, grads):
-        return grads[0]
+        return grads[:, 0]
 
     def _regulariser(self, z, l1, l2, rd=None):
         # z is the one mask (M, 1, h, w), in [0, 1]: |1 - M| = 1 - M
-        return _area_and_tv(z, l1, l2, _tv(z)[0])[0]
+        return self._penalty(z, l2)(z, l1)[0]
 
     def _penalties(self, z, l1, l2):
-        return _area_and_tv(z, l1, l2, *_tv(z, grad=True))
+        return self._penalty(z, l2)(z, l1, grad=True)
 
     def _term_masks(self, z):
         return z.unsqueeze(1)
@@ -1087,7 +1177,7 @@ class IGOSPlusPlus(_MaskExplainer):
         return [(0, 1, md, 1.0), (1, 0, mi, -1.0), (0, 1, m, 1.0), (1, 0, m, -1.0)]
 
     def _chain(self, z, grads):
-        g_del, g_ins, g_pd, g_pi = grads
+        g_del, g_ins, g_pd, g_pi = grads.unbind(1)
         md, mi = z[:, 0:1], z[:, 1:2]
         gp = g_pd + g_pi
         return torch.cat([g_del + gp * mi, g_ins + gp * md], dim=1)
@@ -1101,8 +1191,19 @@ class IGOSPlusPlus(_MaskExplainer):
         wv, wh = c["edge_weights"]
         return (wv, wh) if rd is None else self._kept(("edges", rd), lambda: (wv[rd], wh[rd]))
 
+    def _same_size_penalty(self, m, l2, rd=None):
+        """The penalties of a mask at the image's resolution: the BTV's two halves are one TV
+        with per pair the weight (1 + w) / 2."""
+        def weights():
+            wv, wh = self._edge_weights()
+            return 0.5 * (1 + wv), 0.5 * (1 + wh)
+
+        return self._penalty(m, l2, rd, weights)
+
     def _regulariser(self, z, l1, l2, rd=None):
         m = z[:, 0:1] * z[:, 1:2]
+        if tuple(z.shape[-2:]) == tuple(self._ctx["size"]):
+            return self._same_size_penalty(m, l2, rd)(m, l1)[0]
         wv, wh = self._edge_weights(rd)
         btv = _tv(m)[0].add_(_tv(upsample(m, self._ctx["size"]), wv, wh)[0]).mul_(0.5)
         return _area_and_tv(m, l1, l2, btv)[0]
@@ -1112,10 +1213,7 @@ class IGOSPlusPlus(_MaskExplainer):
             return super()._penalties(z, l1, l2)
         md, mi = z[:, 0:1], z[:, 1:2]
         m = md * mi
-        wv, wh = self._edge_weights()
-        tv, g = _tv(m, grad=True)
-        wtv, wg = _tv(m, wv, wh, grad=True)
-        value, gm = _area_and_tv(m, l1, l2, tv.add_(wtv).mul_(0.5), g.add_(wg).mul_(0.5))
+        value, gm = self._same_size_penalty(m, l2)(m, l1, grad=True)
         return value, torch.cat([gm * mi, gm * md], dim=1)
 
     def _term_masks(self, z):
