@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from typing import Callable, Iterator, Sequence, Union
 
@@ -112,10 +111,21 @@ def blur_params(height: int, width: int) -> tuple[int, float]:
     return k, max(50.0 * scale, 0.5)
 
 
+_KERNELS: dict = {}
+
+
 def _gauss_kernel(k: int, sigma: float, device, dtype) -> torch.Tensor:
-    r = torch.arange(k, device=device, dtype=dtype) - (k - 1) / 2
-    g = torch.exp(-(r**2) / (2 * sigma**2))
-    return g / g.sum()
+    """The normalised 1-D Gaussian of ``k`` taps (kept per size, sigma, device and dtype: the
+    adaptive baseline asks for the same few blurs for every image)."""
+    key = (k, float(sigma), str(device), dtype)
+    g = _KERNELS.get(key)
+    if g is None:
+        if len(_KERNELS) > 256:
+            _KERNELS.clear()
+        r = torch.arange(k, device=device, dtype=dtype) - (k - 1) / 2
+        g = torch.exp(-(r**2) / (2 * sigma**2))
+        g = _KERNELS[key] = g / g.sum()
+    return g
 
 
 def gaussian_blur(
@@ -211,14 +221,17 @@ def baseline_probability(model: nn.Module, baseline: torch.Tensor, target: torch
                          batch_size: "int | None | AutoChunk" = None) -> torch.Tensor:
     """The model's probability of class ``target[i]`` on image ``baseline[i]``: (N,), in chunks of
     ``batch_size`` images (None: all at once; an :class:`AutoChunk`: its chunking)."""
-    out = torch.empty(baseline.shape[0], device=baseline.device, dtype=baseline.dtype)
+    total = baseline.shape[0]
+    parts: list[torch.Tensor] = []
 
-    def work(sl: slice) -> None:
-        out[sl] = class_probability(model, baseline[sl], target[sl]).to(out.dtype)
+    def work(sl: slice) -> None:  # (a pass in one piece takes the tensors whole)
+        whole = sl.stop - sl.start == total
+        parts.append(class_probability(model, baseline if whole else baseline[sl], target if whole else target[sl]))
 
-    chunker = batch_size if isinstance(batch_size, AutoChunk) else AutoChunk(batch_size or baseline.shape[0])
-    chunker.run(baseline.shape[0], work)
-    return out
+    chunker = batch_size if isinstance(batch_size, AutoChunk) else AutoChunk(batch_size or total)
+    chunker.run(total, work)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else baseline.new_empty(0)
+    return out if out.dtype == baseline.dtype else out.to(baseline.dtype)
 
 
 @torch.no_grad()
@@ -264,23 +277,35 @@ def uninformative_baseline(
     if image_probability is None:
         image_probability = baseline_probability(model, x, t, batch_size)
         runs += n
-    limit = keeps * image_probability.to(x.device, x.dtype)
+    # (the bookkeeping per image in Python floats: the same decisions as on the tensors, since
+    # keeps * p and the comparisons are exact in both, with a handful of small operations)
+    limit = [keeps * v for v in image_probability.to(x.dtype).tolist()]
     ladder = blur_ladder(h, w)
-    base = torch.empty_like(x)
-    best_p = torch.full((n,), float("inf"), device=x.device, dtype=x.dtype)
-    level_of = torch.zeros(n, dtype=torch.long, device=x.device)
-    todo = torch.arange(n, device=x.device)
+    best = [math.inf] * n
+    level_of = [0] * n
+    chosen: list = [None] * n  # per image (the level's baselines, its row there)
+    todo = list(range(n))
     for j in range(len(baseline_levels(h, w))):
-        b = _baseline_level(x[todo], j, ladder)
-        p = baseline_probability(model, b, t[todo], batch_size)
+        idx = None if len(todo) == n else torch.tensor(todo, device=x.device)
+        b = _baseline_level(x if idx is None else x[idx], j, ladder)
+        p = baseline_probability(model, b, t if idx is None else t[idx], batch_size).tolist()
         runs += b.shape[0]
-        better = p < best_p[todo]
-        rows = todo[better]
-        base[rows], best_p[rows], level_of[rows] = b[better], p[better], j
-        todo = todo[p >= limit[todo]]
-        if todo.numel() == 0:
+        for r, i in enumerate(todo):
+            if p[r] < best[i] or chosen[i] is None:  # (a NaN probability keeps the first level)
+                best[i], level_of[i], chosen[i] = p[r], j, (b, r)
+        todo = [i for r, i in enumerate(todo) if p[r] >= limit[i]]
+        if not todo:
             break
-    return base, best_p, level_of, runs
+    if n == 1:
+        base = chosen[0][0]
+    else:
+        base = torch.empty_like(x)
+        for b in {id(bb): bb for bb, _ in chosen}.values():  # one copy per level's batch
+            mine = [(i, r) for i, (bb, r) in enumerate(chosen) if bb is b]
+            dest = torch.tensor([i for i, _ in mine], device=x.device)
+            base[dest] = b[torch.tensor([r for _, r in mine], device=x.device)]
+    return (base, torch.tensor(best, device=x.device, dtype=x.dtype),
+            torch.tensor(level_of, dtype=torch.long, device=x.device), runs)
 
 
 def default_mask_size(height: int, width: int) -> tuple[int, int]:

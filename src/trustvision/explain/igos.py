@@ -260,14 +260,16 @@ class _Penalty:
             out.coef = self.coef[rd]
         return out
 
-    def __call__(self, m: torch.Tensor, l1: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per state the penalties (M,) (``l1`` (M,) per state) and, with ``grad``, their gradient
+    def __call__(self, m: torch.Tensor, l1: torch.Tensor, grad: bool = False,
+                 value: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per state the penalties (M,) (``l1`` (M,) per state; with ``value`` = False None on the
+        matrix path, where the gradient alone takes less) and, with ``grad``, their gradient
         w.r.t. ``m``."""
         if not self.matrix:
             return _area_and_tv(m, l1, self.l2, *_tv(m, self.wv, self.wh, grad=grad))
         d = m.flatten(1) @ self.d  # the differences, then -mean(m)
         wd = d * self.coef
-        value = torch.addcmul(torch.add(l1, torch.linalg.vecdot(wd, d)), l1, d[:, -1])
+        value = torch.addcmul(torch.add(l1, torch.linalg.vecdot(wd, d)), l1, d[:, -1]) if value else None
         if not grad:
             return value, None
         # d/dm of sum_e coef_e d_e^2 is 2 (coef d) D^T; the area term's is -l1 / cells everywhere
@@ -324,6 +326,7 @@ class _MaskExplainer(Explainer, register=False):
         self.line_search_points = int(line_search_points)
         self._chunkers: dict = {}
         self._cheap: dict = {}
+        self._static = None  # (key, tables) of _static_plans
 
     # -- pieces a subclass defines ---------------------------------------------------------
 
@@ -461,10 +464,9 @@ class _MaskExplainer(Explainer, register=False):
                 src=torch.cat([x, base]), diffu=torch.cat([base - x, x - base]), n=n, t=t,
                 size=(h, w), images=x, keys=keys, seed=int(seed), sigma=sigma, noisy=bool((sigma > 0).any()),
                 gen=torch.Generator(device=device), k=ig_steps, ls_points=ls_points,
-                alphas=torch.arange(1, ig_steps + 1, device=device, dtype=x.dtype) / ig_steps,
                 fb_chunk=self._chunker(x, True, internal_batch_size, autocast),
                 fw_chunk=self._chunker(x, False, internal_batch_size, autocast),
-                fb=0, fw=setup_runs, spec=self._term_spec(x.dtype), cheap=self._cheap_rows(x, autocast),
+                fb=0, fw=setup_runs, cheap=self._cheap_rows(x, autocast),
             )
             self._build_plans(n, t, ls_points)
             with torch.no_grad():  # (the gradient passes enable it for themselves)
@@ -477,7 +479,7 @@ class _MaskExplainer(Explainer, register=False):
                 const = self._constant(z)  # per image: the heatmap of the current state is constant
                 for it in range(iterations):
                     g_score, ls_score = self._direction(z, it)
-                    g, loss = self._penalised(z, g_score, ls_score, area, l2)
+                    g, loss = self._penalised(z, g_score, ls_score, area, l2)  # (loss: a function, wanted rarely)
                     z, real, p_del, failed, accepted, const = self._line_search(
                         z, g, loss, real, p_del, const, it, area, l2, initial_step, everyone)
                     # Area continuation: a mask still constant after its line search means that no
@@ -512,23 +514,26 @@ class _MaskExplainer(Explainer, register=False):
         if not return_mask:
             heat = upsample(heat, (h, w))
 
-        pred = probs.argmax(1)
+        # (the per-image numbers in two transfers)
+        tl, pred = torch.stack((t, probs.argmax(1))).tolist()
+        pt, pb, final_loss, area, sigma = torch.stack((p_t, p_base.to(p_t.dtype), final_loss.to(p_t.dtype),
+                                                       area.to(p_t.dtype), sigma.to(p_t.dtype))).tolist()
         info = ExplanationInfo(
-            target=t.tolist(),
-            target_probability=[round(v, 6) for v in p_t.tolist()],
-            predicted=pred.tolist(),
-            low_confidence=(p_t < self.low_confidence).tolist(),
-            not_predicted=(pred != t).tolist(),
-            final_loss=final_loss.tolist(),
+            target=tl,
+            target_probability=[round(v, 6) for v in pt],
+            predicted=pred,
+            low_confidence=[v < self.low_confidence for v in pt],
+            not_predicted=[a != b for a, b in zip(pred, tl)],
+            final_loss=final_loss,
             forward_backward_passes=passes[0],
             forward_passes=passes[1],
             line_search_failures=failures,
             accepted_steps=moved,
-            area_weight=area.tolist(),
-            noise_std=[round(v, 6) for v in sigma.tolist()],
+            area_weight=area,
+            noise_std=[round(v, 6) for v in sigma],
             constant=constant,
-            baseline_probability=[round(v, 6) for v in p_base.tolist()],
-            baseline_keeps_class=(p_base >= BASELINE_KEEPS * p_t).tolist(),
+            baseline_probability=[round(v, 6) for v in pb],
+            baseline_keeps_class=[b >= BASELINE_KEEPS * a for a, b in zip(pt, pb)],
             low_confidence_threshold=self.low_confidence,
             baseline_name=base_names,
         )
@@ -538,7 +543,6 @@ class _MaskExplainer(Explainer, register=False):
             warnings.warn(message, ExplanationWarning, stacklevel=3)  # the caller of attribute
         return (heat, info) if return_info else heat
 
-    @torch.no_grad()
     def _calibrate_noise(self, x: torch.Tensor, base: torch.Tensor, t: torch.Tensor, sigma: float,
                          keys: list[int], seed: int, batch_size) -> tuple[torch.Tensor, int]:
         """Per image the noise std (N,) and the number of images the model ran on.
@@ -550,12 +554,13 @@ class _MaskExplainer(Explainer, register=False):
         Gaussian noise of 0.05 as another texture (p -> 0 all along the path) or, on a flat
         baseline, as the very texture explained (p -> 1 all along the path); a small digits net
         reads noise as one class. After ``NOISE_HALVINGS`` halvings the noise is switched off.
-        Each image's draws come from its own seed (independent of the batch)."""
+        Each image's draws come from its own seed (independent of the batch). (No gradient is
+        wanted: the inputs never require one, and the model runs under no_grad.)"""
         n = x.shape[0]
-        out = torch.zeros(n, device=x.device, dtype=x.dtype)
+        out = [0.0] * n
         runs = 0
         if sigma <= 0:
-            return out, runs
+            return torch.zeros(n, device=x.device, dtype=x.dtype), runs
         points = torch.stack([x, 0.5 * (x + base), base], 1)  # (N, 3, C, H, W)
         npt = points.shape[1]
         clean = baseline_probability(self.model, points.flatten(0, 1), t.repeat_interleave(npt),
@@ -570,20 +575,22 @@ class _MaskExplainer(Explainer, register=False):
                 gen.manual_seed(_noise_seed(seed, keys[i], -1 - level))
                 eps.append(torch.randn((NOISE_DRAWS, npt, *x.shape[1:]), generator=gen, device=x.device,
                                        dtype=x.dtype))
-            idx = torch.tensor(todo, device=x.device)
-            noisy = (points[idx].unsqueeze(1) + sd * torch.stack(eps)).flatten(0, 2)  # (r * D * 3, ...)
-            tt = t[idx].repeat_interleave(NOISE_DRAWS * npt)
+            idx = None if len(todo) == n else torch.tensor(todo, device=x.device)  # (None: every image)
+            noise = eps[0].unsqueeze(0) if len(eps) == 1 else torch.stack(eps)
+            noisy = torch.add((points if idx is None else points[idx]).unsqueeze(1), noise, alpha=sd).flatten(0, 2)
+            tt = (t if idx is None else t[idx]).repeat_interleave(NOISE_DRAWS * npt)  # (r * D * 3, ...) rows
             p = baseline_probability(self.model, noisy, tt, batch_size).view(len(todo), NOISE_DRAWS, npt)
             runs += noisy.shape[0]
-            change = (p - clean[idx].unsqueeze(1)).abs().mean(1)  # (r, 3)
-            keep = (change <= NOISE_CHANGE).all(1).tolist()
+            change = (p - (clean if idx is None else clean[idx]).unsqueeze(1)).abs().mean(1)  # (r, 3)
+            # (kept where every point's mean change is within NOISE_CHANGE; NaN is not)
+            keep = [v <= NOISE_CHANGE for v in change.amax(1).tolist()]
             for i, k in zip(todo, keep):
                 if k:
                     out[i] = sd
             todo = [i for i, k in zip(todo, keep) if not k]
             if not todo:
                 break
-        return out, runs
+        return torch.tensor(out, device=x.device, dtype=x.dtype), runs
 
     @torch.no_grad()
     def _cheap_rows(self, x: torch.Tensor, autocast: bool = False) -> int:
@@ -638,40 +645,61 @@ class _MaskExplainer(Explainer, register=False):
 
     def _build_plans(self, n: int, t: torch.Tensor, ls_points: list[int]) -> None:
         """The index tables of the three kinds of rows (the direction's, the objective's and the
-        line search's integrated points) for the images of this call, into ``self._ctx``."""
+        line search's integrated points) for the images of this call, into ``self._ctx`` (the
+        tables that do not depend on the images and their classes are kept for the next call
+        of the same shape: one image at a time, each call would build the same)."""
         c = self._ctx
-        dev = t.device
-        _, repl, sign = c["spec"]
-        nt, k = sign.shape[0], c["k"]
+        x = c["images"]
+        st = self._static_plans(n, c["k"], ls_points, x)
+        nt, k, kp, s1 = st["nt"], c["k"], st["kp"], st["s1"]
+        tt = t.view(n, 1).expand(n, nt)
+        row_bytes = c["row_bytes"] = x[0].numel() * x.element_size()
+        scale = c["sigma"].view(n, 1).repeat(1, s1)
+        scale[:, -1] = 0
+        u = st["u"]
+        c.update(
+            noise_scale=scale.view(n, s1, *([1] * (x.dim() - 1))), alphas=st["alphas"], alpha_rows=st["alpha_rows"],
+            kept={}, kept_ids={}, noise_bytes=n * s1 * row_bytes,
+            nt=nt, s1=s1, signs=st["signs"], ls_take=st["ls_take"], one_plus=st["one_plus"],
+            obj=(u, tt.contiguous()), obj_all=self._plan(st["u_flat"], tt.reshape(-1, 1)),
+            # (the direction's rows show the same pixels every iteration: gathered once when small)
+            dir=self._plan(st["u_dir"], tt.unsqueeze(2).expand(n, nt, k).reshape(-1, 1), st["dir_sgn"], st["dir_nidx"],
+                           grid=True),
+            ls=(st["ls_u"], tt.unsqueeze(2).expand(n, nt, kp).reshape(n, nt * kp), st["ls_alpha"], st["ls_nidx"]),
+        )
+
+    def _static_plans(self, n: int, k: int, ls_points: list[int], x: torch.Tensor) -> dict:
+        """The parts of ``_build_plans``' tables that depend only on the number of images, the
+        points and the device (kept for the last shape asked)."""
+        key = (n, k, tuple(ls_points), x.dtype, str(x.device), x.dim())
+        hit = self._static
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        dev = x.device
+        _, repl, sign = self._term_spec(x.dtype)
+        nt = sign.shape[0]
         s1 = nt * k + 1  # noise slots per image and iteration: term * k + point, the last one zero
         i = torch.arange(n, device=dev).view(n, 1)
         u = repl.to(dev).view(1, nt) * n + i  # (n, nt): the row of ``src`` / ``diffu`` per term
-        tt = t.view(n, 1).expand(n, nt)
         signs = sign.to(dev)
         pts = torch.tensor(ls_points, device=dev)
         steps = {b - a for a, b in zip(ls_points, ls_points[1:])}
-        ls_take = slice(ls_points[0], ls_points[-1] + 1, steps.pop()) if len(steps) == 1 else pts
         kp = pts.shape[0]
         slot_ls = (torch.arange(nt, device=dev).view(nt, 1) * k + pts.view(1, kp)).flatten()  # (nt * kp,)
-        u_dir = u.unsqueeze(2).expand(n, nt, k).flatten()
-        x = c["images"]
-        row_bytes = c["row_bytes"] = x[0].numel() * x.element_size()
-        all_plus = bool((sign > 0).all())
-        scale = c["sigma"].view(n, 1).repeat(1, s1)
-        scale[:, -1] = 0
-        c.update(
-            noise_scale=scale.view(n, s1, *([1] * (x.dim() - 1))),
-            alpha_rows=c["alphas"].view(1, 1, k, 1, *([1] * (x.dim() - 2))),  # (the path's alphas against (n, nt, k, 1, h, w))
-            kept={}, kept_ids={}, noise_bytes=n * s1 * row_bytes,
-            nt=nt, s1=s1, signs=signs, ls_take=ls_take, one_plus=nt == 1 and all_plus,
-            obj=(u.contiguous(), tt.contiguous()), obj_all=self._plan(u.flatten(), tt.reshape(-1, 1)),
-            # (the direction's rows show the same pixels every iteration: gathered once when small)
-            dir=self._plan(u_dir, tt.unsqueeze(2).expand(n, nt, k).reshape(-1, 1),
-                           signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
-                           (i * s1 + torch.arange(nt * k, device=dev).view(1, -1)).flatten(), grid=True),
-            ls=(u.unsqueeze(2).expand(n, nt, kp).reshape(n, nt * kp), tt.unsqueeze(2).expand(n, nt, kp).reshape(n, nt * kp),
-                c["alphas"][pts].repeat(nt).view(1, nt, kp, 1, 1, 1), i * s1 + slot_ls.view(1, -1)),
+        alphas = torch.arange(1, k + 1, device=dev, dtype=x.dtype) / k
+        out = dict(
+            nt=nt, kp=kp, s1=s1, u=u.contiguous(), u_flat=u.flatten(), signs=signs,
+            one_plus=nt == 1 and bool((sign > 0).all()), alphas=alphas,
+            alpha_rows=alphas.view(1, 1, k, 1, *([1] * (x.dim() - 2))),  # (the path's alphas against (n, nt, k, 1, h, w))
+            ls_take=slice(ls_points[0], ls_points[-1] + 1, steps.pop()) if len(steps) == 1 else pts,
+            u_dir=u.unsqueeze(2).expand(n, nt, k).flatten(),
+            dir_sgn=signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
+            dir_nidx=(i * s1 + torch.arange(nt * k, device=dev).view(1, -1)).flatten(),
+            ls_u=u.unsqueeze(2).expand(n, nt, kp).reshape(n, nt * kp),
+            ls_alpha=alphas[pts].repeat(nt).view(1, nt, kp, 1, 1, 1), ls_nidx=i * s1 + slot_ls.view(1, -1),
         )
+        self._static = (key, out)
+        return out
 
     def _plan(self, u: torch.Tensor, tgt: torch.Tensor, sgn: torch.Tensor | None = None,
               nidx: torch.Tensor | None = None, grid: bool = False) -> "_Plan":
@@ -823,8 +851,9 @@ class _MaskExplainer(Explainer, register=False):
 
     def _direction(self, z: torch.Tensor, it: int):
         """The integrated gradients of the score terms at ``z`` (the score part of the descent
-        direction) and the score part of the integrated objective on the line-search points,
-        with this iteration's noise (the value the line search compares against)."""
+        direction) and a function giving the score part of the integrated objective on the
+        line-search points, with this iteration's noise (the value the line search's fallback
+        compares against: computed only if it is wanted)."""
         c = self._ctx
         n, k, nt = c["n"], c["k"], c["nt"]
         masks = self._term_masks(z)  # (n, nt, 1, h, w); z never requires a gradient
@@ -834,19 +863,21 @@ class _MaskExplainer(Explainer, register=False):
         scores, grads = self._rows(c["dir"], rows, it, grad=True)
         ig = grads.view(n, nt, k, *masks.shape[2:]).mean(2)  # (n, nt, 1, h, w)
         g = self._chain(z, ig)
-        ls = scores.view(n, nt, k)[:, :, c["ls_take"]].mean(2)  # (n, nt)
-        return g, self._signed_sum(ls)
+        take = c["ls_take"]
+        return g, lambda: self._signed_sum(scores.view(n, nt, k)[:, :, take].mean(2))  # (n,)
 
-    def _penalised(self, z: torch.Tensor, g_score: torch.Tensor, ls_score: torch.Tensor, l1: torch.Tensor,
-                   l2: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The descent direction and the integrated objective: the score parts plus the gradient
-        and the value of the area and smoothness penalties."""
-        value, grad = self._penalties(z, l1, l2)
-        return g_score + grad, ls_score + value
+    def _penalised(self, z: torch.Tensor, g_score: torch.Tensor, ls_score, l1: torch.Tensor, l2: float):
+        """The descent direction (the score part plus the gradient of the area and smoothness
+        penalties) and a function giving the integrated objective (``ls_score()`` plus the
+        penalties' value: wanted only by the line search's fallback)."""
+        _, grad = self._penalties(z, l1, l2, value=False)
+        return g_score + grad, lambda: ls_score() + self._regulariser(z, l1, l2)
 
-    def _penalties(self, z: torch.Tensor, l1: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The penalties (M,) at the states ``z`` of all images and their gradient (subclasses
-        compute both from the same neighbour differences where they can)."""
+    def _penalties(self, z: torch.Tensor, l1: torch.Tensor, l2: float,
+                   value: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The penalties (M,) at the states ``z`` of all images (with ``value``; else None where
+        that saves work) and their gradient (subclasses compute both from the same neighbour
+        differences where they can)."""
         return self._regulariser(z, l1, l2), self._regulariser_grad(z, l1, l2)
 
     def _penalty(self, m: torch.Tensor, l2: float, rd: torch.Tensor | None = None,
@@ -926,7 +957,8 @@ class _MaskExplainer(Explainer, register=False):
         by the Armijo amount and by more than float rounding (``MIN_DECREASE``). Every image takes
         the first step that passes, exactly as a sequential search would; the next
         ``line_search_group`` steps of every image still searching are scored in one batched
-        pass. Only the images in ``only`` (Python bools) search. Returns the new state, its
+        pass. Only the images in ``only`` (Python bools) search; ``loss`` is a function giving
+        the integrated objective at ``z`` (called only for the fallback). Returns the new state, its
         objective and deletion score, and per image (Python bools) whether it gave up (no step
         accepted), whether its accepted step changed the mask and whether the new state's
         heatmap is constant (as ``_constant``: known for every trial scored).
@@ -934,8 +966,9 @@ class _MaskExplainer(Explainer, register=False):
         # the scale of the step: the largest change among cells that can move (a cell at M = 1
         # pushed up by the area term cannot, and must not make the other cells' steps tiny; a
         # cell with g = 0 adds nothing whichever branch it takes)
-        movable = torch.where(g > 0, z > 0, z < 1)
-        gmax = g.abs().mul_(movable).flatten(1).amax(1).tolist()  # > 0 exactly where a cell can move
+        # (z is in [0, 1]: a cell moves down unless it is at 0, up unless it is at 1, so it can
+        # move exactly where z != [g < 0])
+        gmax = g.abs().mul_(z != (g < 0)).flatten(1).amax(1).tolist()  # > 0 exactly where a cell can move
         can_move = [gm > 0 and o for gm, o in zip(gmax, only)]
         # per image (Python floats) the first trial step and the largest cell change it makes
         # (exactly INITIAL_STEP by default)
@@ -958,7 +991,7 @@ class _MaskExplainer(Explainer, register=False):
             sat = (p_del >= SATURATED).tolist()
             retry = [r and (st or cn) for r, st, cn in zip(retry, sat, const)]
         if any(retry):
-            done2, flat2, new_z, _, _ = self._ladder(z, g, step0, scale, loss, retry, MIN_STEP_INTEGRATED,
+            done2, flat2, new_z, _, _ = self._ladder(z, g, step0, scale, loss(), retry, MIN_STEP_INTEGRATED,
                                                      score_integrated, new_z, None, len(self._ctx["ls_points"]))
             ids = [i for i, d in enumerate(done2) if d is not None]
             if ids:  # the noise-free objective of the states taken on the fallback
@@ -1028,8 +1061,9 @@ class _MaskExplainer(Explainer, register=False):
                                  dtype=z.dtype, device=dev)
             zr, gr = take(z).unsqueeze(1), take(g).unsqueeze(1)
             cand = (zr - steps.view(r, c, 1, 1, 1) * gr).clamp_(0, 1)
+            cflat = cand.flatten(0, 1)
             if min(counts) == c:  # every trial scored (the usual case)
-                v, a = score(cand.flatten(0, 1), crd)
+                v, a = score(cflat, crd)
                 val, aux = v.view(r, c), None if a is None else a.view(r, c)
             else:
                 valid = torch.tensor([[j < cnt for j in range(c)] for cnt in counts], device=dev)
@@ -1046,7 +1080,7 @@ class _MaskExplainer(Explainer, register=False):
             # (equal to step * ||g||^2 when nothing is clamped; 0 exactly when the step changes
             # no cell, as every cell's term is >= 0). Unscored trials are inf: never taken.
             pred = torch.linalg.vecdot(gr.flatten(2), (zr - cand).flatten(2))
-            lo, hi = torch.aminmax(self._heat(cand.flatten(0, 1)).flatten(1), dim=1)  # (the constant test's range)
+            lo, hi = torch.aminmax(self._heat(cflat).flatten(1), dim=1)  # (the constant test's range)
             vals, moves, los, his = torch.stack((val, pred, lo.view(r, c), hi.view(r, c))).tolist()  # (r, c) each
             first = []  # first satisfying trial per image, -1: none
             for j, i in enumerate(act):
@@ -1057,9 +1091,9 @@ class _MaskExplainer(Explainer, register=False):
             if hit:
                 srcs = (cand, val, aux)
                 if len(hit) == n:  # every image takes a trial of this round (so r == n): the outputs are those trials
-                    if n == 1:
+                    if n == 1:  # (the trials as rows: a slice)
                         k = first[0]
-                        picked = [None if o is None else t[0, k : k + 1] for o, t in zip(outs, srcs)]
+                        picked = [None if o is None else t.view(-1, *t.shape[2:])[k : k + 1] for o, t in zip(outs, srcs)]
                     else:
                         hj, pick = self._every_image(1)[0], torch.tensor(first, device=dev)
                         picked = [None if o is None else t[hj, pick] for o, t in zip(outs, srcs)]
@@ -1141,8 +1175,8 @@ class IGOS(_MaskExplainer):
         # z is the one mask (M, 1, h, w), in [0, 1]: |1 - M| = 1 - M
         return self._penalty(z, l2)(z, l1)[0]
 
-    def _penalties(self, z, l1, l2):
-        return self._penalty(z, l2)(z, l1, grad=True)
+    def _penalties(self, z, l1, l2, value=True):
+        return self._penalty(z, l2)(z, l1, grad=True, value=value)
 
     def _term_masks(self, z):
         return z.unsqueeze(1)
@@ -1208,13 +1242,13 @@ class IGOSPlusPlus(_MaskExplainer):
         btv = _tv(m)[0].add_(_tv(upsample(m, self._ctx["size"]), wv, wh)[0]).mul_(0.5)
         return _area_and_tv(m, l1, l2, btv)[0]
 
-    def _penalties(self, z, l1, l2):
+    def _penalties(self, z, l1, l2, value=True):
         if tuple(z.shape[-2:]) != tuple(self._ctx["size"]):  # through the upsampling: by autograd
             return super()._penalties(z, l1, l2)
         md, mi = z[:, 0:1], z[:, 1:2]
         m = md * mi
-        value, gm = self._same_size_penalty(m, l2)(m, l1, grad=True)
-        return value, torch.cat([gm * mi, gm * md], dim=1)
+        val, gm = self._same_size_penalty(m, l2)(m, l1, grad=True, value=value)
+        return val, torch.cat([gm * mi, gm * md], dim=1)
 
     def _term_masks(self, z):
         md, mi = z[:, 0:1], z[:, 1:2]
