@@ -658,7 +658,7 @@ class _MaskExplainer(Explainer, register=False):
         scale[:, -1] = 0
         u = st["u"]
         c.update(
-            noise_scale=scale.view(n, s1, *([1] * (x.dim() - 1))), alphas=st["alphas"], alpha_rows=st["alpha_rows"],
+            noise_scale=scale.view(n, s1, *([1] * (x.dim() - 1))), noise_scale_rows=scale.view(n * s1, *([1] * (x.dim() - 1))), alphas=st["alphas"], alpha_rows=st["alpha_rows"],
             kept={}, kept_ids={}, noise_bytes=n * s1 * row_bytes,
             nt=nt, s1=s1, signs=st["signs"], ls_take=st["ls_take"], one_plus=st["one_plus"],
             obj=(u, tt.contiguous()), obj_all=self._plan(st["u_flat"], tt.reshape(-1, 1)),
@@ -721,12 +721,12 @@ class _MaskExplainer(Explainer, register=False):
         x, s1, n = c["images"], c["s1"], c["n"]
         if c["noise_bytes"] > NOISE_TABLE_BYTES:
             return None
-        if n == 1:
-            table = self._draw_noise(0, it).unsqueeze(0)
-        else:
-            table = torch.empty((n, s1, *x.shape[1:]), device=x.device, dtype=x.dtype)
-            for i in range(n):
-                self._draw_noise(i, it, out=table[i])
+        if n == 1:  # (the table's rows are the image's slots: no reshaping; its grid is not used)
+            c["eps"], c["eps_grid"], c["eps_it"] = self._draw_noise(0, it).mul_(c["noise_scale_rows"]), None, it
+            return c["eps"]
+        table = torch.empty((n, s1, *x.shape[1:]), device=x.device, dtype=x.dtype)
+        for i in range(n):
+            self._draw_noise(i, it, out=table[i])
         table.mul_(c["noise_scale"])  # each image's std, 0 on its last slot (no noise)
         c["eps"], c["eps_grid"], c["eps_it"] = table.view(n * s1, *x.shape[1:]), table, it
         return c["eps"]
@@ -844,10 +844,12 @@ class _MaskExplainer(Explainer, register=False):
             plan = c["obj_all"]
         else:
             plan = self._kept(("objective", rd), lambda: self._plan(c["obj"][0][rd].flatten(), c["obj"][1][rd].view(-1, 1)))
-        s, _ = self._rows(plan, self._row_masks(z), None, grad=False)
-        s = s.view(m, nt)
-        value = self._signed_sum(s) + self._regulariser(z, l1 if rd is None else self._kept(("l1", rd, l1), lambda: l1[rd]), l2, rd)
-        return (value, s[:, 0]) if with_score else value
+        s, _ = self._rows(plan, self._row_masks(z), None, grad=False)  # (m * nt,)
+        score = s if c["one_plus"] else self._signed_sum(s.view(m, nt))  # (one term of sign +1: the scores themselves)
+        value = score + self._regulariser(z, l1 if rd is None else self._kept(("l1", rd, l1), lambda: l1[rd]), l2, rd)
+        if not with_score:
+            return value
+        return value, (s if nt == 1 else s.view(m, nt)[:, 0])
 
     def _direction(self, z: torch.Tensor, it: int):
         """The integrated gradients of the score terms at ``z`` (the score part of the descent
@@ -1059,29 +1061,35 @@ class _MaskExplainer(Explainer, register=False):
                 take = lambda t: t[rd]  # noqa: E731
             steps = torch.tensor([[step0[i] * ARMIJO_SHRINK ** (tried[i] + j) for j in range(c)] for i in act],
                                  dtype=z.dtype, device=dev)
-            zr, gr = take(z).unsqueeze(1), take(g).unsqueeze(1)
-            cand = (zr - steps.view(r, c, 1, 1, 1) * gr).clamp_(0, 1)
-            cflat = cand.flatten(0, 1)
-            if min(counts) == c:  # every trial scored (the usual case)
-                v, a = score(cflat, crd)
-                val, aux = v.view(r, c), None if a is None else a.view(r, c)
+            ones = [1] * (z.dim() - 1)
+            # The trials as rows (r * c, ...), image-major. Projected Armijo: the decrease
+            # predicted by the step actually taken after clamping (equal to step * ||g||^2 when
+            # nothing is clamped; 0 exactly when the step changes no cell, as every cell's term
+            # is >= 0).
+            if r == 1:  # (one image: its trials are rows at once)
+                zr, gr = take(z), take(g)
+                cflat = (zr - steps.view(c, *ones) * gr).clamp_(0, 1)
+                pred = torch.linalg.vecdot(gr.flatten(1), (zr - cflat).flatten(1))
             else:
-                valid = torch.tensor([[j < cnt for j in range(c)] for cnt in counts], device=dev)
-                vflat = valid.flatten()
+                zr, gr = take(z).unsqueeze(1), take(g).unsqueeze(1)
+                cand = (zr - steps.view(r, c, *ones) * gr).clamp_(0, 1)
+                cflat = cand.flatten(0, 1)
+                pred = torch.linalg.vecdot(gr.flatten(2), (zr - cand).flatten(2)).view(-1)
+            if min(counts) == c:  # every trial scored (the usual case)
+                val, aux = score(cflat, crd)
+            else:  # unscored trials are inf: never taken
+                valid = torch.tensor([j < cnt for cnt in counts for j in range(c)], device=dev)
                 val = torch.full((r * c,), float("inf"), device=dev, dtype=z.dtype)
-                v, a = score(cand.flatten(0, 1)[vflat], crd[vflat])
-                val[vflat] = v
-                val, aux = val.view(r, c), None
+                v, a = score(cflat[valid], crd[valid])
+                val[valid] = v
+                aux = None
                 if a is not None:
-                    aux = torch.zeros_like(val).flatten()
-                    aux[vflat] = a
-                    aux = aux.view(r, c)
-            # Projected Armijo: the decrease predicted by the step actually taken after clamping
-            # (equal to step * ||g||^2 when nothing is clamped; 0 exactly when the step changes
-            # no cell, as every cell's term is >= 0). Unscored trials are inf: never taken.
-            pred = torch.linalg.vecdot(gr.flatten(2), (zr - cand).flatten(2))
+                    aux = torch.zeros_like(val)
+                    aux[valid] = a
             lo, hi = torch.aminmax(self._heat(cflat).flatten(1), dim=1)  # (the constant test's range)
-            vals, moves, los, his = torch.stack((val, pred, lo.view(r, c), hi.view(r, c))).tolist()  # (r, c) each
+            vals, moves, los, his = (
+                [row[j * c : (j + 1) * c] for j in range(r)]  # (r, c) each, in Python floats
+                for row in torch.stack((val, pred, lo, hi)).tolist())
             first = []  # first satisfying trial per image, -1: none
             for j, i in enumerate(act):
                 b = bound[i]
@@ -1089,14 +1097,14 @@ class _MaskExplainer(Explainer, register=False):
                                    if v <= b - ARMIJO_C1 * pr), -1))
             hit = [j for j in range(r) if first[j] >= 0]
             if hit:
-                srcs = (cand, val, aux)
+                srcs = (cflat, val, aux)  # (rows: trial k of image j is row j * c + k)
                 if len(hit) == n:  # every image takes a trial of this round (so r == n): the outputs are those trials
-                    if n == 1:  # (the trials as rows: a slice)
+                    if n == 1:
                         k = first[0]
-                        picked = [None if o is None else t.view(-1, *t.shape[2:])[k : k + 1] for o, t in zip(outs, srcs)]
+                        picked = [None if o is None else t[k : k + 1] for o, t in zip(outs, srcs)]
                     else:
-                        hj, pick = self._every_image(1)[0], torch.tensor(first, device=dev)
-                        picked = [None if o is None else t[hj, pick] for o, t in zip(outs, srcs)]
+                        pick = torch.tensor([j * c + first[j] for j in range(r)], device=dev)
+                        picked = [None if o is None else t[pick] for o, t in zip(outs, srcs)]
                     outs = picked
                 else:
                     for q in range(3):
@@ -1104,16 +1112,16 @@ class _MaskExplainer(Explainer, register=False):
                             outs[q], owned[q] = outs[q].clone(), True
                     if len(hit) == 1:
                         j = hit[0]
-                        k, i = first[j], act[j]
+                        row, i = j * c + first[j], act[j]
                         for o, t in zip(outs, srcs):
                             if o is not None:
-                                o[i] = t[j, k]
+                                o[i] = t[row]
                     else:
-                        hj, pick = torch.tensor(hit, device=dev), torch.tensor([first[j] for j in hit], device=dev)
-                        dest = rd[hj]
+                        dest = rd[torch.tensor(hit, device=dev)]
+                        pick = torch.tensor([j * c + first[j] for j in hit], device=dev)
                         for o, t in zip(outs, srcs):
                             if o is not None:
-                                o[dest] = t[hj, pick]
+                                o[dest] = t[pick]
                 for j in hit:  # (a step that changes no cell predicts 0 exactly)
                     k = first[j]
                     result[act[j]] = moves[j][k] > 0
