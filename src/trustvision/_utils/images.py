@@ -417,6 +417,9 @@ class AutoChunk:
         if total <= 0:
             return
         size = self.chunk_size()
+        if total <= (size or self.size - 1):  # one piece (while probing: a remainder, not a probe)
+            fn(slice(0, total))
+            return
         if size is not None:
             parts = math.ceil(total / size)  # pieces of equal size (within one row): few shapes
             bounds = [i * total // parts for i in range(parts + 1)]

@@ -693,7 +693,7 @@ class _MaskExplainer(Explainer, register=False):
             alpha_rows=alphas.view(1, 1, k, 1, *([1] * (x.dim() - 2))),  # (the path's alphas against (n, nt, k, 1, h, w))
             ls_take=slice(ls_points[0], ls_points[-1] + 1, steps.pop()) if len(steps) == 1 else pts,
             u_dir=u.unsqueeze(2).expand(n, nt, k).flatten(),
-            dir_sgn=signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
+            dir_sgn=None if bool((sign > 0).all()) else signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
             dir_nidx=(i * s1 + torch.arange(nt * k, device=dev).view(1, -1)).flatten(),
             ls_u=u.unsqueeze(2).expand(n, nt, kp).reshape(n, nt * kp),
             ls_alpha=alphas[pts].repeat(nt).view(1, nt, kp, 1, 1, 1), ls_nidx=i * s1 + slot_ls.view(1, -1),
@@ -784,7 +784,7 @@ class _MaskExplainer(Explainer, register=False):
         ``masks[r]`` (R, 1, h, w; a point alpha * M of the path, or the mask itself) plus, in
         iteration ``it`` (None: no noise), the noise row ``plan.nidx[r]``; the score is the
         probability of class ``plan.tgt[r]``. With ``grad`` also the gradient of each row's score
-        times ``plan.sgn[r]`` w.r.t. its mask point (a plan with gradients has signs)."""
+        times ``plan.sgn[r]`` w.r.t. its mask point."""
         c = self._ctx
         eps = stream = None
         if it is not None and c["noisy"] and plan.nidx is not None:
@@ -819,10 +819,10 @@ class _MaskExplainer(Explainer, register=False):
                     phi = phi + self._stream_noise(cut(plan.nidx), it)
                 logits = model_logits(self.model, phi, c["autocast"])
                 sc = torch.softmax(logits, dim=1).gather(1, cut(plan.tgt))  # (rows, 1)
-                if grad:  # the gradient of sum(sign * score): the signs are the output's gradient
-                    # (a model whose output ignores its input has no graph back to the mask: zero gradient)
-                    (g,) = (torch.autograd.grad(sc, p, cut(plan.sgn), allow_unused=True) if sc.requires_grad
-                            else (None,))
+                if grad:  # (a sum, not the signs as the output's gradient: that costs torch an import of torch.fx)
+                    total = (sc if plan.sgn is None else sc * cut(plan.sgn)).sum()
+                    # a model whose output ignores its input has no graph back to the mask: zero gradient
+                    (g,) = torch.autograd.grad(total, p, allow_unused=True) if total.requires_grad else (None,)
                     grads.append(torch.zeros_like(p) if g is None else g)
             scores.append(sc)
             c["fb" if grad else "fw"] += phi.shape[0]
