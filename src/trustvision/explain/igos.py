@@ -659,7 +659,7 @@ class _MaskExplainer(Explainer, register=False):
         u = st["u"]
         c.update(
             noise_scale=scale.view(n, s1, *([1] * (x.dim() - 1))), noise_scale_rows=scale.view(n * s1, *([1] * (x.dim() - 1))), alphas=st["alphas"], alpha_rows=st["alpha_rows"],
-            kept={}, kept_ids={}, noise_bytes=n * s1 * row_bytes,
+            kept={}, kept_ids={}, noise_bytes=n * s1 * row_bytes, one_class=int(t[0]) if n == 1 else None,
             nt=nt, s1=s1, signs=st["signs"], ls_take=st["ls_take"], one_plus=st["one_plus"],
             obj=(u, tt.contiguous()), obj_all=self._plan(st["u_flat"], tt.reshape(-1, 1)),
             # (the direction's rows show the same pixels every iteration: gathered once when small)
@@ -818,7 +818,10 @@ class _MaskExplainer(Explainer, register=False):
                 elif stream:
                     phi = phi + self._stream_noise(cut(plan.nidx), it)
                 logits = model_logits(self.model, phi, c["autocast"])
-                sc = torch.softmax(logits, dim=1).gather(1, cut(plan.tgt))  # (rows, 1)
+                if c["one_class"] is None:
+                    sc = torch.softmax(logits, dim=1).gather(1, cut(plan.tgt))  # (rows, 1)
+                else:  # (one image: every row's class is its class, a slice)
+                    sc = torch.softmax(logits, dim=1)[:, c["one_class"] : c["one_class"] + 1]
                 if grad:  # (a sum, not the signs as the output's gradient: that costs torch an import of torch.fx)
                     total = (sc if plan.sgn is None else sc * cut(plan.sgn)).sum()
                     # a model whose output ignores its input has no graph back to the mask: zero gradient
@@ -1177,7 +1180,7 @@ class IGOS(_MaskExplainer):
         return [(0, 1, z[:, 0:1], 1.0)]
 
     def _chain(self, z, grads):
-        return grads[:, 0]
+        return grads.view(z.shape)  # (the one term's mask is the state)
 
     def _regulariser(self, z, l1, l2, rd=None):
         # z is the one mask (M, 1, h, w), in [0, 1]: |1 - M| = 1 - M
