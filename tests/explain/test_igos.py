@@ -328,6 +328,26 @@ def test_total_variation_by_hand():
 
 
 @pytest.mark.parametrize("cls", METHODS)
+def test_l2_is_in_the_papers_units(cls, tiny_cnn, monkeypatch):
+    """l2 is the TV weight at the paper's 28x28 mask: the weight applied is l2 * cells / 784 (so
+    the paper's l2 = 20 is the default at every mask size, bit for bit)."""
+    seen = []
+    reg = cls._regulariser
+    monkeypatch.setattr(cls, "_regulariser", lambda self, z, l1, l2, rd=None: (
+        seen.append((tuple(z.shape), l2)), reg(self, z, l1, l2, rd))[-1])
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(iterations=2, ig_steps=3, seed=0)
+    default = quiet(cls(tiny_cnn).attribute, x, **kw)
+    paper = quiet(cls(tiny_cnn).attribute, x, l2=20, **kw)
+    assert torch.equal(default, paper)
+    quiet(cls(tiny_cnn).attribute, x, l2=5.0, mask_size=4, **kw)
+    eight = [l2 for shape, l2 in seen if shape[-2:] == (8, 8)]
+    four = [l2 for shape, l2 in seen if shape[-2:] == (4, 4)]
+    assert eight and four and eight == pytest.approx([20 * 64 / 784] * len(eight))
+    assert four == pytest.approx([5 * 16 / 784] * len(four))
+
+
+@pytest.mark.parametrize("cls", METHODS)
 def test_grouped_line_search_equals_sequential(cls, tiny_cnn):
     """The same heatmaps, bit for bit, whatever number of trials one call scores (the audit picks
     it from measured pass times, so a loaded machine or a Ray worker may pick another)."""

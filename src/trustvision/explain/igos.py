@@ -386,10 +386,13 @@ class _MaskExplainer(Explainer, register=False):
                 least 16, full resolution for images of 16 px or less.
             iterations, ig_steps: descent iterations and integrated-gradient points (15, 20).
             l1: weight of the area term mean|1-M| (1).
-            l2: weight of the (bilateral) TV term; ``None`` = 20 at the paper's 28x28 mask and
-                20 * cells / 784 otherwise, so one cell's edge costs the same at every mask
-                size (TV is a mean over neighbour pairs; on an 8x8 mask an unscaled 20 makes
-                every hole cost more than the class score can gain).
+            l2: weight of the (bilateral) TV term in the paper's units: its weight at the
+                paper's 28x28 mask (``None`` = the paper's 20). The weight applied is
+                ``l2 * cells / 784``, so one cell's edge costs the same at every mask size and
+                the paper's l2 = 20 means the paper's setting everywhere (TV is a mean over
+                neighbour pairs: on an 8x8 mask an unscaled 20 would make every hole cost more
+                than the class score can gain). For an unscaled weight w pass
+                ``l2 = w * 784 / cells``.
             internal_batch_size: most rows (image x point x term) per forward/backward; ``None``
                 = chosen from the model's measured time per pass and memory
                 (:class:`~trustvision._utils.images.AutoChunk`; kept for later calls on the same
@@ -425,8 +428,7 @@ class _MaskExplainer(Explainer, register=False):
         mh, mw = default_mask_size(h, w) if mask_size is None else as_pair(mask_size)
         if mh < 1 or mw < 1:
             raise TrustVisionError(f"mask_size must be positive, got {mask_size!r}")
-        if l2 is None:
-            l2 = 20.0 * (mh * mw) / (28.0 * 28.0)
+        l2 = (20.0 if l2 is None else float(l2)) * (mh * mw) / (28.0 * 28.0)  # (the weight at this mask size)
         if noise is None:
             std = getattr(self.model, "norm_std", None)
             noise = 0.2 * (float(std.float().mean()) if isinstance(std, torch.Tensor) else 0.225)
