@@ -45,13 +45,16 @@ passes while it fits in ``NOISE_TABLE_BYTES`` (64 MiB), else each pass draws it 
 (the same values).
 
 Host work. On a small model the explainer's own tensor operations between the model's passes
-cost as much as the passes themselves (each small CPU operation costs microseconds), so the rows
-of every pass are described by index tables built once per call (with their pixels gathered
-once while small), the penalties' gradients are written out (from the same neighbour differences
-as their values), the line search decides in Python which trials to score and keeps the images'
-flags in Python lists, and its outputs are the chosen trials themselves when every image takes
-one at once (``benchmarks/bench_explain.py --only replay`` times a run against the bare model
-replaying its calls).
+cost as much as the passes themselves (each small CPU operation costs microseconds, several
+times that right after a pass of a convolutional model), so the rows of every pass are described
+by index tables built once per call (those that depend on the shape alone kept for the next
+call, with their pixels gathered once while small), the penalties of a small mask come from one
+product with an incidence matrix (its neighbour differences and mean; the gradient from one
+more), the line search decides in Python which trials to score, takes the Armijo test and the
+trials' constant test from one transfer and keeps the images' flags in Python lists, its outputs
+are the chosen trials themselves when every image takes one at once, and the integrated
+objective is computed only when its fallback wants it (``benchmarks/bench_explain.py --only
+replay`` times a run against the bare model replaying its calls).
 
 Precision. ``attribute(..., autocast=True)`` runs the model's passes of the optimisation under
 bf16 autocast (``torch.autocast`` on the inputs' device, CPU or CUDA) while the masks, losses, line
@@ -658,10 +661,11 @@ class _MaskExplainer(Explainer, register=False):
         row_bytes = c["row_bytes"] = x[0].numel() * x.element_size()
         scale = c["sigma"].view(n, 1).repeat(1, s1)
         scale[:, -1] = 0
-        u = st["u"]
+        u, ones = st["u"], [1] * (x.dim() - 1)
         c.update(
-            noise_scale=scale.view(n, s1, *([1] * (x.dim() - 1))), noise_scale_rows=scale.view(n * s1, *([1] * (x.dim() - 1))), alphas=st["alphas"], alpha_rows=st["alpha_rows"],
-            kept={}, kept_ids={}, noise_bytes=n * s1 * row_bytes, one_class=int(t[0]) if n == 1 else None,
+            noise_scale=scale.view(n, s1, *ones), noise_scale_rows=scale.view(n * s1, *ones),
+            alphas=st["alphas"], alpha_rows=st["alpha_rows"], kept={}, kept_ids={}, noise_bytes=n * s1 * row_bytes,
+            one_class=int(t[0]) if n == 1 else None,  # (one image: every row's class, a slice of the softmax)
             nt=nt, s1=s1, signs=st["signs"], ls_take=st["ls_take"], one_plus=st["one_plus"],
             obj=(u, tt.contiguous()), obj_all=self._plan(st["u_flat"], tt.reshape(-1, 1)),
             # (the direction's rows show the same pixels every iteration: gathered once when small)
