@@ -20,8 +20,9 @@ Two uses:
     called once per image, forward+backward and forward passes per image, the chunk sizes used,
     and the ratio of the measured time to the model limit: (fwd+bwd passes x the model's own
     measured seconds per fwd+bwd image at the chunk size used) + (fwd passes x its seconds per
-    fwd image at the forward chunk size). Digits (zoo) at batches 8 and 32, ResNet-18 224 px
-    (random weights) at batch 2 with reduced settings on a CPU.
+    fwd image at the forward chunk size), and to the limit at the very batch shapes of the run's
+    calls (per call shape the model's best of 3 timed calls at that many rows). Digits (zoo) at
+    batches 8 and 32, ResNet-18 224 px (random weights) at batch 2 with reduced settings on a CPU.
   - ``--only digits`` / ``--only resnet`` / ``--only sag``: the earlier per-model reports.
 
 ``--src DIR`` imports trustvision from DIR instead of this checkout (to measure another version;
@@ -29,6 +30,8 @@ what that version lacks is reported as missing).
 """
 
 from __future__ import annotations
+
+import collections
 
 import argparse
 import math
@@ -194,9 +197,10 @@ register("sag:resnet18-224:grid7")(_sag_workload(resnet18_model, 7, 2, cuda_only
 
 
 def time_per_pass(net, x: torch.Tensor, chunk: int, device: torch.device,
-                  reps: int = 3) -> tuple[float, float]:
+                  reps: int = 3, only: str | None = None):
     """Seconds per image of the model's forward+backward (w.r.t. the input) and of its forward,
-    at batch size ``chunk`` (the chunk size the explainer used), best of ``reps`` timed calls."""
+    at batch size ``chunk`` (the chunk size the explainer used), best of ``reps`` timed calls
+    (``only`` = "fb" or "fw": that one alone, a float)."""
     chunk = max(1, chunk)
     xb = x[torch.arange(chunk, device=x.device) % x.shape[0]]
     t = torch.zeros(chunk, dtype=torch.long, device=x.device)
@@ -210,7 +214,36 @@ def time_per_pass(net, x: torch.Tensor, chunk: int, device: torch.device,
         with torch.no_grad():
             torch.softmax(net(xb), 1)
 
+    if only:
+        return best_seconds(fb if only == "fb" else fw, device, reps) / chunk
     return best_seconds(fb, device, reps) / chunk, best_seconds(fw, device, reps) / chunk
+
+
+class _Shapes(torch.nn.Module):
+    """The model, counting the shape of every call: (rows, whether a gradient flows back)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net, self.seen = net, collections.Counter()
+        for k in ("norm_mean", "norm_std"):
+            if isinstance(getattr(net, k, None), torch.Tensor):
+                setattr(self, k, getattr(net, k))
+
+    def forward(self, x: torch.Tensor):
+        self.seen[(x.shape[0], torch.is_grad_enabled() and x.requires_grad)] += 1
+        return self.net(x)
+
+
+def limit_at_shapes(net, x: torch.Tensor, shapes: collections.Counter, device: torch.device,
+                    reps: int = 3) -> float:
+    """Seconds of the model's own calls at the very batch shapes a run used: per (rows, grad) the
+    best of ``reps`` timed calls of a forward (+ backward w.r.t. the input) on that many rows,
+    times the number of such calls."""
+    total = 0.0
+    for (rows, grad), count in shapes.items():
+        sec = time_per_pass(net, x, rows, device, reps, only="fb" if grad else "fw")
+        total += count * sec * rows
+    return total
 
 
 def _chunk_sizes(expl, x: torch.Tensor, settings: dict, method: str) -> tuple[int, int]:
@@ -279,6 +312,15 @@ def igos_report(name: str, method: str, net, x: torch.Tensor, device: torch.devi
         heat, info, singles, fb1, fw1 = (got[k] for k in ("heat", "info", "singles", "fb1", "fw1"))
         fb_chunk, fw_chunk = _chunk_sizes(expl, x, settings, method)
         fb_chunk1, fw_chunk1 = _chunk_sizes(expl, x[:1], settings, method)
+        # the shapes of the model's calls (one more run of each, untimed) and the model's own
+        # time at exactly those shapes (the issue's limit "at that batch shape")
+        shapes_b, shapes_1 = _Shapes(net).eval(), _Shapes(net).eval()
+        explain.get(method)(shapes_b).attribute(x, **settings)
+        e1 = explain.get(method)(shapes_1)
+        for i in range(n_single):
+            e1.attribute(x[i : i + 1], **settings)
+    at_shapes = limit_at_shapes(net, x, shapes_b.seen, device) / n
+    at_shapes1 = limit_at_shapes(net, x, shapes_1.seen, device) / n_single
     single = torch.cat(singles)
     fb, fw = info.forward_backward_passes / n, info.forward_passes / n
     t_fb, t_fw = time_per_pass(net, x, min(fb_chunk, 4096), device)
@@ -300,6 +342,8 @@ def igos_report(name: str, method: str, net, x: torch.Tensor, device: torch.devi
         "model_s_per_fwd_bwd_image": t_fb, "model_s_per_fwd_image": t_fw_at,
         "ratio_to_model_limit": (t_batch / n) / limit,
         "ratio_to_model_limit_one_at_a_time": t_single / limit1,
+        "limit_at_shapes_s_per_image": at_shapes, "limit_at_shapes_s_per_image_one_at_a_time": at_shapes1,
+        "ratio_to_limit_at_shapes": (t_batch / n) / at_shapes, "ratio_to_limit_at_shapes_one_at_a_time": t_single / at_shapes1,
         "heatmap_max_abs_diff": float((heat[:n_single] - single).abs().max()),
     }
     if with_scores:
@@ -335,15 +379,16 @@ def speed_rows(device: torch.device, emit, skip_resnet: bool = False) -> None:
 def print_speed(rows: list[dict]) -> None:
     print("\n| method | model | settings | img/s batched | img/s one at a time | batched / single | "
           "fwd+bwd / img | fwd / img | chunk fwd+bwd / fwd (batch; single) | time / model limit batched | "
-          "one at a time |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
+          "one at a time | time / limit at the call shapes batched | one at a time |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
         s = {k: v for k, v in r["settings"].items() if k != "seed"} or "defaults"
         print(f"| {r['method']} | {r['model']} | {s} | {r['images_per_s_batched']:.2f} | "
               f"{r['images_per_s_one_at_a_time']:.2f} | {r['speedup']:.2f}x | {r['fwd_bwd_passes_per_image']:.0f} | "
               f"{r['fwd_passes_per_image']:.0f} | {r['chunk_fwd_bwd']} / {r['chunk_fwd']}; "
               f"{r['chunk_fwd_bwd_one_at_a_time']} / {r['chunk_fwd_one_at_a_time']} | "
-              f"{r['ratio_to_model_limit']:.2f} | {r['ratio_to_model_limit_one_at_a_time']:.2f} |")
+              f"{r['ratio_to_model_limit']:.2f} | {r['ratio_to_model_limit_one_at_a_time']:.2f} | "
+              f"{r['ratio_to_limit_at_shapes']:.2f} | {r['ratio_to_limit_at_shapes_one_at_a_time']:.2f} |")
 
 
 # -- replay: the model's own time for the very calls a run makes --------------------------------

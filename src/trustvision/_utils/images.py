@@ -137,13 +137,23 @@ def gaussian_blur(
         k0, s0 = blur_params(h, w)
         kernel_size = kernel_size or k0
         sigma = sigma or s0
-    g = _gauss_kernel(kernel_size, sigma, x.device, x.dtype)
+    row, col = _blur_filters(kernel_size, sigma, c, x.device, x.dtype)
     pad = kernel_size // 2
     mode = "reflect" if pad < min(h, w) else "replicate"
     y = F.pad(x, (pad, pad, pad, pad), mode=mode)
-    y = F.conv2d(y, g.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
-    y = F.conv2d(y, g.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
-    return y
+    y = F.conv2d(y, row, groups=c)
+    return F.conv2d(y, col, groups=c)
+
+
+def _blur_filters(k: int, sigma: float, c: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row and column filters of :func:`gaussian_blur` for ``c`` channels (kept with the
+    kernel)."""
+    key = ("filters", k, float(sigma), c, str(device), dtype)
+    hit = _KERNELS.get(key)
+    if hit is None:
+        g = _gauss_kernel(k, sigma, device, dtype)
+        hit = _KERNELS[key] = (g.view(1, 1, 1, -1).expand(c, 1, 1, k), g.view(1, 1, -1, 1).expand(c, 1, k, 1))
+    return hit
 
 
 def make_baseline(inputs: torch.Tensor, baselines: BaselineType) -> torch.Tensor:

@@ -458,7 +458,7 @@ class _MaskExplainer(Explainer, register=False):
                 base_names = [_baseline_name(baselines)] * n
                 setup_runs += n
             keys = _image_keys(x)
-            sigma, runs = self._calibrate_noise(x, base, t, float(noise), keys, int(seed), fw_chunk)
+            sigma, runs, noisy = self._calibrate_noise(x, base, t, float(noise), keys, int(seed), fw_chunk)
             setup_runs += runs
             k_ls = max(1, min(self.line_search_points, ig_steps))
             ls_points = [round((i + 1) * ig_steps / k_ls) - 1 for i in range(k_ls)]
@@ -467,7 +467,7 @@ class _MaskExplainer(Explainer, register=False):
                 # row u = replaced-source * n + image: the pixels shown where the mask is 0, and
                 # kept - replaced (a term keeps the image and replaces by the baseline or the reverse)
                 src=torch.cat([x, base]), diffu=torch.cat([base - x, x - base]), n=n, t=t,
-                size=(h, w), images=x, keys=keys, seed=int(seed), sigma=sigma, noisy=bool((sigma > 0).any()),
+                size=(h, w), images=x, keys=keys, seed=int(seed), sigma=sigma, noisy=noisy,
                 gen=torch.Generator(device=device), k=ig_steps, ls_points=ls_points,
                 fb_chunk=self._chunker(x, True, internal_batch_size, autocast),
                 fw_chunk=self._chunker(x, False, internal_batch_size, autocast),
@@ -549,8 +549,9 @@ class _MaskExplainer(Explainer, register=False):
         return (heat, info) if return_info else heat
 
     def _calibrate_noise(self, x: torch.Tensor, base: torch.Tensor, t: torch.Tensor, sigma: float,
-                         keys: list[int], seed: int, batch_size) -> tuple[torch.Tensor, int]:
-        """Per image the noise std (N,) and the number of images the model ran on.
+                         keys: list[int], seed: int, batch_size) -> tuple[torch.Tensor, int, bool]:
+        """Per image the noise std (N,), the number of images the model ran on and whether any
+        image has noise.
 
         ``sigma`` is halved until the noise leaves the class probability nearly as it is all along
         the path: on the image, halfway to the baseline and on the baseline, over ``NOISE_DRAWS``
@@ -565,7 +566,7 @@ class _MaskExplainer(Explainer, register=False):
         out = [0.0] * n
         runs = 0
         if sigma <= 0:
-            return torch.zeros(n, device=x.device, dtype=x.dtype), runs
+            return torch.zeros(n, device=x.device, dtype=x.dtype), runs, False
         points = torch.stack([x, 0.5 * (x + base), base], 1)  # (N, 3, C, H, W)
         npt = points.shape[1]
         clean = baseline_probability(self.model, points.flatten(0, 1), t.repeat_interleave(npt),
@@ -595,7 +596,7 @@ class _MaskExplainer(Explainer, register=False):
             todo = [i for i, k in zip(todo, keep) if not k]
             if not todo:
                 break
-        return torch.tensor(out, device=x.device, dtype=x.dtype), runs
+        return torch.tensor(out, device=x.device, dtype=x.dtype), runs, any(v > 0 for v in out)
 
     @torch.no_grad()
     def _cheap_rows(self, x: torch.Tensor, autocast: bool = False) -> int:
