@@ -347,9 +347,13 @@ class _MaskExplainer(Explainer, register=False):
         of each state (device indices; None: the states are all images, in order)."""
         raise NotImplementedError
 
-    def _heat(self, z: torch.Tensor) -> torch.Tensor:
-        """Low-resolution heatmap (N, 1, h, w) from the state."""
+    def _mask(self, z: torch.Tensor) -> torch.Tensor:
+        """The mask (N, 1, h, w) whose complement is the heatmap (what the state keeps)."""
         raise NotImplementedError
+
+    def _heat(self, z: torch.Tensor) -> torch.Tensor:
+        """Low-resolution heatmap (N, 1, h, w) from the state: 1 - the mask."""
+        return 1 - self._mask(z)
 
     # -- the algorithm ---------------------------------------------------------------------
 
@@ -1096,8 +1100,9 @@ class _MaskExplainer(Explainer, register=False):
                 if a is not None:
                     aux = torch.zeros_like(val)
                     aux[valid] = a
-            lo, hi = torch.aminmax(self._heat(cflat).flatten(1), dim=1)  # (the constant test's range)
-            vals, moves, los, his = (
+            # (the constant test's range: the heatmap 1 - mask runs from 1 - max to 1 - min of the mask)
+            lo, hi = torch.aminmax(self._mask(cflat).flatten(1), dim=1)
+            vals, moves, mlo, mhi = (
                 [row[j * c : (j + 1) * c] for j in range(r)]  # (r, c) each, in Python floats
                 for row in torch.stack((val, pred, lo, hi)).tolist())
             first = []  # first satisfying trial per image, -1: none
@@ -1135,7 +1140,7 @@ class _MaskExplainer(Explainer, register=False):
                 for j in hit:  # (a step that changes no cell predicts 0 exactly)
                     k = first[j]
                     result[act[j]] = moves[j][k] > 0
-                    flat[act[j]] = constant_range(los[j][k], his[j][k], CONSTANT_TOL)
+                    flat[act[j]] = constant_range(1 - mhi[j][k], 1 - mlo[j][k], CONSTANT_TOL)
             for i in act:
                 tried[i] += group
             act = [i for j, i in enumerate(act) if not (first[j] >= 0 or give_up[j])]
@@ -1202,8 +1207,8 @@ class IGOS(_MaskExplainer):
     def _row_masks(self, z):
         return z
 
-    def _heat(self, z):
-        return 1 - z
+    def _mask(self, z):
+        return z
 
 
 class IGOSPlusPlus(_MaskExplainer):
@@ -1273,5 +1278,5 @@ class IGOSPlusPlus(_MaskExplainer):
         m = md * mi
         return torch.stack([md, mi, m, m], 1)
 
-    def _heat(self, z):
-        return 1 - z[:, 0:1] * z[:, 1:2]
+    def _mask(self, z):
+        return z[:, 0:1] * z[:, 1:2]
