@@ -208,6 +208,9 @@ def test_constant_test_by_hand():
     h[6, 0] += 1.5e-6  # spread 3e-6 > 2e-6
     assert constant_heatmaps(h, 0.0)[6] is False
     assert constant_heatmaps(torch.zeros(3, 0)) == [True, True, True]
+    # other dtypes are read in float32 (bool and integer maps have no aminmax)
+    assert constant_heatmaps(torch.eye(4, dtype=torch.bool).view(1, 16)) == [False]
+    assert constant_heatmaps(h[:3].to(torch.bfloat16), 1e-4)[:2] == [True, True]
 
 
 def test_blur_ladder_by_hand():

@@ -87,6 +87,8 @@ def constant_heatmaps(heatmaps: torch.Tensor, atol: float = 0.0, rtol: float = 1
     transfer; the test itself in Python floats: I-GOS asks it every iteration.)
     """
     flat = heatmaps.detach().flatten(1)
+    if flat.dtype != torch.float32:  # (bool or integer maps have no aminmax; bf16 ones are read in float32)
+        flat = flat.float()
     if flat.shape[1] == 0:
         return [True] * flat.shape[0]
     lo, hi = torch.aminmax(flat, dim=1)
