@@ -954,7 +954,7 @@ class _MaskExplainer(Explainer, register=False):
             c["kept_ids"][id(c[key][1])] = c[key][1]
         return c[key]
 
-    def _constant(self, z: torch.Tensor) -> torch.Tensor:
+    def _constant(self, z: torch.Tensor) -> list[bool]:
         """Per image (Python bools) whether the heatmap of state ``z`` is constant
         (:func:`constant_heatmaps` with ``CONSTANT_TOL``; the heatmap is in [0, 1])."""
         return constant_heatmaps(self._heat(z), CONSTANT_TOL)
