@@ -9,7 +9,8 @@ Two uses:
 
   - ``--only quality``: deletion / insertion AUC of I-GOS and iGOS++ (default l2 and l2 = 20: the
     paper's value; since issue 10 l2 is in the paper's units, so 20 is the default bit for bit,
-    while the code before took it as an unscaled weight; ``--quality-l2`` chooses) on ``zoo:small-cnn-digits``, ``zoo:small-cnn-textures`` and a digits32 model
+    while the code before took it as an unscaled weight; ``--quality-l2`` chooses) on
+    ``zoo:small-cnn-digits``, ``zoo:small-cnn-textures`` and a digits32 model
     (digits upsampled to 3x32x32, a small-cnn trained here for a few seconds, seeded), scored with
     the metric's own baseline (the paper's blur) and with an uninformative baseline
     (:func:`trustvision._utils.images.uninformative_baseline`), and the number of blank (constant)
@@ -31,9 +32,8 @@ what that version lacks is reported as missing).
 
 from __future__ import annotations
 
-import collections
-
 import argparse
+import collections
 import math
 import json
 import sys
@@ -219,21 +219,6 @@ def time_per_pass(net, x: torch.Tensor, chunk: int, device: torch.device,
     return best_seconds(fb, device, reps) / chunk, best_seconds(fw, device, reps) / chunk
 
 
-class _Shapes(torch.nn.Module):
-    """The model, counting the shape of every call: (rows, whether a gradient flows back)."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net, self.seen = net, collections.Counter()
-        for k in ("norm_mean", "norm_std"):
-            if isinstance(getattr(net, k, None), torch.Tensor):
-                setattr(self, k, getattr(net, k))
-
-    def forward(self, x: torch.Tensor):
-        self.seen[(x.shape[0], torch.is_grad_enabled() and x.requires_grad)] += 1
-        return self.net(x)
-
-
 def limit_at_shapes(net, x: torch.Tensor, shapes: collections.Counter, device: torch.device,
                     reps: int = 3) -> float:
     """Seconds of the model's own calls at the very batch shapes a run used: per (rows, grad) the
@@ -314,13 +299,13 @@ def igos_report(name: str, method: str, net, x: torch.Tensor, device: torch.devi
         fb_chunk1, fw_chunk1 = _chunk_sizes(expl, x[:1], settings, method)
         # the shapes of the model's calls (one more run of each, untimed) and the model's own
         # time at exactly those shapes (the issue's limit "at that batch shape")
-        shapes_b, shapes_1 = _Shapes(net).eval(), _Shapes(net).eval()
+        shapes_b, shapes_1 = CallRecorder(net, keep_bytes=0).eval(), CallRecorder(net, keep_bytes=0).eval()
         explain.get(method)(shapes_b).attribute(x, **settings)
         e1 = explain.get(method)(shapes_1)
         for i in range(n_single):
             e1.attribute(x[i : i + 1], **settings)
-    at_shapes = limit_at_shapes(net, x, shapes_b.seen, device) / n
-    at_shapes1 = limit_at_shapes(net, x, shapes_1.seen, device) / n_single
+    at_shapes = limit_at_shapes(net, x, shapes_b.shapes, device) / n
+    at_shapes1 = limit_at_shapes(net, x, shapes_1.shapes, device) / n_single
     single = torch.cat(singles)
     fb, fw = info.forward_backward_passes / n, info.forward_passes / n
     t_fb, t_fw = time_per_pass(net, x, min(fb_chunk, 4096), device)

@@ -22,6 +22,7 @@ to back in alternating rounds).
 
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 import time
@@ -140,9 +141,10 @@ def reset_hwm() -> bool:
 
 
 class CallRecorder(torch.nn.Module):
-    """The model, recording every call it is given: its rows (``rows``) and, while they fit
-    ``keep_bytes``, ``calls``: a copy of the input and whether a gradient flows back to it (None
-    once a call did not fit: no replay). The model's ``norm_mean`` / ``norm_std`` are passed on
+    """The model, recording every call it is given: its rows (``rows``), the number of calls per
+    (rows, whether a gradient flows back) (``shapes``) and, while they fit ``keep_bytes``,
+    ``calls``: a copy of the input and whether a gradient flows back to it (None once a call did
+    not fit: no replay; ``keep_bytes=0`` keeps no copy). The model's ``norm_mean`` / ``norm_std`` are passed on
     (SIS's "mean" mask reads them)."""
 
     def __init__(self, net: torch.nn.Module, keep_bytes: int = 4 << 30):
@@ -155,14 +157,17 @@ class CallRecorder(torch.nn.Module):
 
     def clear(self) -> None:
         self.rows: list[int] = []
+        self.shapes: collections.Counter = collections.Counter()
         self.calls: list[tuple[torch.Tensor, bool]] | None = []
         self.left = self.keep_bytes
 
     def forward(self, x: torch.Tensor):
         self.rows.append(x.shape[0])
+        grad = torch.is_grad_enabled() and x.requires_grad
+        self.shapes[(x.shape[0], grad)] += 1
         size = x.numel() * x.element_size()
         if self.calls is not None and size <= self.left:
-            self.calls.append((x.detach().clone(), torch.is_grad_enabled() and x.requires_grad))
+            self.calls.append((x.detach().clone(), grad))
             self.left -= size
         else:
             self.calls = None

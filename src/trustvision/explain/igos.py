@@ -81,6 +81,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import struct
@@ -257,8 +258,8 @@ class _Penalty:
         rows gathered)."""
         if self.wv is None:
             return self
-        out = object.__new__(_Penalty)
-        out.__dict__.update(self.__dict__, wv=self.wv[rd], wh=self.wh[rd])
+        out = copy.copy(self)
+        out.wv, out.wh = self.wv[rd], self.wh[rd]
         if self.matrix:
             out.coef = self.coef[rd]
         return out
@@ -668,7 +669,7 @@ class _MaskExplainer(Explainer, register=False):
         scale[:, -1] = 0
         u, ones = st["u"], [1] * (x.dim() - 1)
         c.update(
-            noise_scale=scale.view(n, s1, *ones), noise_scale_rows=scale.view(n * s1, *ones),
+            noise_scale=scale.view(n * s1, *ones),  # (per noise row: its image's std, 0 on the last slot)
             alphas=st["alphas"], alpha_rows=st["alpha_rows"], kept={}, kept_ids={}, noise_bytes=n * s1 * row_bytes,
             one_class=int(t[0]) if n == 1 else None,  # (one image: every row's class, a slice of the softmax)
             nt=nt, s1=s1, signs=st["signs"], ls_take=st["ls_take"], one_plus=st["one_plus"],
@@ -693,6 +694,7 @@ class _MaskExplainer(Explainer, register=False):
         i = torch.arange(n, device=dev).view(n, 1)
         u = repl.to(dev).view(1, nt) * n + i  # (n, nt): the row of ``src`` / ``diffu`` per term
         signs = sign.to(dev)
+        all_plus = bool((sign > 0).all())
         pts = torch.tensor(ls_points, device=dev)
         steps = {b - a for a, b in zip(ls_points, ls_points[1:])}
         kp = pts.shape[0]
@@ -700,11 +702,11 @@ class _MaskExplainer(Explainer, register=False):
         alphas = torch.arange(1, k + 1, device=dev, dtype=x.dtype) / k
         out = dict(
             nt=nt, kp=kp, s1=s1, u=u.contiguous(), u_flat=u.flatten(), signs=signs,
-            one_plus=nt == 1 and bool((sign > 0).all()), alphas=alphas,
+            one_plus=nt == 1 and all_plus, alphas=alphas,
             alpha_rows=alphas.view(1, 1, k, 1, *([1] * (x.dim() - 2))),  # (the path's alphas against (n, nt, k, 1, h, w))
             ls_take=slice(ls_points[0], ls_points[-1] + 1, steps.pop()) if len(steps) == 1 else pts,
             u_dir=u.unsqueeze(2).expand(n, nt, k).flatten(),
-            dir_sgn=None if bool((sign > 0).all()) else signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
+            dir_sgn=None if all_plus else signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
             dir_nidx=(i * s1 + torch.arange(nt * k, device=dev).view(1, -1)).flatten(),
             ls_u=u.unsqueeze(2).expand(n, nt, kp).reshape(n, nt * kp),
             ls_alpha=alphas[pts].repeat(nt).view(1, nt, kp, 1, 1, 1), ls_nidx=i * s1 + slot_ls.view(1, -1),
@@ -733,13 +735,13 @@ class _MaskExplainer(Explainer, register=False):
         if c["noise_bytes"] > NOISE_TABLE_BYTES:
             return None
         if n == 1:  # (the table's rows are the image's slots: no reshaping; its grid is not used)
-            c["eps"], c["eps_grid"], c["eps_it"] = self._draw_noise(0, it).mul_(c["noise_scale_rows"]), None, it
+            c["eps"], c["eps_grid"], c["eps_it"] = self._draw_noise(0, it).mul_(c["noise_scale"]), None, it
             return c["eps"]
         table = torch.empty((n, s1, *x.shape[1:]), device=x.device, dtype=x.dtype)
         for i in range(n):
             self._draw_noise(i, it, out=table[i])
-        table.mul_(c["noise_scale"])  # each image's std, 0 on its last slot (no noise)
-        c["eps"], c["eps_grid"], c["eps_it"] = table.view(n * s1, *x.shape[1:]), table, it
+        # each image's std, 0 on its last slot (no noise); the rows and the (image, slot) grid are one tensor
+        c["eps"], c["eps_grid"], c["eps_it"] = table.view(n * s1, *x.shape[1:]).mul_(c["noise_scale"]), table, it
         return c["eps"]
 
     def _draw_noise(self, i: int, it: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -1258,7 +1260,7 @@ class IGOSPlusPlus(_MaskExplainer):
         return self._penalty(m, l2, rd, weights)
 
     def _regulariser(self, z, l1, l2, rd=None):
-        m = z[:, 0:1] * z[:, 1:2]
+        m = self._mask(z)
         if tuple(z.shape[-2:]) == tuple(self._ctx["size"]):
             return self._same_size_penalty(m, l2, rd)(m, l1)[0]
         wv, wh = self._edge_weights(rd)
