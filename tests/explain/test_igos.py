@@ -17,6 +17,7 @@ from trustvision._utils.images import (
     blur_ladder,
     blur_params,
     default_mask_size,
+    eval_mode,
     gaussian_blur,
     make_baseline,
     baseline_levels,
@@ -383,16 +384,58 @@ def test_auto_chunk_covers_every_row_once_in_order(monkeypatch):
         seen.append((sl.start, sl.stop))
         clock[0] += 0.002 * (sl.stop - sl.start)
 
-    for total in (3, 50, 7):
+    for total in (3, 50, 7, 100):
         seen = []
         chunk.run(total, work)
         assert seen[0][0] == 0 and seen[-1][1] == total
         assert all(a[1] == b[0] for a, b in zip(seen, seen[1:]))  # contiguous, in order
-    assert chunk.chunk_size() == 4  # 8 rows were not 10% faster per row than 4: the first is kept
+    # every size probed 3 times; 8 and 16 rows were not 10% faster per row than 4: 4 is kept
+    assert sorted(chunk._tries.items()) == [(4, 3), (8, 3), (16, 3)]
+    assert chunk.chunk_size() == 4
     seen = []
     chunk.run(100, work)
     widths = [b - a for a, b in seen]
     assert sum(widths) == 100 and max(widths) <= 4 and min(widths) == 4
+
+
+def test_auto_chunk_sees_past_a_slow_first_call_and_a_plateau(monkeypatch):
+    """The first call at a new batch shape is slow (kernels are made for it) and the time per
+    row holds still from 1 to 4 rows and falls again at 8 (a CPU ResNet-18): AutoChunk keeps each
+    size's fastest of its probes and doubles past one flat size, so it picks 8 rows."""
+    import trustvision._utils.images as images
+
+    clock, shapes = [0.0], set()
+    per_row = {1: 0.065, 2: 0.057, 4: 0.056, 8: 0.050, 16: 0.058, 32: 0.060}
+    monkeypatch.setattr(images.time, "perf_counter", lambda: clock[0])
+
+    def work(sl):
+        rows = sl.stop - sl.start
+        clock[0] += per_row.get(rows, 0.06) * rows + (0.0 if rows in shapes else 0.5)  # (a new shape: +0.5 s)
+        shapes.add(rows)
+
+    chunk = AutoChunk(row_bytes=150528 * 4)  # a 224 px RGB row: probes start at 1 row
+    assert chunk.size == 1
+    while chunk.chunk_size() is None:
+        chunk.run(40, work)
+    assert chunk.chunk_size() == 8
+    seen = []
+    chunk.run(20, lambda sl: seen.append(sl.stop - sl.start))
+    assert seen == [6, 7, 7]  # at most 8 rows, in equal pieces
+
+
+def test_eval_mode_restores_every_flag_and_leaves_an_eval_model_alone():
+    net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Sequential(nn.BatchNorm1d(2)))
+    net[1].train(False)  # mixed flags: each comes back as it was
+    before = [m.training for m in net.modules()]
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    assert [m.training for m in net.modules()] == before
+    calls = []
+    net.eval()
+    net.train = lambda mode=True: calls.append(mode)  # an eval model: nothing is set or restored
+    with eval_mode(net):
+        pass
+    assert calls == [] and not any(m.training for m in net.modules())
 
 
 def test_auto_chunk_respects_the_memory_budget(monkeypatch):

@@ -65,12 +65,15 @@ def check_inputs(inputs: torch.Tensor) -> torch.Tensor:
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode (BatchNorm/Dropout fixed) and restore every module's flag."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    training = any(flag for _, flag in flags)
+    if training:  # (a model already in eval mode is left alone: nothing to set or restore)
+        model.eval()
     try:
         yield model
     finally:
-        for m, flag in flags:
-            m.training = flag
+        if training:
+            for m, flag in flags:
+                m.training = flag
 
 
 @torch.no_grad()
@@ -387,9 +390,13 @@ class AutoChunk:
     most that many rows, of equal size within one row (few distinct shapes). Otherwise the first chunks of the first passes are probes of ``start``,
     ``2 * start``, ``4 * start``, ... rows (real work, nothing is computed twice): each is timed
     (synchronised on a GPU) and, for passes with a backward, the bytes autograd saves per row
-    are counted. Doubling stops when the time per row improves by less than 10% or the next
-    size would not fit the memory budget (:func:`_memory_budget`, with 2x headroom on the saved
-    bytes); from then on passes are cut into equal chunks of at most the fastest size measured.
+    are counted. Every size is probed ``PROBES`` times and keeps its fastest (the first call at a
+    new batch shape can cost several times the next: kernels and buffers are made for it).
+    Doubling stops once two sizes in a row are not 10% faster per row than every smaller one
+    (on a CPU a model's time per row often holds still from 2 to 4 rows and falls again at 8),
+    or when the next size would not fit the memory budget (:func:`_memory_budget`, with 2x
+    headroom on the saved bytes); from then on passes are cut into equal chunks of at most the
+    smallest size within 10% of the fastest measured.
     ``start``: the largest power of two whose rows hold at most 256 KiB of input (1 row for a
     224 px RGB image, 1024 for an 8x8 digit).
 
@@ -402,6 +409,8 @@ class AutoChunk:
         [(0, 2), (2, 4), (4, 7)]
     """
 
+    PROBES = 3  # timed probes per size
+
     def __init__(self, fixed: int | None = None, *, row_bytes: int = 4, device: torch.device | str = "cpu",
                  grad: bool = False, max_rows: int | None = None):
         self.fixed = int(fixed) if fixed else None
@@ -412,7 +421,9 @@ class AutoChunk:
         self.max_rows = max_rows
         self.size = start if max_rows is None else max(1, min(start, max_rows))
         self.best: int | None = None
-        self._rates: list[tuple[int, float]] = []  # (size, rows per second)
+        self._rates: dict[int, float] = {}  # size -> its fastest rows per second
+        self._tries: dict[int, int] = {}  # size -> probes timed
+        self._flat = 0  # sizes in a row not faster than the smaller ones
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -470,10 +481,14 @@ class AutoChunk:
         if self.max_rows is None:
             per_row = 2 * saved[0] / rows + 4 * self.row_bytes
             self.max_rows = max(1, int(_memory_budget(self.device) // per_row))
-        self._rates.append((rows, rows / seconds))
-        fastest = max(self._rates, key=lambda r: r[1])
-        improved = len(self._rates) == 1 or self._rates[-1][1] > 1.1 * self._rates[-2][1]
-        if not improved or 2 * rows > self.max_rows:
-            self.best = min(fastest[0], self.max_rows)
+        self._rates[rows] = max(self._rates.get(rows, 0.0), rows / seconds)
+        self._tries[rows] = self._tries.get(rows, 0) + 1
+        if self._tries[rows] < self.PROBES and rows <= self.max_rows:
+            return  # (the same size again)
+        smaller = [r for s, r in self._rates.items() if s < rows]
+        self._flat = 0 if not smaller or self._rates[rows] > 1.1 * max(smaller) else self._flat + 1
+        if self._flat >= 2 or 2 * rows > self.max_rows:
+            fastest = max(self._rates.values())
+            self.best = min(min(s for s, r in self._rates.items() if r >= fastest / 1.03), self.max_rows)
         else:
             self.size = 2 * rows
