@@ -501,8 +501,18 @@ def score_heatmaps(device: torch.device, n: int, n_digits: int, heatmaps: dict) 
         unin = deletion_insertion(net, x, heat, target=t, baseline=adaptive)
         const = _constant(heat).cpu()
         mean = (lambda v: float(torch.tensor(v).mean()))
+        # the images on which the paper's blur takes the class away (the blur metric means
+        # something there) and those on which the model still sees the class on it
+        gone = [not k for k in blur.baseline_keeps_class]
+        part = (lambda v, keep: float(torch.tensor([a for a, k in zip(v, gone) if k == keep]).mean())
+                if any(k == keep for k in gone) else float("nan"))
         scores[key] = {
             "deletion_blur": mean(blur.deletion_auc), "insertion_blur": mean(blur.insertion_auc),
+            "blur_keeps_class": int(sum(blur.baseline_keeps_class)),
+            "deletion_blur_class_gone": part(blur.deletion_auc, True),
+            "insertion_blur_class_gone": part(blur.insertion_auc, True),
+            "deletion_blur_class_kept": part(blur.deletion_auc, False),
+            "insertion_blur_class_kept": part(blur.insertion_auc, False),
             "deletion_uninformative": mean(unin.deletion_auc), "insertion_uninformative": mean(unin.insertion_auc),
             "blank_confident": int((const & (conf.cpu() >= 0.5)).sum()), "blank": int(const.sum()),
             "confident": int((conf >= 0.5).sum()), "n": int(x.shape[0]), "seconds": r["seconds"],
@@ -527,6 +537,18 @@ def print_quality(new: dict, old: dict | None) -> None:
               f"{pair('deletion_uninformative')} | {pair('insertion_uninformative')} | "
               f"{cell(o, 'blank_confident', '{:d}')} / {cell(s, 'blank_confident', '{:d}')} of {s['confident']} | "
               f"{per(o)} / {per(s)} |")
+    print("\nThe blur metric split by whether the model still sees the class on the paper's blur of the"
+          " image (p on the blur >= half of p on the image):")
+    print("\n| model | method | l2 | images where the blur keeps the class | deletion AUC, blur, class gone "
+          "(today / new) | insertion AUC, blur, class gone | deletion AUC, blur, class kept | "
+          "insertion AUC, blur, class kept |")
+    print("|---|---|---|---:|---|---|---|---|")
+    for key, s in new.items():
+        o = (old or {}).get(key)
+        pair = (lambda k, fmt="{:.3f}": f"{cell(o, k, fmt)} / {cell(s, k, fmt)}")
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {s['blur_keeps_class']} of {s['n']} | "
+              f"{pair('deletion_blur_class_gone')} | {pair('insertion_blur_class_gone')} | "
+              f"{pair('deletion_blur_class_kept')} | {pair('insertion_blur_class_kept')} |")
 
 
 # -- SAG -------------------------------------------------------------------------------------

@@ -108,3 +108,40 @@ def test_trapezoid_auc_and_errors():
     assert float(trapezoid_auc(torch.tensor([1.0, 1.0, 0.0]), fr)) == pytest.approx(0.75)
     with pytest.raises(TrustVisionError, match="heatmaps must have shape"):
         deletion_insertion(MeanProb(), torch.rand(2, 1, 4, 4), torch.rand(3, 1, 4, 4))
+
+
+def test_a_baseline_that_keeps_the_class_is_reported():
+    """MeanProb (p(class 0) = mean pixel) on images of mean 0.8 and 1.0: a black baseline takes
+    the class from both; a constant 0.45 image keeps it for the first (0.45 >= 0.5 * 0.8) and not
+    for the second (0.45 < 0.5 * 1.0)."""
+    x = torch.full((2, 1, 4, 4), 0.8)
+    x[1] = 1.0
+    heat = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    zero = deletion_insertion(MeanProb(), x, heat, target=0, baseline="zero", cells=4)
+    assert zero.baseline_probability == pytest.approx([1e-9, 1e-9], abs=1e-7)
+    assert zero.baseline_keeps_class == [False, False] and zero.summary()["baseline_keeps_class"] == 0
+    grey = deletion_insertion(MeanProb(), x, heat, target=0, baseline=0.45, cells=4)
+    assert grey.baseline_probability == pytest.approx([0.45, 0.45], abs=1e-6)
+    assert grey.baseline_keeps_class == [True, False]  # 0.45 >= 0.5 * 0.8, 0.45 < 0.5 * 1.0
+    assert grey.summary()["baseline_keeps_class"] == 1
+    assert grey.to_json()["baseline_keeps_class"] == [True, False]
+
+
+def test_adaptive_blur_baseline_is_the_uninformative_one():
+    """``baseline="adaptive-blur"`` scores against uninformative_baseline's images (the blur
+    strengthened per image until the class is gone), exactly as passing them as a tensor."""
+    from trustvision._utils.images import uninformative_baseline
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 5))
+    x = torch.rand(4, 3, 8, 8)
+    heat = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        p = torch.softmax(model(x), 1)
+    t = p.argmax(1)
+    base, p_base, _, _ = uninformative_baseline(model, x, t, p.max(1).values)
+    auto = deletion_insertion(model, x, heat, baseline="adaptive-blur")
+    given = deletion_insertion(model, x, heat, baseline=base)
+    assert auto.deletion_auc == pytest.approx(given.deletion_auc, abs=1e-6)
+    assert auto.insertion_auc == pytest.approx(given.insertion_auc, abs=1e-6)
+    assert auto.baseline_probability == pytest.approx(p_base.tolist(), abs=1e-5)

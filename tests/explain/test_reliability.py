@@ -48,6 +48,7 @@ def test_explain_images_flags_constant_heatmaps_and_excludes_them(blind_model, m
     assert all(any(r.startswith("heatmap is constant") for r in rs) for rs in res.reasons)
     assert all(any(r.startswith("low confidence (p = 0.10") for r in rs) for rs in res.reasons)
     assert res.faithfulness["n_excluded"] == 3 and math.isnan(res.faithfulness["deletion_mean"])
+    assert res.faithfulness["baseline_keeps_class"] == 3  # (a blind model sees its class on any baseline)
     assert len(res.deletion_auc) == 3  # the per-image numbers are kept
     rows = res.rows()
     assert rows[0]["unreliable"] is True and rows[0]["constant_heatmap"] is True and rows[0]["reasons"]

@@ -396,7 +396,8 @@ class AutoChunk:
     (on a CPU a model's time per row often holds still from 2 to 4 rows and falls again at 8),
     or when the next size would not fit the memory budget (:func:`_memory_budget`, with 2x
     headroom on the saved bytes); from then on passes are cut into equal chunks of at most the
-    smallest size within 10% of the fastest measured.
+    largest size within 10% of the fastest measured (probes interleaved with other work vary by
+    that much; within it a larger chunk makes fewer calls).
     ``start``: the largest power of two whose rows hold at most 256 KiB of input (1 row for a
     224 px RGB image, 1024 for an 8x8 digit).
 
@@ -489,6 +490,6 @@ class AutoChunk:
         self._flat = 0 if not smaller or self._rates[rows] > 1.1 * max(smaller) else self._flat + 1
         if self._flat >= 2 or 2 * rows > self.max_rows:
             fastest = max(self._rates.values())
-            self.best = min(min(s for s, r in self._rates.items() if r >= fastest / 1.03), self.max_rows)
+            self.best = min(max(s for s, r in self._rates.items() if r >= fastest / 1.1), self.max_rows)
         else:
             self.size = 2 * rows

@@ -2,7 +2,13 @@
 
 Cells of a coarse grid are ranked most important first by the heatmap (its mean over each
 cell). Deletion replaces the cells by the baseline in that order and records the softmax
-probability of the class; insertion starts from the baseline and reveals them. Each curve is
+probability of the class; insertion starts from the baseline and reveals them. A baseline on
+which the model still sees the class says little: deletion cannot fall below the class
+probability on it, and insertion starts near the top. The result says per image how much the
+baseline keeps (``baseline_probability``, ``baseline_keeps_class``: at least ``BASELINE_KEEPS``
+(half) of the probability on the image); ``baseline="adaptive-blur"`` blurs each image harder
+until the class is gone (:func:`~trustvision._utils.images.uninformative_baseline`; the paper's
+blur, the default, keeps the class on many small images). Each curve is
 integrated with the trapezoid rule over the exact fraction of cells changed (0, step/n, ...,
 1), so a partial last step counts only for the cells it really adds (the reference code adds a
 whole step there). Lower deletion AUC and higher insertion AUC are better. All steps of all
@@ -23,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
@@ -32,6 +38,7 @@ from torch import nn
 
 from trustvision.errors import TrustVisionError
 from trustvision._utils.images import (
+    BASELINE_KEEPS,
     BaselineType,
     TargetType,
     as_pair,
@@ -42,6 +49,7 @@ from trustvision._utils.images import (
     make_baseline,
     patch_masks,
     resolve_target,
+    uninformative_baseline,
 )
 
 __all__ = ["DeletionInsertionResult", "deletion_insertion", "trapezoid_auc"]
@@ -53,6 +61,9 @@ class DeletionInsertionResult:
 
     ``fractions`` (T+1): fraction of cells deleted / inserted at each point, from 0 to 1.
     Directions: deletion_auc lower is better, insertion_auc higher is better.
+    ``baseline_probability``: per image the class probability on the baseline (the deletion
+    curve's last point); ``baseline_keeps_class``: it is at least ``BASELINE_KEEPS`` (0.5) of the
+    probability on the image (the first point), so that image's AUCs say little.
     """
 
     deletion_auc: list[float]
@@ -63,18 +74,21 @@ class DeletionInsertionResult:
     target: list[int]
     cells: tuple[int, int]
     step: int
+    baseline_probability: list[float] = field(default_factory=list)
+    baseline_keeps_class: list[bool] = field(default_factory=list)
     deletion_direction: str = "lower is better"
     insertion_direction: str = "higher is better"
 
     def summary(self) -> dict:
-        """Mean and std over images of both AUCs."""
+        """Mean and std over images of both AUCs, and the number of images whose baseline keeps
+        the class."""
         d = torch.tensor(self.deletion_auc)
         i = torch.tensor(self.insertion_auc)
         std = (lambda v: float(v.std(unbiased=False)))
         return {
             "deletion_mean": float(d.mean()), "deletion_std": std(d),
             "insertion_mean": float(i.mean()), "insertion_std": std(i),
-            "n": len(self.deletion_auc),
+            "n": len(self.deletion_auc), "baseline_keeps_class": sum(self.baseline_keeps_class),
         }
 
     def to_json(self) -> dict:
@@ -108,7 +122,11 @@ def deletion_insertion(
         heatmaps: (N, 1, H, W) or (N, H, W) (or (N, 1, h, w) at cell resolution); higher = more
             important.
         target: explained class per image; ``None`` = the class predicted on ``inputs``.
-        baseline: ``"blur"`` (I-GOS blur), ``"zero"``, a number or a tensor.
+        baseline: ``"blur"`` (I-GOS blur, the paper's metric), ``"adaptive-blur"`` (per image
+            the blur strengthened until the model's class probability on it is below half of
+            that on the image: :func:`~trustvision._utils.images.uninformative_baseline`),
+            ``"zero"``, a number or a tensor. Whatever the choice, the class probability on it
+            is reported per image (``baseline_keeps_class``).
         steps: about this many steps: ``step = max(1, n_cells // steps)`` cells each (the
             reference's 50); the last step may be partial.
         cells: grid of the ranking (default: the I-GOS mask size, 28x28 at 224 px).
@@ -140,7 +158,12 @@ def deletion_insertion(
 
     with eval_mode(model), torch.no_grad():
         t = resolve_target(model, x, target)
-        base = make_baseline(x, baseline)
+        if isinstance(baseline, str) and baseline == "adaptive-blur":
+            p_t = torch.cat([torch.softmax(model(x[sl]), dim=1) for sl in chunks(n, internal_batch_size)])
+            base = uninformative_baseline(model, x, t, p_t.gather(1, t.view(-1, 1)).squeeze(1),
+                                          batch_size=internal_batch_size)[0]
+        else:
+            base = make_baseline(x, baseline)
         total = n * t_points
         curves = torch.empty(2, total, device=x.device)
         flat = changed.reshape(total, n_cells)
@@ -164,4 +187,6 @@ def deletion_insertion(
         target=t.tolist(),
         cells=(gh, gw),
         step=step,
+        baseline_probability=curves[0, :, -1].tolist(),
+        baseline_keeps_class=(curves[0, :, -1] >= BASELINE_KEEPS * curves[0, :, 0]).tolist(),
     )

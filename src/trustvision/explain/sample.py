@@ -334,6 +334,9 @@ def explain_images(
             fi = faithfulness(model, sample.images, out, target=sample.targets)
             res.deletion_auc, res.insertion_auc = list(fi.deletion_auc), list(fi.insertion_auc)
             res.faithfulness = faithfulness_summary(res.deletion_auc, res.insertion_auc, res.constant)
+            keeps = getattr(fi, "baseline_keeps_class", None)
+            if keeps:  # (images on whose metric baseline the model still sees the class: their AUCs say little)
+                res.faithfulness["baseline_keeps_class"] = int(sum(bool(k) for k in keeps))
     else:
         res.results = [r for o in outs for r in o]
     return res

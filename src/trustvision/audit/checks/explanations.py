@@ -171,6 +171,8 @@ class ExplanationsCheck(Check):
         flagged = [f"{titles_of[k]} {m['n_unreliable']} of {x.shape[0]} ({summarise_reasons(m['reasons'])})"
                    for k, m in per_method.items() if m["n_unreliable"]]
         excluded = [f"{titles_of[k]} {m['n_excluded']}" for k, m in per_method.items() if m["n_excluded"]]
+        # (the metric's baseline is the same images for every method: one count)
+        kept = max((m.get("baseline_keeps_class", 0) for m in per_method.values()), default=0)
         summary = (
             f"{len(per_method)} methods on {x.shape[0]} test images"
             + (f"; most faithful (insertion - deletion AUC): {best}" if best else "")
@@ -178,6 +180,8 @@ class ExplanationsCheck(Check):
             + (f"; unreliable heatmaps: {'; '.join(flagged)}" if flagged else "")
             + (f"; constant heatmaps left out of the deletion/insertion means: {', '.join(excluded)}"
                if excluded else "")
+            + (f"; on {kept} of {x.shape[0]} images the model still sees the class on the deletion/insertion "
+               "baseline (the paper's blur): their AUCs say little" if kept else "")
             + (f"; skipped: {', '.join(skipped)}" if skipped else "")
             + (f"; {len(sags)} structured attention graphs at grid {grid[0]}" if sags else "")
             + "."
