@@ -670,10 +670,10 @@ class _MaskExplainer(Explainer, register=False):
         u, ones = st["u"], [1] * (x.dim() - 1)
         c.update(
             noise_scale=scale.view(n * s1, *ones),  # (per noise row: its image's std, 0 on the last slot)
-            alphas=st["alphas"], alpha_rows=st["alpha_rows"], kept={}, kept_ids={}, noise_bytes=n * s1 * row_bytes,
+            alphas=st["alphas"], alpha_rows=st["alpha_rows"], alpha_col=st["alpha_col"], kept={}, kept_ids={}, noise_bytes=n * s1 * row_bytes,
             one_class=int(t[0]) if n == 1 else None,  # (one image: every row's class, a slice of the softmax)
             nt=nt, s1=s1, signs=st["signs"], ls_take=st["ls_take"], one_plus=st["one_plus"],
-            obj=(u, tt.contiguous()), obj_all=self._plan(st["u_flat"], tt.reshape(-1, 1)),
+            obj=(u, tt.contiguous()), obj_all=self._plan(st["u_flat"], tt.reshape(-1, 1)), obj_one={},
             # (the direction's rows show the same pixels every iteration: gathered once when small)
             dir=self._plan(st["u_dir"], tt.unsqueeze(2).expand(n, nt, k).reshape(-1, 1), st["dir_sgn"], st["dir_nidx"],
                            grid=True),
@@ -704,6 +704,7 @@ class _MaskExplainer(Explainer, register=False):
             nt=nt, kp=kp, s1=s1, u=u.contiguous(), u_flat=u.flatten(), signs=signs,
             one_plus=nt == 1 and all_plus, alphas=alphas,
             alpha_rows=alphas.view(1, 1, k, 1, *([1] * (x.dim() - 2))),  # (the path's alphas against (n, nt, k, 1, h, w))
+            alpha_col=alphas.view(k, *([1] * (x.dim() - 1))),  # (against one image's one mask (1, 1, h, w))
             ls_take=slice(ls_points[0], ls_points[-1] + 1, steps.pop()) if len(steps) == 1 else pts,
             u_dir=u.unsqueeze(2).expand(n, nt, k).flatten(),
             dir_sgn=None if all_plus else signs.view(1, nt, 1, 1).expand(n, nt, k, 1).reshape(-1, 1),
@@ -858,6 +859,11 @@ class _MaskExplainer(Explainer, register=False):
         m, nt = z.shape[0], c["nt"]
         if rd is None:
             plan = c["obj_all"]
+        elif c["n"] == 1:  # (one image: every state is its; its penalties and area weight broadcast)
+            plan = c["obj_one"].get(m)
+            if plan is None:
+                plan = c["obj_one"][m] = self._plan(c["obj"][0].repeat(m, 1).flatten(), c["obj"][1].repeat(m, 1).view(-1, 1))
+            rd = None
         else:
             plan = self._kept(("objective", rd), lambda: self._plan(c["obj"][0][rd].flatten(), c["obj"][1][rd].view(-1, 1)))
         s, _ = self._rows(plan, self._row_masks(z), None, grad=False)  # (m * nt,)
@@ -874,6 +880,10 @@ class _MaskExplainer(Explainer, register=False):
         compares against: computed only if it is wanted)."""
         c = self._ctx
         n, k, nt = c["n"], c["k"], c["nt"]
+        take = c["ls_take"]
+        if n == 1 and self.n_masks == 1:  # (one image, one mask: the state is the term's mask, the rows its path)
+            scores, grads = self._rows(c["dir"], z * c["alpha_col"], it, grad=True)
+            return grads.mean(0, keepdim=True), lambda: self._signed_sum(scores.view(n, nt, k)[:, :, take].mean(2))
         masks = self._term_masks(z)  # (n, nt, 1, h, w); z never requires a gradient
         # Row (i, term, point) = (i * nt + term) * k + point: the rows of an image are contiguous.
         # (the points alpha * M of the path, alpha = 1/K..1, in one product)
@@ -881,7 +891,6 @@ class _MaskExplainer(Explainer, register=False):
         scores, grads = self._rows(c["dir"], rows, it, grad=True)
         ig = grads.view(n, nt, k, *masks.shape[2:]).mean(2)  # (n, nt, 1, h, w)
         g = self._chain(z, ig)
-        take = c["ls_take"]
         return g, lambda: self._signed_sum(scores.view(n, nt, k)[:, :, take].mean(2))  # (n,)
 
     def _penalised(self, z: torch.Tensor, g_score: torch.Tensor, ls_score, l1: torch.Tensor, l2: float):
@@ -986,7 +995,8 @@ class _MaskExplainer(Explainer, register=False):
         # cell with g = 0 adds nothing whichever branch it takes)
         # (z is in [0, 1]: a cell moves down unless it is at 0, up unless it is at 1, so it can
         # move exactly where z != [g < 0])
-        gmax = g.abs().mul_(z != (g < 0)).flatten(1).amax(1).tolist()  # > 0 exactly where a cell can move
+        # (the largest |g| * movable per image: its inf-norm, > 0 exactly where a cell can move)
+        gmax = torch.linalg.vector_norm(g * (z != (g < 0)), float("inf"), dim=tuple(range(1, g.dim()))).tolist()
         can_move = [gm > 0 and o for gm, o in zip(gmax, only)]
         # per image (Python floats) the first trial step and the largest cell change it makes
         # (exactly INITIAL_STEP by default)
