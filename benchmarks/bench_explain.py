@@ -480,9 +480,10 @@ def quality_heatmaps(device: torch.device, n: int, n_digits: int, l2s=(None, 20.
 def score_heatmaps(device: torch.device, n: int, n_digits: int, heatmaps: dict) -> dict:
     """Deletion / insertion with the paper's blur (the metric's default) and with an
     uninformative baseline, and blank heatmaps on confident images, per key of ``heatmaps``."""
-    from trustvision._utils.images import uninformative_baseline
-    from trustvision.evaluate.faithfulness import deletion_insertion
+    from trustvision.evaluate.faithfulness import DeletionInsertionResult, deletion_insertion
 
+    if "baseline_keeps_class" not in DeletionInsertionResult.__dataclass_fields__:
+        raise ImportError("this version's metric has no baseline_keeps_class / adaptive-blur")
     models_ = quality_models(device, n, n_digits)
     scores = {}
     for key, r in heatmaps.items():
@@ -496,9 +497,8 @@ def score_heatmaps(device: torch.device, n: int, n_digits: int, heatmaps: dict) 
         with torch.no_grad():
             p = torch.softmax(net(x), 1)
         t, conf = p.argmax(1), p.max(1).values
-        adaptive, *_ = uninformative_baseline(net, x, t, conf)
         blur = deletion_insertion(net, x, heat, target=t)
-        unin = deletion_insertion(net, x, heat, target=t, baseline=adaptive)
+        unin = deletion_insertion(net, x, heat, target=t, baseline="adaptive-blur")
         const = _constant(heat).cpu()
         mean = (lambda v: float(torch.tensor(v).mean()))
         # the images on which the paper's blur takes the class away (the blur metric means
@@ -525,30 +525,31 @@ def print_quality(new: dict, old: dict | None) -> None:
     def cell(d, k, fmt="{:.3f}"):
         return fmt.format(d[k]) if d is not None and k in d else "-"
 
-    print("\n| model | method | l2 | deletion AUC, blur (today / new) | insertion AUC, blur | "
-          "deletion AUC, uninformative baseline | insertion AUC, uninformative baseline | "
-          "blank heatmaps on confident images | s / image (today / new) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    main, split = [], []
     for key, s in new.items():
         o = (old or {}).get(key)
         pair = (lambda k, fmt="{:.3f}": f"{cell(o, k, fmt)} / {cell(s, k, fmt)}")
         per = (lambda d: f"{d['seconds'] / d['n']:.3f}" if d else "-")
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {pair('deletion_blur')} | {pair('insertion_blur')} | "
-              f"{pair('deletion_uninformative')} | {pair('insertion_uninformative')} | "
-              f"{cell(o, 'blank_confident', '{:d}')} / {cell(s, 'blank_confident', '{:d}')} of {s['confident']} | "
-              f"{per(o)} / {per(s)} |")
+        head = f"| {key[0]} | {key[1]} | {key[2]} | "
+        main.append(head + f"{pair('deletion_blur')} | {pair('insertion_blur')} | "
+                    f"{pair('deletion_uninformative')} | {pair('insertion_uninformative')} | "
+                    f"{cell(o, 'blank_confident', '{:d}')} / {cell(s, 'blank_confident', '{:d}')} of {s['confident']} | "
+                    f"{per(o)} / {per(s)} |")
+        split.append(head + f"{s['blur_keeps_class']} of {s['n']} | "
+                     f"{pair('deletion_blur_class_gone')} | {pair('insertion_blur_class_gone')} | "
+                     f"{pair('deletion_blur_class_kept')} | {pair('insertion_blur_class_kept')} |")
+    print("\n| model | method | l2 | deletion AUC, blur (today / new) | insertion AUC, blur | "
+          "deletion AUC, uninformative baseline | insertion AUC, uninformative baseline | "
+          "blank heatmaps on confident images | s / image (today / new) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(main))
     print("\nThe blur metric split by whether the model still sees the class on the paper's blur of the"
           " image (p on the blur >= half of p on the image):")
     print("\n| model | method | l2 | images where the blur keeps the class | deletion AUC, blur, class gone "
           "(today / new) | insertion AUC, blur, class gone | deletion AUC, blur, class kept | "
           "insertion AUC, blur, class kept |")
     print("|---|---|---|---:|---|---|---|---|")
-    for key, s in new.items():
-        o = (old or {}).get(key)
-        pair = (lambda k, fmt="{:.3f}": f"{cell(o, k, fmt)} / {cell(s, k, fmt)}")
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {s['blur_keeps_class']} of {s['n']} | "
-              f"{pair('deletion_blur_class_gone')} | {pair('insertion_blur_class_gone')} | "
-              f"{pair('deletion_blur_class_kept')} | {pair('insertion_blur_class_kept')} |")
+    print("\n".join(split))
 
 
 # -- SAG -------------------------------------------------------------------------------------

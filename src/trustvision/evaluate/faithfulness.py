@@ -159,9 +159,7 @@ def deletion_insertion(
     with eval_mode(model), torch.no_grad():
         t = resolve_target(model, x, target)
         if isinstance(baseline, str) and baseline == "adaptive-blur":
-            p_t = torch.cat([torch.softmax(model(x[sl]), dim=1) for sl in chunks(n, internal_batch_size)])
-            base = uninformative_baseline(model, x, t, p_t.gather(1, t.view(-1, 1)).squeeze(1),
-                                          batch_size=internal_batch_size)[0]
+            base = uninformative_baseline(model, x, t, batch_size=internal_batch_size)[0]
         else:
             base = make_baseline(x, baseline)
         total = n * t_points
