@@ -54,6 +54,21 @@ def test_unknown_keyword_is_a_one_line_error(name, tiny_cnn, generative):
     assert "its keywords are seed, internal_batch_size" in msg
 
 
+@pytest.mark.parametrize("name", explain.list_methods(kind=None))
+def test_an_empty_batch_is_a_one_line_error(name, tiny_cnn, generative):
+    # (each method used to fail its own way: torch.cat of nothing, an index out of range, a
+    # division by zero)
+    cls = explain.get(name)
+    net = _model_for(cls, tiny_cnn, generative)
+    with pytest.raises(TrustVisionError) as err:
+        cls(net).attribute(torch.rand(0, 1, 8, 8))
+    msg = str(err.value)
+    if name == "xnn":  # (an unfitted XNN refuses first, in one line, before it looks at the inputs)
+        assert "\n" not in msg and msg.startswith("xnn needs a")
+    else:
+        assert msg == "inputs is an empty batch, shape (0, 1, 8, 8): there is no image to use"
+
+
 def test_captum_adapters_no_longer_swallow_keywords(tiny_cnn):
     for name in ("saliency", "gradcam", "integrated-gradients", "occlusion"):
         with pytest.raises(TrustVisionError, match="iterations"):

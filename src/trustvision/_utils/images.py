@@ -47,7 +47,8 @@ BaselineType = Union[str, float, torch.Tensor]
 
 
 def check_inputs(inputs: torch.Tensor) -> torch.Tensor:
-    """Return ``inputs`` as a float (N, C, H, W) batch; a single (C, H, W) image gets N = 1."""
+    """Return ``inputs`` as a float (N, C, H, W) batch; a single (C, H, W) image gets N = 1; an
+    empty batch (N = 0) is refused."""
     if not isinstance(inputs, torch.Tensor):
         raise TrustVisionError(f"inputs must be a torch.Tensor of images, got {type(inputs).__name__}")
     if inputs.ndim == 3:
@@ -56,6 +57,8 @@ def check_inputs(inputs: torch.Tensor) -> torch.Tensor:
         raise TrustVisionError(
             f"inputs must be images of shape (N, C, H, W), got shape {tuple(inputs.shape)}"
         )
+    if inputs.shape[0] == 0:
+        raise TrustVisionError(f"inputs is an empty batch, shape {tuple(inputs.shape)}: there is no image to use")
     if not inputs.is_floating_point():
         inputs = inputs.float()
     return inputs
