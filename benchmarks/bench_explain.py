@@ -241,9 +241,10 @@ def _chunk_sizes(expl, x: torch.Tensor, settings: dict, method: str) -> tuple[in
     if not chunkers:  # code without automatic chunking: every row of a pass at once
         return rows, rows
     sizes = {}
-    for key, ch in chunkers.items():
-        if key[0] == tuple(x.shape[1:]):
-            sizes[key[-1]] = min(ch.chunk_size() or rows, rows)  # a pass is never cut below its rows
+    autocast = bool(settings.get("autocast", False))
+    for key, ch in chunkers.items():  # key: (image shape, dtype, device, grad, autocast)
+        if key[0] == tuple(x.shape[1:]) and key[4] == autocast:
+            sizes[key[3]] = min(ch.chunk_size() or rows, rows)  # a pass is never cut below its rows
     return sizes.get(True, rows), sizes.get(False, rows)
 
 
