@@ -450,8 +450,10 @@ def print_replay(rows: list[dict]) -> None:
 # -- quality ---------------------------------------------------------------------------------
 
 
-def quality_heatmaps(device: torch.device, n: int, n_digits: int, l2s=(None, 20.0)) -> dict:
-    """(model, method, l2) -> heatmaps and seconds, for :func:`quality_models`."""
+def quality_heatmaps(device: torch.device, n: int, n_digits: int, l2s=(None, 20.0),
+                     baselines: str | None = None) -> dict:
+    """(model, method, l2) -> heatmaps and seconds, for :func:`quality_models`; ``baselines``:
+    the explainers' baseline (None: their default)."""
     from trustvision import explain
 
     out = {}
@@ -459,7 +461,7 @@ def quality_heatmaps(device: torch.device, n: int, n_digits: int, l2s=(None, 20.
         out[("__model__", mname)] = _fingerprint(net)
         for method in ("igos", "igos++"):
             for l2 in l2s:
-                kw = {} if l2 is None else {"l2": l2}
+                kw = ({} if l2 is None else {"l2": l2}) | ({} if baselines is None else {"baselines": baselines})
                 expl = explain.get(method)(net)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -598,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="test images of textures and digits32 in the quality table (the first N)")
     p.add_argument("--quality-n-digits", type=int, default=450,
                    help="test images of digits in the quality table (default: the whole split)")
+    p.add_argument("--quality-baselines", default=None,
+                   help="the explainers' baseline in --only quality (e.g. blur: the metric's; default: theirs)")
     p.add_argument("--quality-l2", default="default,20",
                    help="comma-separated l2 values of the quality table (default: the default and 20)")
     p.add_argument("--quality-save", type=Path, default=None, help="store the quality heatmaps here")
@@ -619,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.only == "quality":
         l2s = tuple(None if v == "default" else float(v) for v in args.quality_l2.split(","))
-        heat = quality_heatmaps(device, args.quality_n, args.quality_n_digits, l2s)
+        heat = quality_heatmaps(device, args.quality_n, args.quality_n_digits, l2s, args.quality_baselines)
         if args.quality_save:
             torch.save(heat, args.quality_save)
         try:
