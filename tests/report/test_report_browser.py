@@ -2,8 +2,9 @@
 
 A copy of each report gets a small probe script; Chromium runs it and dumps the DOM, and the
 probe's findings are read back: no console errors, every check section present and reachable from
-the table of contents, no element wider than the viewport at 1400 px and 900 px, every figure
-loaded. Screenshots are kept in the folder the test prints (``test-artifacts/report-browser``, or
+the table of contents, no element wider than the viewport at 1400 px and 900 px, no table cell
+squeezed so narrow that its words break mid-word, every figure loaded. Screenshots are kept in
+the folder the test prints (``test-artifacts/report-browser``, or
 ``$TRUSTVISION_ARTIFACTS/report-browser``). ``.ci/run`` installs Chromium; without it the test is
 skipped locally and fails in CI.
 """
@@ -31,7 +32,7 @@ window.addEventListener('error', function (e) { window.__tvErrors.push(String(e.
   window.__tvErrors.push(Array.prototype.join.call(arguments, ' ')); orig.apply(console, arguments); }; })();
 </script>"""
 
-PROBE_BODY = """<script>
+PROBE_BODY = r"""<script>
 window.addEventListener('load', function () {
   var vw = window.innerWidth, out = {viewport: vw, errors: window.__tvErrors};
   out.scrollWidth = document.documentElement.scrollWidth;
@@ -49,6 +50,21 @@ window.addEventListener('load', function () {
     if (r.width > 0 && r.right > vw + 1 && !scrolls(el)) wide.push(el.tagName + '#' + el.id + '.' + el.className);
   });
   out.wide = wide.slice(0, 20);
+  // table cells squeezed below their words' width: a text drawn on more lines than it has words
+  // (break opportunities: spaces, hyphens, colons, slashes) breaks a word in the middle
+  var squeezed = [];
+  document.querySelectorAll('td, th').forEach(function (c) {
+    if (!c.checkVisibility()) return;  // (in a closed <details>: not drawn)
+    var walk = document.createTreeWalker(c, NodeFilter.SHOW_TEXT), node;
+    while ((node = walk.nextNode())) {
+      var words = node.textContent.split(/[\s\-:\/]+/).filter(Boolean).length;
+      if (!words) continue;
+      var rg = document.createRange(); rg.selectNodeContents(node);
+      var lines = Array.prototype.filter.call(rg.getClientRects(), function (r) { return r.width > 0; }).length;
+      if (lines > words) { squeezed.push(c.textContent.trim().slice(0, 60)); break; }
+    }
+  });
+  out.squeezed = squeezed.slice(0, 20);
   var summary = document.querySelector('table.summary');
   var wrap = summary && summary.parentElement;
   out.summaryHidden = !summary || summary.getBoundingClientRect().width > wrap.clientWidth + 1;
@@ -132,6 +148,7 @@ def test_report_in_a_real_browser(which, width, browser, reports, artifacts, tmp
     assert got["errors"] == [], got["errors"]
     assert got["viewport"] <= width and got["scrollWidth"] <= got["viewport"], got
     assert got["wide"] == [], got["wide"]
+    assert got["squeezed"] == [], got["squeezed"]  # no word broken letter by letter in a narrow column
     assert got["summaryHidden"] is False  # every summary column visible, none scrolled away
     checks = {name for m in r["models"] for name in m["checks"]}
     assert {f"check-{c}" for c in checks} <= set(got["sections"])
