@@ -27,7 +27,9 @@ Two uses:
   - ``--only digits`` / ``--only resnet`` / ``--only sag``: the earlier per-model reports.
 
 ``--src DIR`` imports trustvision from DIR instead of this checkout (to measure another version;
-what that version lacks is reported as missing).
+what that version lacks is reported as missing). The run tunes glibc's malloc as the
+``trustvision`` command does (:func:`trustvision.tune_cpu_allocator`, this checkout's, whatever
+``--src``); ``--malloc-default`` keeps its defaults.
 """
 
 from __future__ import annotations
@@ -585,6 +587,18 @@ def sag_report(name: str, net, x: torch.Tensor, grid: int, n: int, targets=None)
 # -- main ------------------------------------------------------------------------------------
 
 
+def _tune_allocator() -> bool:
+    """This checkout's ``tune_cpu_allocator`` (loaded from its file: ``--src`` may name a version
+    without it)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "src" / "trustvision" / "_utils" / "allocator.py"
+    spec = importlib.util.spec_from_file_location("_tv_allocator", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.tune_cpu_allocator()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -608,7 +622,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", type=Path, default=None,
                    help="heatmaps stored by --quality-save of another version: scored beside these")
     p.add_argument("--src", type=Path, default=None, help="import trustvision from this source folder")
+    p.add_argument("--malloc-default", action="store_true",
+                   help="keep glibc's malloc defaults (by default the run tunes the allocator as the "
+                        "trustvision command does, whatever --src: the versions compared run alike)")
     args = p.parse_args(argv)
+    if not args.malloc_default:
+        print(f"allocator tuned: {_tune_allocator()}", file=sys.stderr)
     if args.src:
         sys.path.insert(0, str(args.src.resolve()))
     if args.threads:

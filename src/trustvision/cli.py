@@ -10,6 +10,7 @@ import sys
 
 import typer
 
+from trustvision._utils.allocator import tune_cpu_allocator
 from trustvision.errors import TrustVisionError
 
 #: largest --seed (seeds must fit numpy's and torch's generators everywhere)
@@ -533,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     import os
 
+    if os.environ.get("TRUSTVISION_MALLOC_TUNING", "1") != "0":
+        tune_cpu_allocator()  # (CPU runs re-use their freed pages; see trustvision._utils.allocator)
     try:
         status = command()(args=sys.argv[1:] if argv is None else list(argv), prog_name="trustvision",
                            standalone_mode=False)
