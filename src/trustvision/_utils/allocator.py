@@ -8,11 +8,10 @@ every pass, so on the CPU the kernel's page zeroing took 2-20% of an I-GOS / iGO
 (``getrusage``'s system time), varying with the heap's state from one call to the next, and
 more for a batch (bigger tensors) than for one image (BENCHMARKS.md, "The allocator").
 
-:func:`tune_cpu_allocator` serves blocks up to 256 MiB from the heap (glibc before 2.35 takes
-at most 32 MiB: then that) and lets up to 1 GiB of freed memory stay mapped, so a run re-uses its
-own pages. The process's
-peak memory is what it was (memory is kept after it is freed, not allocated beyond use); memory
-that was in use at a peak stays with the process until it ends. The ``trustvision`` command
+:func:`tune_cpu_allocator` serves blocks up to 256 MiB from the heap (a glibc that refuses
+that much: 32 MiB, its old cap) and lets up to 1 GiB of freed memory stay mapped, so a run
+re-uses its own pages; memory that was in use at a peak stays with the process until it is
+re-used or the process ends. The ``trustvision`` command
 applies it at start (``TRUSTVISION_MALLOC_TUNING=0`` turns it off); a Python program calls it
 itself. Elsewhere (not glibc: macOS, Windows, musl, or jemalloc / tcmalloc preloaded) it does
 nothing and returns False.
@@ -33,18 +32,14 @@ MMAP_THRESHOLD = 256 << 20  # (a ResNet-18 224 px activation of a 32-row chunk: 
 _MMAP_THRESHOLD_OLD_GLIBC = 32 << 20  # (older glibc refuses more: HEAP_MAX_SIZE / 2 on 64-bit)
 TRIM_THRESHOLD = 1 << 30
 
-_applied: bool | None = None
-
-
 def _glibc():
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        version = libc.gnu_get_libc_version  # (glibc only: musl has no such symbol)
+        libc.gnu_get_libc_version  # (glibc only: musl has no such symbol)
     except (OSError, AttributeError):
         return None
-    version.restype = ctypes.c_char_p
     # a preloaded jemalloc / tcmalloc replaces malloc: mallopt would set glibc's unused arena
     if any(k in os.environ.get("LD_PRELOAD", "") for k in ("jemalloc", "tcmalloc", "mimalloc")):
         return None
@@ -54,21 +49,12 @@ def _glibc():
 def tune_cpu_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Keep freed memory for re-use instead of returning it to the kernel (see the module
     docstring); True if glibc took both settings. Safe to call more than once."""
-    global _applied
     if not (0 < int(mmap_threshold) < 2**31 and 0 < int(trim_threshold) < 2**31):
         raise ValueError("the thresholds are bytes in (0, 2**31)")
     libc = _glibc()
     if libc is None:
-        _applied = False
         return False
     ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)))
     if not ok and mmap_threshold > _MMAP_THRESHOLD_OLD_GLIBC:
         ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_OLD_GLIBC))
-    ok = ok and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
-    _applied = ok
-    return ok
-
-
-def applied() -> bool | None:
-    """What the last :func:`tune_cpu_allocator` call returned (None: never called)."""
-    return _applied
+    return ok and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
