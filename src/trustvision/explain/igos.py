@@ -41,8 +41,8 @@ Why masks stayed blank, and what is done about it (each has a test in tests/expl
 Noise. Each image's noise is drawn from a generator seeded by (``seed``, a hash of the image's
 pixels, the iteration), so an image gets the same heatmap alone, in any batch, in any order and
 with any chunking (to float rounding). An iteration's noise is drawn once and kept for all its
-passes while it fits in ``NOISE_TABLE_BYTES`` (64 MiB), else each pass draws it for its images
-(the same values).
+passes while it fits in ``NOISE_TABLE_BYTES`` (64 MiB), else each pass draws it for its images,
+each image once however many chunks its rows span (the same values).
 
 Host work. On a small model the explainer's own tensor operations between the model's passes
 cost as much as the passes themselves (each small CPU operation costs microseconds, several
@@ -755,7 +755,8 @@ class _MaskExplainer(Explainer, register=False):
 
     def _stream_noise(self, nidx: torch.Tensor, it: int) -> torch.Tensor:
         """The noise of rows ``nidx`` (image * s1 + slot; rows of one image contiguous) of
-        iteration ``it``, drawn per image: the same values as ``_noise_table``."""
+        iteration ``it``, drawn per image (the last one kept for the next chunk): the same values
+        as ``_noise_table``."""
         c = self._ctx
         x, s1 = c["images"], c["s1"]
         shape = x.shape[1:]
@@ -765,8 +766,15 @@ class _MaskExplainer(Explainer, register=False):
         images, counts = torch.unique_consecutive(img, return_counts=True)
         start = 0
         for i, cnt in zip(images.tolist(), counts.tolist()):
-            eps = self._draw_noise(i, it)
-            eps[-1] = 0
+            # (the last image drawn is kept: a pass cut in chunks draws each image once, not
+            # once per chunk it appears in)
+            last = c.get("eps_last")
+            if last is not None and last[0] == (it, i):
+                eps = last[1]
+            else:
+                eps = self._draw_noise(i, it)
+                eps[-1] = 0
+                c["eps_last"] = ((it, i), eps)
             out[start : start + cnt] = eps[slot[start : start + cnt].to(x.device)]
             start += cnt
         return out.mul_(c["sigma"][img.to(x.device)].view(-1, 1, 1, 1))
