@@ -24,6 +24,13 @@ Two uses:
     fwd image at the forward chunk size), and to the limit at the very batch shapes of the run's
     calls (per call shape the model's best of 3 timed calls at that many rows). Digits (zoo) at
     batches 8 and 32, ResNet-18 224 px (random weights) at batch 2 with reduced settings on a CPU.
+  - ``--only paper-batching``: ResNet-18 224 px (random weights) at the paper's settings (15
+    iterations, 20 IG points; ``--paper-iterations``), a batch of 2 against the same 2 images one
+    at a time, a fresh explainer per run (a user's first call: the chunk probing included), in
+    ``--paper-rounds`` alternating rounds (default 2), for ``--paper-methods`` (default
+    igos,igos++): s / image per run, the chunks chosen, the ratio of the batched images/s to the
+    one-at-a-time images/s per round and the largest heatmap difference between the two.
+    Minutes per round on a CPU (iGOS++: about 7).
   - ``--only digits`` / ``--only resnet`` / ``--only sag``: the earlier per-model reports.
 
 ``--src DIR`` imports trustvision from DIR instead of this checkout (to measure another version;
@@ -587,6 +594,52 @@ def sag_report(name: str, net, x: torch.Tensor, grid: int, n: int, targets=None)
 # -- main ------------------------------------------------------------------------------------
 
 
+def paper_batching_rows(device: torch.device, emit, methods, rounds: int = 2, iterations: int = 15) -> None:
+    """ResNet-18 224 px, a batch of 2 vs its images one at a time at the paper's settings, a fresh
+    explainer per run, alternating rounds (see the module docstring)."""
+    from trustvision import explain
+
+    net, x = resnet18_model(device, 2)
+    for method in methods:
+        secs: dict[str, list[float]] = {"batch": [], "single": []}
+        heat: dict[str, torch.Tensor] = {}
+        chunks: dict[str, list] = {"batch": [], "single": []}
+        for r in range(rounds):
+            for mode in (("batch", "single") if r % 2 == 0 else ("single", "batch")):
+                expl = explain.get(method)(net)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    sync(device)
+                    t0 = time.perf_counter()
+                    if mode == "batch":
+                        h = expl.attribute(x, iterations=iterations)
+                    else:
+                        h = torch.cat([expl.attribute(x[i : i + 1], iterations=iterations) for i in range(2)])
+                    sync(device)
+                secs[mode].append((time.perf_counter() - t0) / 2)
+                heat[mode] = h
+                chunks[mode].append({("fwd+bwd" if k[3] else "fwd"): c.chunk_size() for k, c in expl._chunkers.items()})
+                print(f"  {method} round {r} {mode}: {secs[mode][-1]:.2f} s/img", file=sys.stderr, flush=True)
+        emit({"benchmark": f"{method}-paper-batching:resnet18-224-random", "method": method,
+              "iterations": iterations, "ig_steps": 20, "images": 2,
+              "seconds_per_image_batched": secs["batch"], "seconds_per_image_one_at_a_time": secs["single"],
+              "batched_over_one_at_a_time": [b / a for a, b in zip(secs["batch"], secs["single"])],
+              "chunks_batched": chunks["batch"], "chunks_one_at_a_time": chunks["single"],
+              "heatmap_max_abs_diff": float((heat["batch"] - heat["single"]).abs().max())})
+
+
+def print_paper_batching(rows: list[dict]) -> None:
+    print("\n| method | s / image batched (per round) | one at a time | batched / one-at-a-time images/s "
+          "| chunks fwd+bwd / fwd (batch; single) | max abs heatmap diff |")
+    print("|---|---|---|---|---|---:|")
+    for r in rows:
+        f = lambda v: ", ".join(f"{a:.2f}" for a in v)  # noqa: E731
+        ch = lambda v: "/".join(str(v[-1].get(k)) for k in ("fwd+bwd", "fwd"))  # noqa: E731
+        print(f"| {r['method']} | {f(r['seconds_per_image_batched'])} | {f(r['seconds_per_image_one_at_a_time'])} "
+              f"| {', '.join(f'{a:.3f}x' for a in r['batched_over_one_at_a_time'])} "
+              f"| {ch(r['chunks_batched'])}; {ch(r['chunks_one_at_a_time'])} | {r['heatmap_max_abs_diff']:.2g} |")
+
+
 def _tune_allocator() -> bool:
     """This checkout's ``tune_cpu_allocator`` (loaded from its file: ``--src`` may name a version
     without it)."""
@@ -605,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--skip-resnet", action="store_true")
-    p.add_argument("--only", choices=["digits", "resnet", "sag", "quality", "speed", "replay"], default=None,
+    p.add_argument("--only", choices=["digits", "resnet", "sag", "quality", "speed", "replay", "paper-batching"],
+                   default=None,
                    help="replay: I-GOS / iGOS++ on 8x8 digits against the bare model replaying the run's calls")
     p.add_argument("--ibs", default=None,
                    help="comma-separated internal_batch_size values for the CUDA ResNet-18 runs "
@@ -621,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality-save", type=Path, default=None, help="store the quality heatmaps here")
     p.add_argument("--compare", type=Path, default=None,
                    help="heatmaps stored by --quality-save of another version: scored beside these")
+    p.add_argument("--paper-methods", default="igos,igos++", help="methods of --only paper-batching")
+    p.add_argument("--paper-rounds", type=int, default=2, help="alternating rounds of --only paper-batching")
+    p.add_argument("--paper-iterations", type=int, default=15, help="iterations of --only paper-batching")
     p.add_argument("--src", type=Path, default=None, help="import trustvision from this source folder")
     p.add_argument("--malloc-default", action="store_true",
                    help="keep glibc's malloc defaults (by default the run tunes the allocator as the "
@@ -660,6 +717,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.only == "replay":
         replay_rows(device, emit, resnet=not args.skip_resnet)
         print_replay(out)
+    elif args.only == "paper-batching":
+        paper_batching_rows(device, emit, args.paper_methods.split(","), args.paper_rounds, args.paper_iterations)
+        print_paper_batching(out)
     if args.only in (None, "digits", "sag"):
         net, x = digits_model(device)
         if args.only != "sag":
