@@ -618,7 +618,8 @@ def paper_batching_rows(device: torch.device, emit, methods, rounds: int = 2, it
                     sync(device)
                 secs[mode].append((time.perf_counter() - t0) / 2)
                 heat[mode] = h
-                chunks[mode].append({("fwd+bwd" if k[3] else "fwd"): c.chunk_size() for k, c in expl._chunkers.items()})
+                fb, fw = _chunk_sizes(expl, x if mode == "batch" else x[:1], {"ig_steps": 20}, method)
+                chunks[mode].append({"fwd+bwd": fb, "fwd": fw})
                 print(f"  {method} round {r} {mode}: {secs[mode][-1]:.2f} s/img", file=sys.stderr, flush=True)
         emit({"benchmark": f"{method}-paper-batching:resnet18-224-random", "method": method,
               "iterations": iterations, "ig_steps": 20, "images": 2,
