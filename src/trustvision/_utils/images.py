@@ -494,23 +494,21 @@ class AutoChunk:
         self._tries[rows] = self._tries.get(rows, 0) + 1
         if self._confirm is not None:  # the second look: once more each, smallest first
             self._confirm = [s for s in self._confirm if s != rows]
-            if self._confirm:
-                self.size = self._confirm[0]
-            else:
-                self._choose()
-            return
-        if self._tries[rows] < self.PROBES and rows <= self.max_rows:
-            return  # (the same size again)
-        smaller = [r for s, r in self._rates.items() if s < rows]
-        self._flat = 0 if not smaller or self._rates[rows] > 1.1 * max(smaller) else self._flat + 1
-        if self._flat >= 2 or 2 * rows > self.max_rows:
-            self._confirm = sorted(s for s in self._rates if s <= self.max_rows)
-            if len(self._confirm) > 1:
-                self.size = self._confirm[0]
-            else:
-                self._choose()
         else:
-            self.size = 2 * rows
+            if self._tries[rows] < self.PROBES and rows <= self.max_rows:
+                return  # (the same size again)
+            smaller = [r for s, r in self._rates.items() if s < rows]
+            self._flat = 0 if not smaller or self._rates[rows] > 1.1 * max(smaller) else self._flat + 1
+            if not (self._flat >= 2 or 2 * rows > self.max_rows):
+                self.size = 2 * rows
+                return
+            self._confirm = sorted(s for s in self._rates if s <= self.max_rows)
+            if len(self._confirm) == 1:  # (one size: nothing to compare it with)
+                self._confirm = []
+        if self._confirm:
+            self.size = self._confirm[0]
+        else:
+            self._choose()
 
     def _choose(self) -> None:
         fastest = max(self._rates.values())
